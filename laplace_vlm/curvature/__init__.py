@@ -1,0 +1,48 @@
+"""Curvature backends for one projection head: a registry of ``head_factors`` functions.
+
+Every backend has the signature of :func:`laplace_vlm.curvature.closed_form.head_factors`
+and returns ``(B, A)``: the summed output-side GGN `(D, D)` and the summed input outer
+products `(d, d)` of one class batch, unscaled. ``DualEncoderLaplace`` turns them into
+laplace's ``Kron`` scaling.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+HeadFactorsFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+# name -> "module:function"; imported on first use so that optional backends cost nothing.
+_BACKENDS: dict[str, str | HeadFactorsFn] = {
+    "closed_form": "laplace_vlm.curvature.closed_form:head_factors",
+    "asdl": "laplace_vlm.curvature.asdl:head_factors",
+    "backpack": "laplace_vlm.curvature.backpack:head_factors",
+    "curvlinops": "laplace_vlm.curvature.curvlinops:head_factors",
+}
+
+
+def register_curvature_backend(name: str, fn: HeadFactorsFn | str) -> None:
+    """Register ``fn`` (or a ``"module:function"`` path) as curvature backend ``name``."""
+    _BACKENDS[name] = fn
+
+
+def available_curvature_backends() -> list[str]:
+    """Names accepted by ``DualEncoderLaplace(curvature=...)``."""
+    return sorted(_BACKENDS)
+
+
+def get_curvature_backend(name: str) -> HeadFactorsFn:
+    """Return the ``head_factors`` function registered as ``name``."""
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"curvature must be one of {available_curvature_backends()}, got {name!r}."
+        )
+    fn = _BACKENDS[name]
+    if isinstance(fn, str):
+        module, attr = fn.split(":")
+        fn = getattr(importlib.import_module(module), attr)
+        _BACKENDS[name] = fn
+    return fn

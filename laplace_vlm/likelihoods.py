@@ -1,0 +1,93 @@
+"""Contrastive likelihoods of dual encoders: logits, losses and logit-Hessian weights.
+
+Both likelihoods treat one tower's batch as the *classes* of the other tower's inputs:
+CLIP's InfoNCE is a softmax over the other modality's items, SigLIP's is an independent
+sigmoid per pair with the matching pair labelled 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CONTRASTIVE_TYPES: tuple[str, ...] = ("clip", "siglip")
+
+
+def check_contrastive(contrastive: str) -> str:
+    """Return ``contrastive`` as a plain lowercase string or raise a ``ValueError``."""
+    value = str(getattr(contrastive, "value", contrastive)).lower()
+    if value not in CONTRASTIVE_TYPES:
+        raise ValueError(f"contrastive must be one of {CONTRASTIVE_TYPES}, got {contrastive!r}.")
+    return value
+
+
+def similarity_logits(
+    u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits ``scale * u @ v.T (+ bias)`` of normalised embeddings.
+
+    Parameters
+    ----------
+    u : torch.Tensor
+        `(M, D)` normalised rows (the inputs).
+    v : torch.Tensor
+        `(K, D)` normalised rows (the classes).
+    scale : torch.Tensor
+        the *linear* logit scale, i.e. ``exp(logit_scale)``.
+    bias : torch.Tensor, optional
+        SigLIP's scalar logit bias.
+
+    Returns
+    -------
+    logits : torch.Tensor
+        `(M, K)`
+    """
+    logits = scale * (u @ v.T)
+    return logits if bias is None else logits + bias
+
+
+def hessian_weights(logits: torch.Tensor, contrastive: str) -> torch.Tensor:
+    """Per-logit weights ``w`` of the loss Hessian with respect to the logits.
+
+    CLIP: ``w = softmax(logits)`` along the classes, and the logit Hessian of row ``i`` is
+    ``diag(w_i) - w_i w_i^T``. SigLIP: ``w = sigma(l)(1 - sigma(l))`` and the Hessian is
+    ``diag(w_i)`` (the labels drop out since ``sigma(yl)(1-sigma(yl))`` is even in ``y``).
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        `(M, K)` logits of M inputs against K classes.
+    contrastive : {'clip', 'siglip'}
+
+    Returns
+    -------
+    w : torch.Tensor
+        `(M, K)`
+    """
+    if contrastive == "clip":
+        return torch.softmax(logits, dim=-1)
+    sig = torch.sigmoid(logits)
+    return sig * (1.0 - sig)
+
+
+def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, contrastive: str) -> torch.Tensor:
+    """Sum-reduced negative log-likelihood of the rows of ``logits``.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        `(M, K)` logits of M inputs against K classes.
+    labels : torch.Tensor
+        `(M,)` index of each row's matching class.
+    contrastive : {'clip', 'siglip'}
+
+    Returns
+    -------
+    loss : torch.Tensor
+        scalar: cross-entropy (CLIP) or the pairwise ``-log sigma(y l)`` with ``y = +-1`` (SigLIP).
+    """
+    if contrastive == "clip":
+        return F.cross_entropy(logits, labels, reduction="sum")
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(len(labels), device=logits.device), labels] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
