@@ -1,0 +1,23 @@
+"""laplace-vlm: post-hoc Laplace uncertainty for CLIP and SigLIP, as a laplace-torch plugin.
+
+Importing this package registers ``DualEncoderLaplace`` with laplace's factory under
+``subset_of_weights="dual_encoder", hessian_structure="kron"``.
+"""
+
+from __future__ import annotations
+
+from laplace_vlm.curvature import available_curvature_backends, register_curvature_backend
+from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
+from laplace_vlm.heads import DualHead
+from laplace_vlm.predictive import probcosine, probit_sigmoid, probit_softmax
+
+__all__ = [
+    "DualEncoderLaplace",
+    "DualHead",
+    "available_curvature_backends",
+    "probcosine",
+    "probit_sigmoid",
+    "probit_softmax",
+    "register_curvature_backend",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,138 @@
+"""KFAC of one projection head through ASDL (``asdfghjkl==0.1a4``, imported as ``asdl``).
+
+ASDL hooks the ``nn.Linear`` inside an arbitrary forward, so the graph is written inline:
+``z = W a + b + r``, ``u = z / ||z||``, logits ``l = s u T^T (+ logit_bias)``. The exact
+(type-2) Fisher of that forward is the GGN of the contrastive likelihood, and with
+``data_size=1`` ASDL returns the unscaled sums ``B = sum_i J_i^T Lambda_i J_i`` and
+``A = sum_i a_i a_i^T`` (research notes, section 3.3, exp3).
+
+Pitfalls handled here (research notes, section 3.2):
+
+- ASDL registers deprecated ``register_backward_hook``s that permanently break BackPACK on
+  the same module objects, so every call builds a fresh ``nn.Linear`` from the tensors.
+- The MC Fisher is scaled by ``1 / n_mc_samples``; only ``fisher_exact`` is used.
+- ASDL has no Bernoulli loss. The sigmoid GGN ``J^T diag(w) J``, ``w = sigma(l)(1 - sigma(l))``,
+  is the exact *MSE* Fisher ``J_r^T J_r`` of the whitened logits ``r = sqrt(w).detach() * l``.
+- The exact cross-entropy Fisher crashes on 3-D logits; logits here are always `(M, K)`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from asdl.fisher import FisherConfig, get_fisher_maker
+from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE
+from asdl.matrices import FISHER_EXACT, SHAPE_KRON
+from torch import nn
+
+from laplace_vlm.likelihoods import check_contrastive, hessian_weights
+
+
+class _InlineHead(nn.Module):
+    """``a, r -> s normalize(W a + b + r) T^T (+ logit_bias)``, whitened for SigLIP."""
+
+    def __init__(self, proj: nn.Linear, targets, scale, logit_bias, contrastive: str):
+        super().__init__()
+        self.proj = proj
+        self.register_buffer("targets", targets)
+        self.register_buffer("scale", scale)
+        self.register_buffer("logit_bias", logit_bias)
+        self.contrastive = contrastive
+
+    def forward(self, a: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        z = self.proj(a)
+        if r is not None:
+            z = z + r
+        logits = self.scale * nn.functional.normalize(z, dim=-1) @ self.targets.T
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        if self.contrastive == "siglip":
+            # exact-MSE Fisher of sqrt(w) l == sigmoid GGN (w detached: it is Lambda, not graph)
+            logits = hessian_weights(logits.detach(), "siglip").sqrt() * logits
+        return logits
+
+
+def head_factors(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activations: torch.Tensor,
+    residual: torch.Tensor | None,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    contrastive: str,
+    labels: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KFAC factors ``(B, A)`` of one head computed by ASDL's exact Fisher.
+
+    Same interface and result as :func:`laplace_vlm.curvature.closed_form.head_factors`.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        `(D, d)` head weight.
+    bias : torch.Tensor, optional
+        `(D,)` head bias (its Kronecker block is ``B``).
+    activations : torch.Tensor
+        `(M, d)` inputs of the head.
+    residual : torch.Tensor, optional
+        `(M, D)` per-row offset added after the head.
+    targets : torch.Tensor
+        `(K, D)` normalised embeddings of the other tower, held fixed.
+    scale : torch.Tensor
+        linear logit scale ``exp(logit_scale)``.
+    logit_bias : torch.Tensor, optional
+        SigLIP logit bias.
+    contrastive : {'clip', 'siglip'}
+    labels : torch.Tensor, optional
+        unused: the exact Fisher does not depend on the labels.
+    chunk_size : int, optional
+        rows per ASDL call; the factors are summed over chunks.
+
+    Returns
+    -------
+    B, A : torch.Tensor
+        `(D, D)` sum of per-row GGNs, `(d, d)` sum of input outer products.
+    """
+    contrastive = check_contrastive(contrastive)
+    dtype, device = activations.dtype, activations.device
+
+    def as_buffer(x):
+        return None if x is None else torch.as_tensor(x).detach().to(device, dtype)
+
+    # fresh module on every call: ASDL's hooks must never touch the user's modules
+    proj = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    proj = proj.to(device, dtype)
+    with torch.no_grad():
+        proj.weight.copy_(weight)
+        if bias is not None:
+            proj.bias.copy_(bias)
+    head = _InlineHead(
+        proj, as_buffer(targets), as_buffer(scale), as_buffer(logit_bias), contrastive
+    )
+    loss_type = LOSS_CROSS_ENTROPY if contrastive == "clip" else LOSS_MSE
+    config = FisherConfig(
+        fisher_type=FISHER_EXACT, loss_type=loss_type, fisher_shapes=[SHAPE_KRON], data_size=1
+    )
+    fisher_maker = get_fisher_maker(head, config)
+
+    a_all = activations.detach()
+    r_all = None if residual is None else residual.detach().to(dtype)
+    B = a_all.new_zeros(weight.shape[0], weight.shape[0])
+    A = a_all.new_zeros(weight.shape[1], weight.shape[1])
+    step = chunk_size or len(a_all)
+    for start in range(0, len(a_all), step):
+        a = a_all[start : start + step]
+        r = None if r_all is None else r_all[start : start + step]
+        fisher_maker.setup_model_call(head, a, r)
+        with warnings.catch_warnings():
+            # ASDL's legacy backward hooks trip torch's deprecation warning; ASDL only
+            # reads grad_output, which the legacy hook still gets right
+            warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+            fisher_maker.forward_and_backward()
+        # data_size=1: no 1/N anywhere, A excludes the bias column (bias block is B alone)
+        B += proj.fisher.kron.B
+        A += proj.fisher.kron.A
+    return 0.5 * (B + B.T), A

@@ -1,0 +1,648 @@
+"""``DualEncoderLaplace``: KFAC Laplace over the two projection heads of a dual encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import tqdm
+from laplace import KronLaplace
+from laplace.utils.matrix import KronDecomposed
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parameters_to_vector
+
+from laplace_vlm.curvature import get_curvature_backend
+from laplace_vlm.factor_sums import FactorSums
+from laplace_vlm.head_posterior import HeadPosterior
+from laplace_vlm.heads import DualHead, as_linear, posterior_dtype
+from laplace_vlm.likelihoods import check_contrastive, contrastive_loss
+from laplace_vlm.predictive import (
+    PREDICTIVE_METHODS,
+    glm_covariance,
+    glm_variance,
+    probcosine,
+    probcosine_full,
+    probit_sigmoid,
+    probit_softmax,
+)
+from laplace_vlm.validation import check_finite, check_matrix, check_nonzero_norm
+
+# laplace's own curvature classes map onto our per-head backends of the same library
+_BACKEND_NAMES = {"AsdlGGN": "asdl", "BackPackGGN": "backpack", "CurvlinopsGGN": "curvlinops"}
+PRED_TYPES = ("glm", "probcosine", "probcosine_diag", "nn", "map")
+LINK_APPROXIMATIONS = ("probit", "mc", "bridge", "bridge_norm")
+
+
+class DualEncoderLaplace(KronLaplace):
+    """Laplace approximation over the image and text projection heads of CLIP or SigLIP.
+
+    The image head's curvature treats each image as a classification over the texts of
+    its class batch (and the text head the reverse); each head's KFAC GGN is computed with
+    the other tower at its MAP value. The posterior is laplace's ``KronDecomposed``, and the
+    predictive of the similarity logits is analytic (see :mod:`laplace_vlm.predictive`).
+
+    Parameters
+    ----------
+    model : nn.Module, optional
+        an open_clip (or Hugging Face) dual encoder; its heads and logit scale/bias are read
+        through :func:`laplace_vlm.adapters.get_adapter`. ``None`` for feature mode.
+    likelihood : {'classification'}
+        laplace's likelihood; the contrastive type is ``contrastive``.
+    image_projection, text_projection : nn.Linear or torch.Tensor, optional
+        feature mode: the heads, as ``nn.Linear`` or weight `(D, d)`.
+    logit_scale : float or torch.Tensor, optional
+        feature mode: the *log* logit scale (as open_clip stores it).
+    logit_bias : float or torch.Tensor, optional
+        SigLIP's logit bias.
+    contrastive : {'clip', 'siglip'}, default='clip'
+        InfoNCE (softmax over the other modality) or pairwise sigmoid.
+    curvature : str, default='closed_form'
+        a backend of :mod:`laplace_vlm.curvature` ('closed_form', 'asdl', 'backpack',
+        'curvlinops'); laplace's ``backend=AsdlGGN|BackPackGGN|CurvlinopsGGN`` is mapped to it.
+    chunk_size : int, optional
+        rows per chunk in fit and predict; bounds memory with the same result.
+    temperature : float, default=1
+        ``1 / n`` for the paper's pseudo-data count ``n``.
+    damping : bool, default=False
+        ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)`` instead of the exact prior.
+    **kwargs
+        the remaining arguments of ``laplace.KronLaplace``.
+    """
+
+    _key = ("dual_encoder", "kron")
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        likelihood: str = "classification",
+        *,
+        image_projection: nn.Linear | torch.Tensor | None = None,
+        text_projection: nn.Linear | torch.Tensor | None = None,
+        logit_scale: float | torch.Tensor | None = None,
+        logit_bias: float | torch.Tensor | None = None,
+        contrastive: str = "clip",
+        curvature: str = "closed_form",
+        chunk_size: int | None = None,
+        sigma_noise: float | torch.Tensor = 1.0,
+        prior_precision: float | torch.Tensor = 1.0,
+        prior_mean: float | torch.Tensor = 0.0,
+        temperature: float = 1.0,
+        enable_backprop: bool = False,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        backend: type | None = None,
+        damping: bool = False,
+        backend_kwargs: dict[str, Any] | None = None,
+        asdl_fisher_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        likelihood = _plain(likelihood)
+        if likelihood != "classification":
+            raise ValueError(
+                "DualEncoderLaplace needs likelihood='classification' (set the contrastive "
+                f"type with contrastive='clip'|'siglip'), got {likelihood!r}."
+            )
+        self.contrastive: str = check_contrastive(contrastive)
+        self.curvature: str = _curvature_name(curvature, backend)
+        get_curvature_backend(self.curvature)  # fail early on an unknown name
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        self.chunk_size = chunk_size
+        self.adapter = None
+        if model is not None:
+            from laplace_vlm.adapters import get_adapter
+
+            self.adapter = get_adapter(model)
+            image_projection = _head_linear(self.adapter.image_head)
+            text_projection = _head_linear(self.adapter.text_head)
+            logit_scale = self.adapter.logit_scale if logit_scale is None else logit_scale
+            logit_bias = self.adapter.logit_bias if logit_bias is None else logit_bias
+        heads = _build_heads(image_projection, text_projection, logit_scale, logit_bias)
+        super().__init__(
+            heads,
+            likelihood,
+            sigma_noise=sigma_noise,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            temperature=temperature,
+            enable_backprop=enable_backprop,
+            dict_key_x=dict_key_x,
+            dict_key_y=dict_key_y,
+            backend=None,
+            damping=damping,
+            backend_kwargs=backend_kwargs,
+            asdl_fisher_kwargs=asdl_fisher_kwargs,
+        )
+        self.mean = parameters_to_vector(self.params).detach()
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def heads(self) -> DualHead:
+        """The projection heads (``self.model``)."""
+        return self.model
+
+    @property
+    def _dims(self) -> tuple[int, int, int, int]:
+        (D_i, d_i), (D_t, d_t) = (
+            self.heads.image_projection.weight.shape,
+            self.heads.text_projection.weight.shape,
+        )
+        return D_i, d_i, D_t, d_t
+
+    @property
+    def _has_bias(self) -> tuple[bool, bool]:
+        return (
+            self.heads.image_projection.bias is not None,
+            self.heads.text_projection.bias is not None,
+        )
+
+    @KronLaplace.prior_precision.setter
+    def prior_precision(self, prior_precision: float | torch.Tensor) -> None:
+        # one value per head expands to that head's weight (and bias) tensors
+        if isinstance(prior_precision, torch.Tensor) and prior_precision.numel() == 2:
+            if self.n_layers != 2:
+                img, txt = prior_precision.flatten()
+                repeats = [1 + b for b in self._has_bias]
+                prior_precision = torch.stack([img] * repeats[0] + [txt] * repeats[1])
+        KronLaplace.prior_precision.fset(self, prior_precision)
+
+    @property
+    def posterior_precision(self) -> KronDecomposed:
+        """Posterior precision; upstream drops ``damping`` when adding the prior: keep it."""
+        self._check_H_init()
+        P = self.H * self._H_factor + self.prior_precision
+        P.damping = self.damping
+        return P
+
+    def head_posteriors(self) -> tuple[HeadPosterior, HeadPosterior]:
+        """Posterior of the image head and of the text head, in their eigenbases."""
+        P = self.posterior_precision
+        img_bias, txt_bias = self._has_bias
+        image = HeadPosterior.from_kron(P, 0, img_bias)
+        text = HeadPosterior.from_kron(P, 1 + img_bias, txt_bias)
+        return image, text
+
+    def refresh_mean(self) -> None:
+        """Take the heads' current weights as the posterior mean (after fine-tuning them)."""
+        self.mean = parameters_to_vector(self.params).detach()
+
+    # ----------------------------------------------------------------- fitting
+    def fit(
+        self,
+        train_loader: Any,
+        override: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        """Estimate the KFAC curvature of both heads from matched image-text pairs.
+
+        Parameters
+        ----------
+        train_loader : iterable
+            batches of matched pairs, ``(image, text)`` or ``{"image": ..., "text": ...}``
+            (optionally ``"image_residual"``/``"text_residual"``). Each batch is a class
+            batch: its texts are the classes of its images and vice versa. Feature mode:
+            activations `(M, d)`; model mode: images and tokens. The number of pairs ``N``
+            is counted, so loaders without a length work.
+        override : bool, default=True
+            ``False`` adds the new pairs to the current factors, as if fitted on the union.
+        progress_bar : bool, default=False
+        """
+        if override or self.H_facs is None:
+            sums = FactorSums.zeros(self._dims, self.heads.image_projection.weight)
+        else:
+            sums = FactorSums.from_kron(self.H_facs, self.n_data, self.loss)
+        self.model.eval()
+        for batch in tqdm.tqdm(train_loader, disable=not progress_bar, desc="[KFAC]"):
+            sums += self._batch_sums(batch)
+        self._set_factors(sums)
+
+    def _batch_sums(self, batch: Any) -> FactorSums:
+        a_i, r_i, a_t, r_t = self._pair_features(batch)
+        heads, fn = self.heads, get_curvature_backend(self.curvature)
+        with torch.no_grad():
+            z = check_nonzero_norm("image embeddings", heads.embed_image(a_i, r_i))
+            t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
+            u, v = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
+        labels = torch.arange(len(a_i), device=a_i.device)
+        scale, bias = heads.scale.detach(), heads.logit_bias
+        common = dict(labels=labels, chunk_size=self.chunk_size)
+        img, txt = heads.image_projection, heads.text_projection
+        B_i, A_i = fn(img.weight.detach(), _detach(img.bias), a_i, r_i, v, scale, bias,
+                      self.contrastive, **common)  # fmt: skip
+        B_t, A_t = fn(txt.weight.detach(), _detach(txt.bias), a_t, r_t, u, scale, bias,
+                      self.contrastive, **common)  # fmt: skip
+        loss = self._pair_loss(u, v, labels)
+        n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
+        return FactorSums(B_i, A_i, B_t, A_t, loss, n)
+
+    def _pair_loss(self, u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed NLL of a class batch: i2t + t2i for CLIP, all pairs once for SigLIP."""
+        directions = [(u, v)] if self.contrastive == "siglip" else [(u, v), (v, u)]
+        step = self.chunk_size or len(u)
+        loss = u.new_zeros(())
+        for rows, cols in directions:
+            for s in range(0, len(rows), step):
+                logits = self.heads.logits(rows[s : s + step], cols)
+                loss += contrastive_loss(logits, labels[s : s + step], self.contrastive)
+        return loss
+
+    def _set_factors(self, sums: FactorSums) -> None:
+        if int(sums.n) == 0:
+            raise ValueError("train_loader yielded no pairs: cannot fit the curvature.")
+        for name, value in sums.tensors().items():
+            check_finite(f"curvature factor {name}", value)
+        self.H_facs = sums.to_kron(*self._has_bias)
+        self.loss = sums.loss.detach()
+        self.n_data = int(sums.n)
+        self.n_outputs = self._dims[0]
+        self.refresh_mean()
+        self.H = self.H_facs.decompose(damping=self.damping)
+
+    # ----------------------------------------------------------------- inputs
+    def _pair_features(self, batch: Any):
+        if isinstance(batch, Mapping):
+            if "image" not in batch or "text" not in batch:
+                raise ValueError(f"a fit batch needs keys 'image' and 'text', got {list(batch)}.")
+            image, text = batch["image"], batch["text"]
+            r_i, r_t = batch.get("image_residual"), batch.get("text_residual")
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            (image, text), r_i, r_t = batch, None, None
+        else:
+            raise ValueError("a fit batch must be (image, text) or a dict with 'image' and 'text'.")
+        a_i, r_i = self._features("image", image, r_i)
+        a_t, r_t = self._features("text", text, r_t)
+        if len(a_i) != len(a_t):
+            raise ValueError(
+                f"a fit batch must hold matched pairs: {len(a_i)} images vs {len(a_t)} texts."
+            )
+        return a_i, r_i, a_t, r_t
+
+    def _features(self, modality: str, value: Any, residual: torch.Tensor | None):
+        """Pre-projection activations (and residual) of one modality, on the heads' device."""
+        head = getattr(self.heads, f"{modality}_projection").weight
+        is_activation = isinstance(value, torch.Tensor) and value.is_floating_point()
+        is_activation = is_activation and value.ndim == 2
+        if not is_activation and self.adapter is not None:
+            encode = getattr(self.adapter, f"encode_{modality}")
+            feats = encode(value.to(head.device) if isinstance(value, torch.Tensor) else value)
+            value, residual = feats.activations, feats.residual
+        name = f"x[{modality!r}]"
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim != 2:
+            raise ValueError(
+                f"{name} must be pre-projection activations of shape (N, {head.shape[1]})"
+                + ("" if self.adapter else " (feature mode: no model to encode raw inputs)")
+                + f", got shape {tuple(value.shape)}."
+            )
+        value = check_matrix(name, value, head.shape[1]).to(head.device, head.dtype)
+        if residual is not None:
+            residual = check_matrix(f"{name} residual", residual, head.shape[0])
+            if len(residual) != len(value):
+                raise ValueError(f"{name} residual must have {len(value)} rows.")
+            residual = residual.to(head.device, head.dtype)
+        return value, residual
+
+    def _inputs(self, x: Any):
+        """``(a_img, r_img, a_txt, r_txt)`` from a dict or from images plus stored classes."""
+        if isinstance(x, Mapping):
+            unknown = set(x) - {"image", "text", "image_residual", "text_residual"}
+            if unknown or "image" not in x:
+                raise ValueError(
+                    "x must have keys 'image' and 'text' (optionally 'image_residual', "
+                    f"'text_residual'), got {sorted(x)}."
+                )
+            a_i, r_i = self._features("image", x["image"], x.get("image_residual"))
+            if "text" not in x:
+                a_t, r_t = self._classes()
+            else:
+                a_t, r_t = self._features("text", x["text"], x.get("text_residual"))
+            return a_i, r_i, a_t, r_t
+        a_i, r_i = self._features("image", x, None)
+        return (a_i, r_i, *self._classes())
+
+    def _classes(self):
+        if self.heads.class_activations is None:
+            raise ValueError(
+                "no classes: pass x={'image': ..., 'text': ...} or call set_classes()."
+            )
+        return self.heads.class_activations, self.heads.class_residual
+
+    def set_classes(self, text: Any, residual: torch.Tensor | None = None) -> None:
+        """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works."""
+        a_t, r_t = self._features("text", text, residual)
+        self.heads.set_classes(a_t, r_t)
+
+    # ----------------------------------------------------------------- predictive
+    def embedding_moments(
+        self, x: Any, full: bool = False
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Mean and variance (or covariance) of both embeddings under the posterior.
+
+        Returns
+        -------
+        moments : dict
+            ``{"image": (mean (N, D), var (N, D) or cov (N, D, D)), "text": (mean (C, D), ...)}``
+        """
+        a_i, r_i, a_t, r_t = self._inputs(x)
+        post_i, post_t = self.head_posteriors()
+        with torch.no_grad():
+            z, t = self.heads.embed_image(a_i, r_i), self.heads.embed_text(a_t, r_t)
+        spread = (lambda p, a: p.covariance(a)) if full else (lambda p, a: p.variance(a))
+        return {"image": (z, spread(post_i, a_i)), "text": (t, spread(post_t, a_t))}
+
+    def predictive_moments(
+        self,
+        x: Any,
+        method: str = "probcosine",
+        diagonal_output: bool = True,
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of the similarity logits, `(N, C)` each.
+
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            ``{"image": (N, ...), "text": (C, ...)}`` or images scored against ``set_classes``.
+        method : {'probcosine', 'probcosine_diag', 'glm'}, default='probcosine'
+            moment matching with full or diagonal embedding covariances, or laplace's
+            linearised predictive.
+        diagonal_output : bool, default=True
+            ``False`` returns the `(N, C, C)` covariance over classes (``glm`` only).
+        chunk_size : int, optional
+            images per chunk (defaults to the constructor's); peak memory independent of N.
+        """
+        if method not in PREDICTIVE_METHODS:
+            raise ValueError(f"method must be one of {PREDICTIVE_METHODS}, got {method!r}.")
+        if not diagonal_output and method != "glm":
+            raise ValueError("diagonal_output=False (class covariances) needs method='glm'.")
+        a_i, r_i, a_t, r_t = self._inputs(x)
+        post_i, post_t = self.head_posteriors()
+        heads, s = self.heads, self.heads.scale
+        step = chunk_size or self.chunk_size or len(a_i)
+        with torch.no_grad():
+            t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
+            text_spread = _text_spread(method, diagonal_output, post_t, a_t)
+            means, variances = [], []
+            for start in range(0, len(a_i), step):
+                a = a_i[start : start + step]
+                r = None if r_i is None else r_i[start : start + step]
+                z = check_nonzero_norm("image embeddings", heads.embed_image(a, r))
+                mean, var = _logit_moments(method, diagonal_output, z, post_i, a, t, text_spread)
+                mean = s * mean if heads.logit_bias is None else s * mean + heads.logit_bias
+                means.append(mean)
+                variances.append(s.square() * var)
+        return torch.cat(means), torch.cat(variances)
+
+    def functional_samples(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Joint samples of the logits of all images and classes, `(S, N, C)`.
+
+        Weights are sampled from the posterior of both heads (one draw shared by all
+        inputs); ``glm`` propagates them through the linearisation, ``nn`` through the
+        normalisation exactly.
+        """
+        pred_type = _plain(pred_type)
+        if pred_type not in ("glm", "nn"):
+            raise ValueError(f"pred_type must be 'glm' or 'nn' for samples, got {pred_type!r}.")
+        a_i, r_i, a_t, r_t = self._inputs(x)
+        post_i, post_t = self.head_posteriors()
+        heads, s = self.heads, self.heads.scale
+        with torch.no_grad():
+            z, t = heads.embed_image(a_i, r_i), heads.embed_text(a_t, r_t)
+            dz = post_i.sample_perturbations(a_i, n_samples, generator)  # (S, N, D)
+            dt = post_t.sample_perturbations(a_t, n_samples, generator)  # (S, C, D)
+            if pred_type == "nn":
+                return torch.stack([heads.logits(z + dz_s, t + dt_s) for dz_s, dt_s in zip(dz, dt)])
+            u, v = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
+            cos = u @ v.T
+            d_img = (dz @ v.T - cos * (dz * u).sum(-1, keepdim=True)) / z.norm(dim=-1)[:, None]
+            d_txt = (u @ dt.transpose(1, 2) - cos * (dt * v).sum(-1)[:, None]) / t.norm(dim=-1)
+            return heads.logits(z, t) + s * (d_img + d_txt)
+
+    def predictive_samples(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        link: str = "softmax",
+    ) -> torch.Tensor:
+        """Samples of the class probabilities, `(S, N, C)`."""
+        f = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        return _link(link)(f)
+
+    def __call__(
+        self,
+        x: Any,
+        pred_type: str = "glm",
+        joint: bool = False,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        link: str = "softmax",
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Predictive class probabilities, `(N, C)`.
+
+        Parameters
+        ----------
+        pred_type : {'glm', 'probcosine', 'probcosine_diag', 'nn', 'map'}
+            the logit moments (see :meth:`predictive_moments`), weight sampling through the
+            exact normalisation (``nn``, needs ``link_approx='mc'``), or the MAP model.
+        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}
+        link : {'softmax', 'sigmoid'}, default='softmax'
+            a distribution over classes, or SigLIP's independent per-pair probabilities.
+        """
+        pred_type, link_approx = _plain(pred_type), _plain(link_approx)
+        if pred_type not in PRED_TYPES:
+            raise ValueError(f"pred_type must be one of {PRED_TYPES}, got {pred_type!r}.")
+        if link_approx not in LINK_APPROXIMATIONS:
+            raise ValueError(
+                f"link_approx must be one of {LINK_APPROXIMATIONS}, got {link_approx!r}."
+            )
+        if joint:
+            raise ValueError("joint=True is only defined for regression in laplace.")
+        apply_link = _link(link)
+        if pred_type == "map":
+            a_i, r_i, a_t, r_t = self._inputs(x)
+            with torch.no_grad():
+                return apply_link(self.heads({"image": a_i, "text": a_t, "image_residual": r_i,
+                                              "text_residual": r_t}))  # fmt: skip
+        if pred_type == "nn" and link_approx != "mc":
+            raise ValueError("pred_type='nn' needs link_approx='mc'.")
+        if link_approx == "mc":
+            if pred_type in ("glm", "nn"):
+                f = self.functional_samples(x, pred_type, n_samples, generator=generator)
+            else:
+                mean, var = self.predictive_moments(x, method=pred_type)
+                eps = torch.randn((n_samples, *mean.shape), generator=generator, dtype=mean.dtype)
+                f = mean + var.sqrt() * eps.to(mean.device)
+            return apply_link(f).mean(0)
+        if link_approx == "probit":
+            mean, var = self.predictive_moments(x, method=pred_type)
+            return probit_sigmoid(mean, var) if link == "sigmoid" else probit_softmax(mean, var)
+        if link == "sigmoid":
+            raise ValueError("the Laplace bridge is a softmax link: use link='softmax'.")
+        return self._bridge(x, pred_type, link_approx)
+
+    def _bridge(self, x: Any, pred_type: str, link_approx: str) -> torch.Tensor:
+        """Reuse laplace's Laplace-bridge code on our moments (full covariance for glm)."""
+        if pred_type == "glm":
+            mean, cov = self.predictive_moments(x, method="glm", diagonal_output=False)
+        else:
+            mean, var = self.predictive_moments(x, method=pred_type)
+            cov = torch.diag_embed(var)
+        self._glm_predictive_distribution = lambda *_, **__: (mean, cov)
+        try:
+            return KronLaplace._glm_forward_call(self, x, "classification", link_approx=link_approx)
+        finally:
+            del self._glm_predictive_distribution
+
+    def _glm_predictive_distribution(self, X: Any, joint: bool = False, diagonal_output=False):
+        """laplace's hook: the linearised logit mean `(N, C)` and covariance `(N, C, C)`."""
+        mean, cov = self.predictive_moments(X, method="glm", diagonal_output=False)
+        return mean, cov
+
+    def _nn_predictive_classification(self, X: Any, n_samples: int = 100, **kwargs: Any):
+        return self.predictive_samples(X, "nn", n_samples).mean(0)
+
+    # ----------------------------------------------------------------- saving
+    def state_dict(self) -> dict[str, Any]:
+        """laplace's state dict plus the contrastive type and a fingerprint of the heads.
+
+        Only tensors, plain strings and numbers: loads under ``torch.load(weights_only=True)``.
+        """
+        from laplace_vlm.serialization import heads_fingerprint
+
+        state = super().state_dict()
+        state["likelihood"] = str(getattr(self.likelihood, "value", self.likelihood))
+        state.update(
+            contrastive=self.contrastive,
+            damping=bool(self.damping),
+            fingerprint=heads_fingerprint(self.heads),
+        )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from laplace_vlm.serialization import check_compatible
+
+        check_compatible(self, state_dict)
+        super().load_state_dict(state_dict)
+
+    def save(self, path: str, overwrite: bool = False) -> None:
+        """Save the fitted posterior (factors, prior, heads) to a safetensors file."""
+        from laplace_vlm.serialization import save_laplace
+
+        save_laplace(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module | None = None, **kwargs: Any) -> DualEncoderLaplace:
+        """Load a posterior saved with :meth:`save`, for ``model`` (or the saved heads)."""
+        from laplace_vlm.serialization import load_laplace
+
+        return load_laplace(cls, path, model, **kwargs)
+
+    @classmethod
+    def from_bayesvlm(cls, directory: str, model: nn.Module | None = None, **kwargs: Any):
+        """Posterior from the curvature files released with the paper's reference code."""
+        from laplace_vlm.reference import load_bayesvlm
+
+        return load_bayesvlm(cls, directory, model, **kwargs)
+
+
+def _curvature_name(curvature: str, backend: type | None) -> str:
+    if backend is None:
+        return curvature
+    name = _BACKEND_NAMES.get(getattr(backend, "__name__", ""))
+    if name is None:
+        raise ValueError(
+            f"backend must be one of laplace's {sorted(_BACKEND_NAMES)} (or use curvature=...), "
+            f"got {backend!r}."
+        )
+    return name
+
+
+def _head_linear(head: Any) -> nn.Linear:
+    linear = nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=head.bias is not None)
+    linear = linear.to(head.weight)
+    with torch.no_grad():
+        linear.weight.copy_(head.weight)
+        if head.bias is not None:
+            linear.bias.copy_(head.bias)
+    return linear
+
+
+def _build_heads(image_projection, text_projection, logit_scale, logit_bias) -> DualHead:
+    missing = [
+        name
+        for name, value in (
+            ("image_projection", image_projection),
+            ("text_projection", text_projection),
+            ("logit_scale", logit_scale),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ValueError(f"without a model, DualEncoderLaplace needs {', '.join(missing)}.")
+    weights = [getattr(p, "weight", p) for p in (image_projection, text_projection)]
+    dtype = posterior_dtype(*weights)
+    image = as_linear(image_projection, "image_projection", dtype)
+    text = as_linear(text_projection, "text_projection", dtype)
+    if image.out_features != text.out_features:
+        raise ValueError(
+            "image_projection and text_projection must map to the same embedding dim, got "
+            f"{image.out_features} and {text.out_features}."
+        )
+    scale = torch.as_tensor(logit_scale, dtype=dtype)
+    check_finite("logit_scale", scale)
+    if scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}.")
+    if logit_bias is not None:
+        check_finite("logit_bias", torch.as_tensor(logit_bias, dtype=dtype))
+    return DualHead(image, text, scale, logit_bias)
+
+
+def _plain(value: Any) -> str:
+    """laplace's str-Enums (``PredType.GLM``) as their plain values."""
+    return str(getattr(value, "value", value))
+
+
+def _detach(value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else value.detach()
+
+
+def _link(link: str):
+    if link == "softmax":
+        return lambda f: torch.softmax(f, dim=-1)
+    if link == "sigmoid":
+        return torch.sigmoid
+    raise ValueError(f"link must be 'softmax' or 'sigmoid', got {link!r}.")
+
+
+def _text_spread(method: str, diagonal_output: bool, post: HeadPosterior, a_t: torch.Tensor):
+    if method == "probcosine_diag":
+        return post.variance(a_t)
+    if method == "glm" and not diagonal_output:
+        return post.cross_terms(a_t)
+    return post.terms(a_t)
+
+
+def _logit_moments(method, diagonal_output, z, post_i, a_i, t, text_spread):
+    """Cosine mean and variance `(N, C)` (or covariance) for one chunk of images."""
+    if method == "probcosine_diag":
+        return probcosine(z, post_i.variance(a_i), t, text_spread)
+    if method == "probcosine":
+        return probcosine_full(z, post_i.terms(a_i), t, text_spread)
+    mean = F.normalize(z, dim=-1) @ F.normalize(t, dim=-1).T
+    if diagonal_output:
+        return mean, glm_variance(z, post_i.terms(a_i), t, text_spread)
+    return mean, glm_covariance(z, post_i.terms(a_i), t, text_spread)

@@ -1,0 +1,67 @@
+"""Running sums of a KFAC fit, and their conversion to laplace's ``Kron`` scaling.
+
+A fit is a sum over class batches, so partial sums can be added across batches, processes
+(all-reduce) and interrupted runs (checkpoints) with the same result as one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from laplace.utils.matrix import Kron
+
+
+@dataclass
+class FactorSums:
+    """``sum B`` `(D, D)` and ``sum a a^T`` `(d, d)` per head, summed loss and pair count."""
+
+    B_image: torch.Tensor
+    A_image: torch.Tensor
+    B_text: torch.Tensor
+    A_text: torch.Tensor
+    loss: torch.Tensor
+    n: torch.Tensor  # int64 scalar: a tensor so that it all-reduces with the rest
+
+    @classmethod
+    def zeros(cls, dims: tuple[int, int, int, int], like: torch.Tensor) -> FactorSums:
+        """Empty sums for heads of shape ``(D_img, d_img, D_txt, d_txt)``."""
+        D_i, d_i, D_t, d_t = dims
+        z = lambda *s: torch.zeros(*s, dtype=like.dtype, device=like.device)  # noqa: E731
+        n = torch.zeros((), dtype=torch.int64, device=like.device)
+        return cls(z(D_i, D_i), z(d_i, d_i), z(D_t, D_t), z(d_t, d_t), z(()), n)
+
+    def __iadd__(self, other: FactorSums) -> FactorSums:
+        for f in fields(self):
+            getattr(self, f.name).add_(getattr(other, f.name))
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The sums by name (for checkpoints and all-reduce)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_kron(self, image_bias: bool, text_bias: bool) -> Kron:
+        """laplace's scaling: ``[sum B, sum a a^T / N]`` per weight, ``[sum B]`` per bias."""
+        n = int(self.n)
+        kfacs = [[self.B_image.clone(), self.A_image / n]]
+        if image_bias:
+            kfacs.append([self.B_image.clone()])
+        kfacs.append([self.B_text.clone(), self.A_text / n])
+        if text_bias:
+            kfacs.append([self.B_text.clone()])
+        return Kron(kfacs)
+
+    @classmethod
+    def from_kron(cls, kron: Kron, n: int, loss: float | torch.Tensor) -> FactorSums:
+        """Invert :meth:`to_kron` (bias blocks repeat ``B`` and are skipped)."""
+        weights = [F for F in kron.kfacs if len(F) == 2]
+        (B_i, A_i), (B_t, A_t) = weights
+        like = B_i
+        return cls(
+            B_i.clone(),
+            A_i * n,
+            B_t.clone(),
+            A_t * n,
+            torch.as_tensor(loss, dtype=like.dtype, device=like.device).clone(),
+            torch.tensor(n, dtype=torch.int64, device=like.device),
+        )

@@ -1,0 +1,233 @@
+"""Analytic predictive against dense Jacobians (torch.func) and Monte Carlo over weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from brute_force import dense_glm_moments, dense_posterior_covariance
+from test_dual_encoder_laplace import D_IMG, D_TXT, D, float64, loader, make_problem  # noqa: F401
+from torch.nn import functional as F
+
+from laplace_vlm import DualEncoderLaplace, probcosine
+from laplace_vlm.predictive import probcosine_full
+
+TOL = dict(rtol=1e-8, atol=1e-10)
+
+
+def fitted(bias=False, contrastive="clip", damping=False, temperature=1.0, prior=1.0, seed=0):
+    kw, a_i, a_t = make_problem(bias, seed=seed, contrastive=contrastive)
+    la = DualEncoderLaplace(**kw, damping=damping, temperature=temperature, prior_precision=prior)
+    la.fit(loader(a_i, a_t))
+    return la, a_i, a_t
+
+
+@pytest.mark.parametrize("contrastive", ["clip", "siglip"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("damping", [False, True])
+def test_glm_moments_equal_dense_jacobians(contrastive, bias, damping):
+    la, a_i, a_t = fitted(bias, contrastive, damping, temperature=0.5, prior=0.7)
+    x = {"image": a_i[:5], "text": a_t[:7]}
+    mean_ref, cov_ref = dense_glm_moments(la, x)
+    mean, var = la.predictive_moments(x, method="glm")
+    torch.testing.assert_close(mean, mean_ref, **TOL)
+    torch.testing.assert_close(var, cov_ref.diagonal(dim1=1, dim2=2), **TOL)
+    _, cov = la.predictive_moments(x, method="glm", diagonal_output=False)
+    torch.testing.assert_close(cov, cov_ref, **TOL)
+    # laplace's own hook returns the same full covariance
+    torch.testing.assert_close(la._glm_predictive_distribution(x)[1], cov_ref, **TOL)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_embedding_covariance_equals_dense(bias):
+    la, a_i, a_t = fitted(bias, damping=False, prior=0.9)
+    Sigma = dense_posterior_covariance(la)
+    n_img = D * D_IMG + (D if bias else 0)
+    moments = la.embedding_moments({"image": a_i[:3], "text": a_t[:2]}, full=True)
+    for n, a in enumerate(a_i[:3]):
+        J = torch.kron(torch.eye(D), a[None])  # dz / dvec(W), row-major W (D, d)
+        if bias:
+            J = torch.cat([J, torch.eye(D)], dim=1)
+        cov = J @ Sigma[:n_img, :n_img] @ J.T
+        torch.testing.assert_close(moments["image"][1][n], cov, **TOL)
+    var = la.embedding_moments({"image": a_i[:3], "text": a_t[:2]})["image"][1]
+    torch.testing.assert_close(var, moments["image"][1].diagonal(dim1=1, dim2=2), **TOL)
+
+
+def test_damped_embedding_variance_is_the_papers_form():
+    la, a_i, a_t = fitted(bias=False, damping=True, temperature=0.2, prior=3.0)
+    h, delta = 1 / la.temperature, la.prior_precision[0]
+    F0, F1 = la.H_facs.kfacs[0]
+    B_post = h**0.5 * F0 + delta**0.5 * torch.eye(D)
+    A_post = h**0.5 * F1 + delta**0.5 * torch.eye(D_IMG)
+    quad = torch.einsum("nd,de,ne->n", a_i, torch.linalg.inv(A_post), a_i)
+    expected = quad[:, None] * torch.linalg.inv(B_post).diagonal()[None]
+    var = la.embedding_moments({"image": a_i, "text": a_t})["image"][1]
+    torch.testing.assert_close(var, expected, **TOL)
+
+
+def _mc_cosine(la, x, n_samples, seed):
+    """Cosine mean and variance from weight samples pushed exactly through the heads."""
+    f = la.functional_samples(x, "nn", n_samples, generator=torch.Generator().manual_seed(seed))
+    cos = (f - (la.heads.logit_bias or 0.0)) / la.heads.scale
+    return cos.mean(0), cos.var(0)
+
+
+def wide_problem(prior, temperature, D=32, d=16, seed=3):
+    """Realistic embedding width: ProbCosine replaces |z| by its RMS, which needs D >> 1."""
+    g = torch.Generator().manual_seed(seed)
+    W_i, W_t = torch.randn(D, d, generator=g), torch.randn(D, d, generator=g)
+    a_i, a_t = torch.randn(64, d, generator=g), torch.randn(64, d, generator=g)
+    la = DualEncoderLaplace(image_projection=W_i, text_projection=W_t, logit_scale=0.7,
+                            prior_precision=prior, temperature=temperature)  # fmt: skip
+    la.fit(loader(a_i, a_t, batch_size=16))
+    return la, {"image": a_i[:6], "text": a_t[:6]}
+
+
+def _mc_embeddings(la, x, n_samples=40_000):
+    post_i, post_t = la.head_posteriors()
+    z = la.heads.embed_image(x["image"]).detach() + post_i.sample_perturbations(
+        x["image"], n_samples, torch.Generator().manual_seed(0)
+    )
+    t = la.heads.embed_text(x["text"]).detach() + post_t.sample_perturbations(
+        x["text"], n_samples, torch.Generator().manual_seed(1)
+    )
+    return z, t
+
+
+def _rel_err(approx, mc):
+    return ((approx - mc).abs() / mc).mean().item()
+
+
+def test_probcosine_numerator_is_the_exact_variance_of_the_dot_product():
+    la, x = wide_problem(prior=4.0, temperature=4.0)
+    z, t = _mc_embeddings(la, x)
+    post_i, post_t = la.head_posteriors()
+    z0, t0 = la.heads.embed_image(x["image"]), la.heads.embed_text(x["text"])
+    terms_z, terms_t = post_i.terms(x["image"]), post_t.terms(x["text"])
+    _, var_cos = probcosine_full(z0, terms_z, t0, terms_t)
+    norm2 = (z0.square().sum(-1) + post_i.variance(x["image"]).sum(-1))[:, None] * (
+        t0.square().sum(-1) + post_t.variance(x["text"]).sum(-1)
+    )[None]
+    mc_var = torch.einsum("snd,scd->snc", z, t).var(0)
+    # MC standard error of a variance with 40k samples: sqrt(2/S) = 0.7%
+    assert _rel_err(var_cos * norm2, mc_var) < 0.02
+
+
+@pytest.mark.parametrize("prior, temperature, tol", [(4.0, 4.0, 0.05), (40.0, 1.0, 0.05)])
+def test_probcosine_full_matches_monte_carlo_cosine(prior, temperature, tol):
+    la, x = wide_problem(prior, temperature)
+    z, t = _mc_embeddings(la, x)
+    cos = torch.einsum("snd,scd->snc", F.normalize(z, dim=-1), F.normalize(t, dim=-1))
+    mean, var = la.predictive_moments(x, method="probcosine")
+    s = la.heads.scale
+    assert _rel_err(var / s**2, cos.var(0)) < tol
+    assert (mean / s - cos.mean(0)).abs().max() < 0.02
+
+
+def test_full_probcosine_beats_diagonal_on_an_anisotropic_posterior():
+    # data-dominated posterior (weak prior, small temperature): strongly correlated covariances
+    la, x = wide_problem(prior=1e-2, temperature=1e-2)
+    z, t = _mc_embeddings(la, x)
+    mc_var = torch.einsum("snd,scd->snc", F.normalize(z, dim=-1), F.normalize(t, dim=-1)).var(0)
+    s2 = la.heads.scale.square()
+    err_full = _rel_err(la.predictive_moments(x, method="probcosine")[1] / s2, mc_var)
+    err_diag = _rel_err(la.predictive_moments(x, method="probcosine_diag")[1] / s2, mc_var)
+    # measured: full 0.145, diagonal 0.511
+    assert err_full < 0.25 and err_diag > 2 * err_full, (err_full, err_diag)
+
+
+def test_glm_variance_approaches_monte_carlo_as_the_posterior_concentrates():
+    errors = []
+    for temperature in (1.0, 1e-2, 1e-4):
+        la, a_i, a_t = fitted(bias=False, temperature=temperature, prior=1.0)
+        x = {"image": a_i[:4], "text": a_t[:5]}
+        _, mc_var = _mc_cosine(la, x, 20_000, seed=1)
+        glm_var = la.predictive_moments(x, method="glm")[1] / la.heads.scale.square()
+        errors.append(((glm_var - mc_var).abs() / mc_var).mean().item())
+    assert errors[-1] < 0.05 and errors[-1] < errors[0], errors
+
+
+def test_joint_glm_samples_have_the_glm_covariance_with_more_classes_than_dims():
+    la, a_i, a_t = fitted(bias=True, prior=2.0)
+    x = {"image": a_i[:3], "text": a_t[:10]}  # C = 10 > D = 4: rank-deficient logit covariance
+    f = la.functional_samples(x, "glm", 40_000, generator=torch.Generator().manual_seed(2))
+    mean, cov = la.predictive_moments(x, method="glm", diagonal_output=False)
+    emp = torch.einsum("snk,snl->nkl", f - mean, f - mean) / len(f)
+    scale = cov.diagonal(dim1=1, dim2=2).max()
+    assert (emp - cov).abs().max() < 0.03 * scale
+    probs = la(x, link_approx="mc", n_samples=2000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+def test_probcosine_function_matches_independent_monte_carlo():
+    # the research notes' check: D = 64, sigma in [0.05, 0.4]
+    g = torch.Generator().manual_seed(5)
+    mu_a, mu_b = torch.randn(3, 64, generator=g), torch.randn(4, 64, generator=g)
+    v_a = (0.05 + 0.35 * torch.rand(3, 64, generator=g)).square()
+    v_b = (0.05 + 0.35 * torch.rand(4, 64, generator=g)).square()
+    a = mu_a + v_a.sqrt() * torch.randn(40_000, 3, 64, generator=g)
+    b = mu_b + v_b.sqrt() * torch.randn(40_000, 4, 64, generator=g)
+    cos = torch.einsum("snd,scd->snc", F.normalize(a, dim=-1), F.normalize(b, dim=-1))
+    mean, var = probcosine(mu_a, v_a, mu_b, v_b)
+    assert (mean - cos.mean(0)).abs().max() < 0.005
+    assert _rel_err(var, cos.var(0)) < 0.05
+
+
+def test_probcosine_diag_is_the_reference_formula():
+    la, a_i, a_t = fitted(bias=False, prior=2.0)
+    x = {"image": a_i[:4], "text": a_t[:3]}
+    m = la.embedding_moments(x)
+    (mz, vz), (mt, vt) = m["image"], m["text"]
+    Ez, Et = mz.square().sum(1) + vz.sum(1), mt.square().sum(1) + vt.sum(1)
+    norm = Ez[:, None] * Et[None]
+    var_ref = ((mz**2 + vz) @ vt.T + vz @ (mt**2).T) / norm
+    mean, var = la.predictive_moments(x, method="probcosine_diag")
+    s = la.heads.scale
+    torch.testing.assert_close(mean, s * (mz @ mt.T) / norm.sqrt(), **TOL)
+    torch.testing.assert_close(var, s**2 * var_ref, **TOL)
+
+
+def test_links():
+    la, a_i, a_t = fitted(bias=True, contrastive="siglip", prior=2.0)
+    x = {"image": a_i[:4], "text": a_t[:5]}
+    mean, var = la.predictive_moments(x, method="glm")
+    kappa = 1 / torch.sqrt(1 + torch.pi / 8 * var)
+    torch.testing.assert_close(la(x, link="sigmoid"), torch.sigmoid(kappa * mean))
+    torch.testing.assert_close(la(x), torch.softmax(kappa * mean, -1))
+    for link_approx in ("bridge", "bridge_norm"):
+        torch.testing.assert_close(la(x, link_approx=link_approx).sum(-1), torch.ones(4))
+    map_probs = torch.softmax(la.heads(x), -1)
+    torch.testing.assert_close(la(x, pred_type="map"), map_probs)
+    la.set_classes(a_t[:5])
+    torch.testing.assert_close(la(a_i[:4], pred_type="probcosine"), la(x, pred_type="probcosine"))
+    with pytest.raises(ValueError, match="link_approx='mc'"):
+        la(x, pred_type="nn")
+    with pytest.raises(ValueError, match="pred_type"):
+        la(x, pred_type="laplace")
+
+
+def test_chunked_prediction_equals_one_pass():
+    la, a_i, a_t = fitted(bias=True, prior=2.0)
+    x = {"image": a_i, "text": a_t[:6]}
+    for method in ("glm", "probcosine", "probcosine_diag"):
+        full = la.predictive_moments(x, method=method)
+        chunked = la.predictive_moments(x, method=method, chunk_size=5)
+        for a, b in zip(full, chunked):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        ({"image": torch.randn(2, D_IMG)}, "no classes"),
+        ({"image": torch.randn(2, D_IMG + 1), "text": torch.randn(3, D_TXT)}, r"\(N, 6\)"),
+        ({"image": torch.randn(2, D_IMG), "text": torch.full((3, D_TXT), float("inf"))}, "NaN"),
+        ({"image": torch.zeros(2, D_IMG), "text": torch.randn(3, D_TXT)}, "zero-norm"),
+        ({"image": torch.randn(2, 3, 8, 8), "text": torch.randn(3, D_TXT)}, "feature mode"),
+        ({"image": torch.randn(2, D_IMG), "txt": torch.randn(3, D_TXT)}, "keys"),
+    ],
+)
+def test_bad_predict_input(x, match):
+    la, _, _ = fitted()
+    with pytest.raises(ValueError, match=match):
+        la.predictive_moments(x)
