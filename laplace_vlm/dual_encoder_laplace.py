@@ -14,7 +14,9 @@ from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector
 
 from laplace_vlm.curvature import get_curvature_backend
+from laplace_vlm.distributed import all_reduce_sums
 from laplace_vlm.factor_sums import FactorSums
+from laplace_vlm.fit_checkpoint import FitCheckpoint, checkpoint_key
 from laplace_vlm.head_posterior import HeadPosterior
 from laplace_vlm.heads import DualHead, as_linear, posterior_dtype
 from laplace_vlm.likelihoods import check_contrastive, contrastive_loss
@@ -27,6 +29,7 @@ from laplace_vlm.predictive import (
     probit_sigmoid,
     probit_softmax,
 )
+from laplace_vlm.serialization import heads_fingerprint
 from laplace_vlm.validation import check_finite, check_matrix, check_nonzero_norm
 
 # laplace's own curvature classes map onto our per-head backends of the same library
@@ -193,6 +196,8 @@ class DualEncoderLaplace(KronLaplace):
         train_loader: Any,
         override: bool = True,
         progress_bar: bool = False,
+        checkpoint: str | None = None,
+        checkpoint_every: int = 100,
     ) -> None:
         """Estimate the KFAC curvature of both heads from matched image-text pairs.
 
@@ -203,18 +208,41 @@ class DualEncoderLaplace(KronLaplace):
             (optionally ``"image_residual"``/``"text_residual"``). Each batch is a class
             batch: its texts are the classes of its images and vice versa. Feature mode:
             activations `(M, d)`; model mode: images and tokens. The number of pairs ``N``
-            is counted, so loaders without a length work.
+            is counted, so loaders without a length (webdataset) work.
         override : bool, default=True
             ``False`` adds the new pairs to the current factors, as if fitted on the union.
         progress_bar : bool, default=False
+        checkpoint : str, optional
+            file for partial sums, written atomically every ``checkpoint_every`` batches; a
+            later call with the same file and a deterministic loader resumes where it stopped.
+        checkpoint_every : int, default=100
+
+        Notes
+        -----
+        Inside an initialised ``torch.distributed`` process group every rank fits its own
+        shard and the sums are all-reduced once: all ranks end with the factors of the union.
         """
-        if override or self.H_facs is None:
-            sums = FactorSums.zeros(self._dims, self.heads.image_projection.weight)
-        else:
-            sums = FactorSums.from_kron(self.H_facs, self.n_data, self.loss)
+        previous = None
+        if not override and self.H_facs is not None:
+            previous = FactorSums.from_kron(self.H_facs, self.n_data, self.loss)
+        sums = FactorSums.zeros(self._dims, self.heads.image_projection.weight)
+        ckpt, done = None, 0
+        if checkpoint is not None:
+            key = checkpoint_key(heads_fingerprint(self.heads), self.contrastive, self.curvature)
+            ckpt = FitCheckpoint(checkpoint, checkpoint_every, key)
+            sums, done = ckpt.resume(sums)
         self.model.eval()
-        for batch in tqdm.tqdm(train_loader, disable=not progress_bar, desc="[KFAC]"):
+        pbar = tqdm.tqdm(train_loader, disable=not progress_bar, desc="[KFAC]", initial=0)
+        for i, batch in enumerate(pbar):
+            if i < done:  # counted before the interruption
+                continue
             sums += self._batch_sums(batch)
+            if ckpt is not None:
+                ckpt.maybe_save(sums, i + 1)
+        all_reduce_sums(sums)
+        if previous is not None:
+            previous += sums
+            sums = previous
         self._set_factors(sums)
 
     def _batch_sums(self, batch: Any) -> FactorSums:
@@ -521,8 +549,6 @@ class DualEncoderLaplace(KronLaplace):
 
         Only tensors, plain strings and numbers: loads under ``torch.load(weights_only=True)``.
         """
-        from laplace_vlm.serialization import heads_fingerprint
-
         state = super().state_dict()
         state["likelihood"] = str(getattr(self.likelihood, "value", self.likelihood))
         state.update(
