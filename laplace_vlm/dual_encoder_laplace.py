@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,19 +17,19 @@ from laplace_vlm.distributed import all_reduce_sums
 from laplace_vlm.factor_sums import FactorSums
 from laplace_vlm.fit_checkpoint import FitCheckpoint, checkpoint_key
 from laplace_vlm.head_posterior import HeadPosterior
-from laplace_vlm.heads import DualHead, as_linear, posterior_dtype
+from laplace_vlm.heads import DualHead, build_heads
+from laplace_vlm.inputs import InputEncoder
 from laplace_vlm.likelihoods import check_contrastive, contrastive_loss
 from laplace_vlm.predictive import (
     PREDICTIVE_METHODS,
-    glm_covariance,
-    glm_variance,
-    probcosine,
-    probcosine_full,
+    link_function,
+    logit_moments,
     probit_sigmoid,
     probit_softmax,
+    text_spread,
 )
 from laplace_vlm.serialization import heads_fingerprint
-from laplace_vlm.validation import check_finite, check_matrix, check_nonzero_norm
+from laplace_vlm.validation import check_finite, check_nonzero_norm
 
 # laplace's own curvature classes map onto our per-head backends of the same library
 _BACKEND_NAMES = {"AsdlGGN": "asdl", "BackPackGGN": "backpack", "CurvlinopsGGN": "curvlinops"}
@@ -117,11 +116,10 @@ class DualEncoderLaplace(KronLaplace):
             from laplace_vlm.adapters import get_adapter
 
             self.adapter = get_adapter(model)
-            image_projection = _head_linear(self.adapter.image_head)
-            text_projection = _head_linear(self.adapter.text_head)
+            image_projection, text_projection = self.adapter.image_head, self.adapter.text_head
             logit_scale = self.adapter.logit_scale if logit_scale is None else logit_scale
             logit_bias = self.adapter.logit_bias if logit_bias is None else logit_bias
-        heads = _build_heads(image_projection, text_projection, logit_scale, logit_bias)
+        heads = build_heads(image_projection, text_projection, logit_scale, logit_bias)
         super().__init__(
             heads,
             likelihood,
@@ -138,6 +136,7 @@ class DualEncoderLaplace(KronLaplace):
             asdl_fisher_kwargs=asdl_fisher_kwargs,
         )
         self.mean = parameters_to_vector(self.params).detach()
+        self.inputs = InputEncoder(heads, self.adapter)
 
     # ----------------------------------------------------------------- structure
     @property
@@ -246,7 +245,7 @@ class DualEncoderLaplace(KronLaplace):
         self._set_factors(sums)
 
     def _batch_sums(self, batch: Any) -> FactorSums:
-        a_i, r_i, a_t, r_t = self._pair_features(batch)
+        a_i, r_i, a_t, r_t = self.inputs.pair(batch)
         heads, fn = self.heads, get_curvature_backend(self.curvature)
         with torch.no_grad():
             z = check_nonzero_norm("image embeddings", heads.embed_image(a_i, r_i))
@@ -288,76 +287,9 @@ class DualEncoderLaplace(KronLaplace):
         self.H = self.H_facs.decompose(damping=self.damping)
 
     # ----------------------------------------------------------------- inputs
-    def _pair_features(self, batch: Any):
-        if isinstance(batch, Mapping):
-            if "image" not in batch or "text" not in batch:
-                raise ValueError(f"a fit batch needs keys 'image' and 'text', got {list(batch)}.")
-            image, text = batch["image"], batch["text"]
-            r_i, r_t = batch.get("image_residual"), batch.get("text_residual")
-        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-            (image, text), r_i, r_t = batch, None, None
-        else:
-            raise ValueError("a fit batch must be (image, text) or a dict with 'image' and 'text'.")
-        a_i, r_i = self._features("image", image, r_i)
-        a_t, r_t = self._features("text", text, r_t)
-        if len(a_i) != len(a_t):
-            raise ValueError(
-                f"a fit batch must hold matched pairs: {len(a_i)} images vs {len(a_t)} texts."
-            )
-        return a_i, r_i, a_t, r_t
-
-    def _features(self, modality: str, value: Any, residual: torch.Tensor | None):
-        """Pre-projection activations (and residual) of one modality, on the heads' device."""
-        head = getattr(self.heads, f"{modality}_projection").weight
-        is_activation = isinstance(value, torch.Tensor) and value.is_floating_point()
-        is_activation = is_activation and value.ndim == 2
-        if not is_activation and self.adapter is not None:
-            encode = getattr(self.adapter, f"encode_{modality}")
-            feats = encode(value.to(head.device) if isinstance(value, torch.Tensor) else value)
-            value, residual = feats.activations, feats.residual
-        name = f"x[{modality!r}]"
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim != 2:
-            raise ValueError(
-                f"{name} must be pre-projection activations of shape (N, {head.shape[1]})"
-                + ("" if self.adapter else " (feature mode: no model to encode raw inputs)")
-                + f", got shape {tuple(value.shape)}."
-            )
-        value = check_matrix(name, value, head.shape[1]).to(head.device, head.dtype)
-        if residual is not None:
-            residual = check_matrix(f"{name} residual", residual, head.shape[0])
-            if len(residual) != len(value):
-                raise ValueError(f"{name} residual must have {len(value)} rows.")
-            residual = residual.to(head.device, head.dtype)
-        return value, residual
-
-    def _inputs(self, x: Any):
-        """``(a_img, r_img, a_txt, r_txt)`` from a dict or from images plus stored classes."""
-        if isinstance(x, Mapping):
-            unknown = set(x) - {"image", "text", "image_residual", "text_residual"}
-            if unknown or "image" not in x:
-                raise ValueError(
-                    "x must have keys 'image' and 'text' (optionally 'image_residual', "
-                    f"'text_residual'), got {sorted(x)}."
-                )
-            a_i, r_i = self._features("image", x["image"], x.get("image_residual"))
-            if "text" not in x:
-                a_t, r_t = self._classes()
-            else:
-                a_t, r_t = self._features("text", x["text"], x.get("text_residual"))
-            return a_i, r_i, a_t, r_t
-        a_i, r_i = self._features("image", x, None)
-        return (a_i, r_i, *self._classes())
-
-    def _classes(self):
-        if self.heads.class_activations is None:
-            raise ValueError(
-                "no classes: pass x={'image': ..., 'text': ...} or call set_classes()."
-            )
-        return self.heads.class_activations, self.heads.class_residual
-
     def set_classes(self, text: Any, residual: torch.Tensor | None = None) -> None:
         """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works."""
-        a_t, r_t = self._features("text", text, residual)
+        a_t, r_t = self.inputs.features("text", text, residual)
         self.heads.set_classes(a_t, r_t)
 
     # ----------------------------------------------------------------- predictive
@@ -371,7 +303,7 @@ class DualEncoderLaplace(KronLaplace):
         moments : dict
             ``{"image": (mean (N, D), var (N, D) or cov (N, D, D)), "text": (mean (C, D), ...)}``
         """
-        a_i, r_i, a_t, r_t = self._inputs(x)
+        a_i, r_i, a_t, r_t = self.inputs.predict(x)
         post_i, post_t = self.head_posteriors()
         with torch.no_grad():
             z, t = self.heads.embed_image(a_i, r_i), self.heads.embed_text(a_t, r_t)
@@ -403,19 +335,19 @@ class DualEncoderLaplace(KronLaplace):
             raise ValueError(f"method must be one of {PREDICTIVE_METHODS}, got {method!r}.")
         if not diagonal_output and method != "glm":
             raise ValueError("diagonal_output=False (class covariances) needs method='glm'.")
-        a_i, r_i, a_t, r_t = self._inputs(x)
+        a_i, r_i, a_t, r_t = self.inputs.predict(x)
         post_i, post_t = self.head_posteriors()
         heads, s = self.heads, self.heads.scale
         step = chunk_size or self.chunk_size or len(a_i)
         with torch.no_grad():
             t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
-            text_spread = _text_spread(method, diagonal_output, post_t, a_t)
+            spread_t = text_spread(method, diagonal_output, post_t, a_t)
             means, variances = [], []
             for start in range(0, len(a_i), step):
                 a = a_i[start : start + step]
                 r = None if r_i is None else r_i[start : start + step]
                 z = check_nonzero_norm("image embeddings", heads.embed_image(a, r))
-                mean, var = _logit_moments(method, diagonal_output, z, post_i, a, t, text_spread)
+                mean, var = logit_moments(method, diagonal_output, z, post_i, a, t, spread_t)
                 mean = s * mean if heads.logit_bias is None else s * mean + heads.logit_bias
                 means.append(mean)
                 variances.append(s.square() * var)
@@ -438,7 +370,7 @@ class DualEncoderLaplace(KronLaplace):
         pred_type = _plain(pred_type)
         if pred_type not in ("glm", "nn"):
             raise ValueError(f"pred_type must be 'glm' or 'nn' for samples, got {pred_type!r}.")
-        a_i, r_i, a_t, r_t = self._inputs(x)
+        a_i, r_i, a_t, r_t = self.inputs.predict(x)
         post_i, post_t = self.head_posteriors()
         heads, s = self.heads, self.heads.scale
         with torch.no_grad():
@@ -464,7 +396,7 @@ class DualEncoderLaplace(KronLaplace):
     ) -> torch.Tensor:
         """Samples of the class probabilities, `(S, N, C)`."""
         f = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
-        return _link(link)(f)
+        return link_function(link)(f)
 
     def __call__(
         self,
@@ -499,9 +431,9 @@ class DualEncoderLaplace(KronLaplace):
             )
         if joint:
             raise ValueError("joint=True is only defined for regression in laplace.")
-        apply_link = _link(link)
+        apply_link = link_function(link)
         if pred_type == "map":
-            a_i, r_i, a_t, r_t = self._inputs(x)
+            a_i, r_i, a_t, r_t = self.inputs.predict(x)
             with torch.no_grad():
                 return apply_link(self.heads({"image": a_i, "text": a_t, "image_residual": r_i,
                                               "text_residual": r_t}))  # fmt: skip
@@ -597,46 +529,6 @@ def _curvature_name(curvature: str, backend: type | None) -> str:
     return name
 
 
-def _head_linear(head: Any) -> nn.Linear:
-    linear = nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=head.bias is not None)
-    linear = linear.to(head.weight)
-    with torch.no_grad():
-        linear.weight.copy_(head.weight)
-        if head.bias is not None:
-            linear.bias.copy_(head.bias)
-    return linear
-
-
-def _build_heads(image_projection, text_projection, logit_scale, logit_bias) -> DualHead:
-    missing = [
-        name
-        for name, value in (
-            ("image_projection", image_projection),
-            ("text_projection", text_projection),
-            ("logit_scale", logit_scale),
-        )
-        if value is None
-    ]
-    if missing:
-        raise ValueError(f"without a model, DualEncoderLaplace needs {', '.join(missing)}.")
-    weights = [getattr(p, "weight", p) for p in (image_projection, text_projection)]
-    dtype = posterior_dtype(*weights)
-    image = as_linear(image_projection, "image_projection", dtype)
-    text = as_linear(text_projection, "text_projection", dtype)
-    if image.out_features != text.out_features:
-        raise ValueError(
-            "image_projection and text_projection must map to the same embedding dim, got "
-            f"{image.out_features} and {text.out_features}."
-        )
-    scale = torch.as_tensor(logit_scale, dtype=dtype)
-    check_finite("logit_scale", scale)
-    if scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}.")
-    if logit_bias is not None:
-        check_finite("logit_bias", torch.as_tensor(logit_bias, dtype=dtype))
-    return DualHead(image, text, scale, logit_bias)
-
-
 def _plain(value: Any) -> str:
     """laplace's str-Enums (``PredType.GLM``) as their plain values."""
     return str(getattr(value, "value", value))
@@ -644,31 +536,3 @@ def _plain(value: Any) -> str:
 
 def _detach(value: torch.Tensor | None) -> torch.Tensor | None:
     return None if value is None else value.detach()
-
-
-def _link(link: str):
-    if link == "softmax":
-        return lambda f: torch.softmax(f, dim=-1)
-    if link == "sigmoid":
-        return torch.sigmoid
-    raise ValueError(f"link must be 'softmax' or 'sigmoid', got {link!r}.")
-
-
-def _text_spread(method: str, diagonal_output: bool, post: HeadPosterior, a_t: torch.Tensor):
-    if method == "probcosine_diag":
-        return post.variance(a_t)
-    if method == "glm" and not diagonal_output:
-        return post.cross_terms(a_t)
-    return post.terms(a_t)
-
-
-def _logit_moments(method, diagonal_output, z, post_i, a_i, t, text_spread):
-    """Cosine mean and variance `(N, C)` (or covariance) for one chunk of images."""
-    if method == "probcosine_diag":
-        return probcosine(z, post_i.variance(a_i), t, text_spread)
-    if method == "probcosine":
-        return probcosine_full(z, post_i.terms(a_i), t, text_spread)
-    mean = F.normalize(z, dim=-1) @ F.normalize(t, dim=-1).T
-    if diagonal_output:
-        return mean, glm_variance(z, post_i.terms(a_i), t, text_spread)
-    return mean, glm_covariance(z, post_i.terms(a_i), t, text_spread)

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from laplace_vlm.validation import check_finite
+
 POSTERIOR_DTYPES = (torch.float32, torch.float64)
 
 
-def as_linear(projection: nn.Module | torch.Tensor, name: str, dtype: torch.dtype) -> nn.Linear:
-    """Copy a projection (``nn.Linear`` or weight `(D, d)`) into a fresh ``nn.Linear``.
+def as_linear(projection: Any, name: str, dtype: torch.dtype) -> nn.Linear:
+    """Copy a projection into a fresh ``nn.Linear`` in ``dtype``.
 
-    The copy decouples the posterior from the user's model (laplace writes samples into
-    its parameters) and fixes the layout to ``nn.Linear``'s `(out, in)`.
+    ``projection`` is a weight `(D, d)` or anything with ``.weight`` `(D, d)` and ``.bias``
+    (``nn.Linear``, an adapter's ``LinearHead``). The copy decouples the posterior from the
+    user's model (laplace writes samples into its parameters) and fixes the layout.
     """
-    if isinstance(projection, nn.Linear):
-        weight, bias = projection.weight, projection.bias
-    elif isinstance(projection, torch.Tensor):
+    if isinstance(projection, torch.Tensor):
         weight, bias = projection, None
+    elif isinstance(getattr(projection, "weight", None), torch.Tensor):
+        weight, bias = projection.weight, getattr(projection, "bias", None)
     else:
         raise TypeError(
             f"{name} must be an nn.Linear or a weight tensor of shape (D, d), "
@@ -102,3 +107,38 @@ class DualHead(nn.Module):
         z = self.embed_image(x["image"], x.get("image_residual"))
         t = self.embed_text(x["text"], x.get("text_residual"))
         return self.logits(z, t)
+
+
+def build_heads(
+    image_projection: Any,
+    text_projection: Any,
+    logit_scale: float | torch.Tensor | None,
+    logit_bias: float | torch.Tensor | None = None,
+) -> DualHead:
+    """Validated ``DualHead`` in fp32 (fp64 if a weight is fp64), whatever the model's dtype."""
+    missing = [
+        name
+        for name, value in (
+            ("image_projection", image_projection),
+            ("text_projection", text_projection),
+            ("logit_scale", logit_scale),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ValueError(f"without a model, DualEncoderLaplace needs {', '.join(missing)}.")
+    weights = [getattr(p, "weight", p) for p in (image_projection, text_projection)]
+    dtype = posterior_dtype(*weights)
+    image = as_linear(image_projection, "image_projection", dtype)
+    text = as_linear(text_projection, "text_projection", dtype)
+    if image.out_features != text.out_features:
+        raise ValueError(
+            "image_projection and text_projection must map to the same embedding dim, got "
+            f"{image.out_features} and {text.out_features}."
+        )
+    scale = check_finite("logit_scale", torch.as_tensor(logit_scale, dtype=dtype))
+    if scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}.")
+    if logit_bias is not None:
+        check_finite("logit_bias", torch.as_tensor(logit_bias, dtype=dtype))
+    return DualHead(image, text, scale, logit_bias)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn import functional as F
 
-from laplace_vlm.head_posterior import CovTerm
+from laplace_vlm.head_posterior import CovTerm, HeadPosterior
 
 PREDICTIVE_METHODS: tuple[str, ...] = ("glm", "probcosine", "probcosine_diag")
 
@@ -177,3 +178,33 @@ def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 def probit_sigmoid(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """Probit approximation of ``E[sigmoid(f)]`` per pair (SigLIP), `(N, C)`."""
     return torch.sigmoid(mean * probit_scale(var))
+
+
+def link_function(link: str):
+    """``softmax`` over classes or SigLIP's per-pair ``sigmoid``, applied to logits."""
+    if link == "softmax":
+        return lambda f: torch.softmax(f, dim=-1)
+    if link == "sigmoid":
+        return torch.sigmoid
+    raise ValueError(f"link must be 'softmax' or 'sigmoid', got {link!r}.")
+
+
+def text_spread(method: str, diagonal_output: bool, post: HeadPosterior, a_t: torch.Tensor):
+    """What ``logit_moments`` needs of the class texts: variances, terms or cross terms."""
+    if method == "probcosine_diag":
+        return post.variance(a_t)
+    if method == "glm" and not diagonal_output:
+        return post.cross_terms(a_t)
+    return post.terms(a_t)
+
+
+def logit_moments(method, diagonal_output, z, post_i, a_i, t, spread_t):
+    """Cosine mean and variance `(N, C)` (or covariance `(N, C, C)`) for one image chunk."""
+    if method == "probcosine_diag":
+        return probcosine(z, post_i.variance(a_i), t, spread_t)
+    if method == "probcosine":
+        return probcosine_full(z, post_i.terms(a_i), t, spread_t)
+    mean = F.normalize(z, dim=-1) @ F.normalize(t, dim=-1).T
+    if diagonal_output:
+        return mean, glm_variance(z, post_i.terms(a_i), t, spread_t)
+    return mean, glm_covariance(z, post_i.terms(a_i), t, spread_t)

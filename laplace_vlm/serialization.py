@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,18 +146,12 @@ def load_laplace(
 
 
 def _heads_kwargs(heads: dict[str, torch.Tensor]) -> dict[str, Any]:
-    def linear(prefix: str) -> nn.Linear:
-        w, b = heads[f"{prefix}.weight"], heads.get(f"{prefix}.bias")
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(w)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if b is not None:
-                lin.bias.copy_(b)
-        return lin
+    def head(prefix: str) -> SimpleNamespace:
+        return SimpleNamespace(weight=heads[f"{prefix}.weight"], bias=heads.get(f"{prefix}.bias"))
 
     return dict(
-        image_projection=linear("image_projection"),
-        text_projection=linear("text_projection"),
+        image_projection=head("image_projection"),
+        text_projection=head("text_projection"),
         logit_scale=heads["logit_scale"],
         logit_bias=heads.get("logit_bias"),
     )

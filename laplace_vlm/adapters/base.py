@@ -1,0 +1,415 @@
+"""What an adapter hands to the Laplace code, how it captures it, and the adapter registry.
+
+A dual encoder's tower ends in a linear map ``emb = W a + b (+ r)``. An adapter finds that
+map (the *head*), copies it, and reads the head's input ``a`` (the *activations*) and the
+tower's own embedding from one forward pass. Two capture strategies cover every family:
+
+- :class:`HookCapture`: forward pre-hooks on an ``nn.Linear`` that the tower calls as a module
+  (and on the module that receives a residual ``r``, SigLIP's MAP head).
+- :class:`SwapCapture`: for heads the tower never calls as a module (open_clip's bare
+  ``proj`` Parameters, ResNet's ``attnpool.c_proj`` used inside ``F.multi_head_attention_forward``),
+  replace the attribute for one call so the tower returns its pre-projection activations.
+
+On the first batch per tower the adapter checks ``a @ W.T + b + r`` against an untouched forward
+of the model, so a layout that drifted in a new library release fails loudly, not silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Encode = Callable[[Any], torch.Tensor]
+Captured = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+# Relative (Frobenius) tolerance of the first-batch check, by the model's dtype.
+_CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64, everything else is upcast to float32 (never half precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Features:
+    """Pre-projection activations and embeddings of one tower.
+
+    Attributes
+    ----------
+    activations : torch.Tensor
+        `(N, d)` input of the tower's last linear layer.
+    embeddings : torch.Tensor
+        `(N, D)` the tower's own un-normalised embedding.
+    residual : torch.Tensor, optional
+        `(N, D)` offset ``r`` with ``embeddings = activations @ W.T + b + r`` (SigLIP image tower).
+    """
+
+    activations: torch.Tensor
+    embeddings: torch.Tensor
+    residual: torch.Tensor | None = None
+
+
+@dataclass
+class LinearHead:
+    """A tower's last linear layer as a detached copy in ``nn.Linear`` layout.
+
+    Attributes
+    ----------
+    path : str
+        where the layer lives in the model, e.g. ``"visual.proj"``.
+    weight : torch.Tensor
+        `(D, d)`, float32 (float64 for float64 models).
+    bias : torch.Tensor, optional
+        `(D,)`.
+    """
+
+    path: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def copy_of(
+        cls,
+        path: str,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        transpose: bool = False,
+    ) -> LinearHead:
+        """Detached float32+ copy; ``transpose=True`` for open_clip's `(d, D)` Parameters."""
+        dtype = compute_dtype(weight.dtype)
+        weight = weight.detach().T if transpose else weight.detach()
+        weight = weight.to(dtype, copy=True).contiguous()
+        bias = None if bias is None else bias.detach().to(dtype, copy=True)
+        return cls(path, weight, bias)
+
+    def project(self, activations: torch.Tensor) -> torch.Tensor:
+        """`(N, d)` -> `(N, D)`: ``activations @ W.T + b`` in the head's dtype and device."""
+        weight = self.weight.to(activations.device)
+        bias = None if self.bias is None else self.bias.to(activations.device)
+        return F.linear(activations.to(weight.dtype), weight, bias)
+
+
+def _pool(x: torch.Tensor | None, pool: str) -> torch.Tensor | None:
+    """Reduce `(N, L, d)` latent tokens the way the pooling head does; `(N, d)` passes."""
+    if x is None or x.dim() == 2:
+        return x
+    if pool == "token":
+        return x[:, 0]
+    if pool == "avg":
+        return x.mean(1)
+    raise ValueError(f"cannot pool captured activations of shape {tuple(x.shape)} with {pool!r}")
+
+
+class HookCapture:
+    """Capture the input of ``linear`` (and of ``residual_input``) with forward pre-hooks.
+
+    Parameters
+    ----------
+    path : str
+        the head's path, for error messages.
+    linear : nn.Module
+        the last linear layer; the tower must call it exactly once per forward.
+    residual_input : nn.Module, optional
+        the module whose input is the residual added after ``linear`` (SigLIP: the MAP head's
+        pre-MLP norm, since ``x = x + mlp(norm(x))``).
+    pool : {'token', 'avg'}
+        how a `(N, L, d)` capture is reduced to `(N, d)` (SigLIP's MAP head keeps latent 0).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        linear: nn.Module,
+        residual_input: nn.Module | None = None,
+        pool: str = "token",
+    ) -> None:
+        self.path, self.linear, self.residual_input, self.pool = path, linear, residual_input, pool
+
+    def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
+        seen: dict[str, list[torch.Tensor]] = {"activations": [], "residual": []}
+        modules = {"activations": self.linear, "residual": self.residual_input}
+        handles = [
+            module.register_forward_pre_hook(lambda _m, args, key=key: seen[key].append(args[0]))
+            for key, module in modules.items()
+            if module is not None
+        ]
+        try:
+            embeddings = run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        pre = self._single(seen["activations"])
+        res = self._single(seen["residual"]) if self.residual_input is not None else None
+        return _pool(pre, self.pool), embeddings, _pool(res, self.pool)
+
+    def _single(self, calls: list[torch.Tensor]) -> torch.Tensor:
+        if len(calls) != 1:
+            raise RuntimeError(
+                f"the head at {self.path!r} ran {len(calls)} times in one forward pass; "
+                "the adapter expects exactly one call."
+            )
+        return calls[0]
+
+
+class SwapCapture:
+    """Swap ``owner.name`` for one call so the tower returns its pre-projection activations.
+
+    Parameters
+    ----------
+    owner : nn.Module
+        the module holding the head attribute.
+    name : str
+        the attribute (``"proj"``, ``"text_projection"``, ``"c_proj"``).
+    replacement : callable
+        ``replacement(original)`` gives the stand-in: ``None`` for a Parameter used behind an
+        ``if proj is not None`` guard, an identity Linear for ResNet's ``c_proj``.
+    project : callable
+        ``project(activations)`` recomputes the tower's embedding with the live head, in the
+        model's dtype, exactly as the tower does.
+    """
+
+    def __init__(
+        self,
+        owner: nn.Module,
+        name: str,
+        replacement: Callable[[Any], Any],
+        project: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.owner, self.name, self.replacement, self.project = owner, name, replacement, project
+
+    def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
+        original = getattr(self.owner, self.name)
+        setattr(self.owner, self.name, self.replacement(original))
+        try:
+            activations = run()
+        finally:
+            setattr(self.owner, self.name, original)
+        return activations, self.project(activations), None
+
+
+@dataclass
+class Tower:
+    """How an adapter encodes one tower.
+
+    Attributes
+    ----------
+    name : {'image', 'text'}
+    head : LinearHead
+        the copied last linear layer.
+    capture : HookCapture or SwapCapture
+        turns a forward pass into ``(activations, embeddings, residual)``.
+    encode : callable
+        ``encode(inputs)``: the model's own `(N, D)` embedding (``normalize=False``, unwrapped).
+    param : torch.Tensor
+        the live head weight: the device and dtype the tower runs in.
+    """
+
+    name: str
+    head: LinearHead
+    capture: Callable[[Callable[[], torch.Tensor]], Captured]
+    encode: Encode
+    param: torch.Tensor
+
+
+def cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
+    """Cast floating tensors (also inside a mapping) to the tower's dtype; tokens pass."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(dtype) if inputs.is_floating_point() else inputs
+    if isinstance(inputs, Mapping):
+        return {key: cast_floating(value, dtype) for key, value in inputs.items()}
+    return inputs
+
+
+def unwrap(output: Any) -> torch.Tensor:
+    """The embedding of a tower output: tuples (CoCa, ``output_tokens``) give their first item."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if x.shape != ref.shape:
+        return float("inf")
+    ref = ref.to(x.dtype)
+    return float(torch.linalg.norm(x - ref) / torch.linalg.norm(ref).clamp_min(1e-30))
+
+
+class DualEncoderAdapter:
+    """Pre-projection features and projection heads of one dual-encoder family.
+
+    Subclasses locate the two heads in ``__init__`` and pass them on as :class:`Tower` objects;
+    the base class runs the capture, checks the first batch per tower and upcasts the outputs.
+
+    Attributes
+    ----------
+    family : str
+        e.g. ``"open_clip.CLIP/VisionTransformer"``.
+    families : tuple of str
+        class attribute: the model families the subclass supports (listed in errors).
+    image_head, text_head : LinearHead
+    logit_scale : torch.Tensor
+        scalar, the *log* scale as the model stores it.
+    logit_bias : torch.Tensor or None
+        scalar (SigLIP) or ``None``.
+    """
+
+    families: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        family: str,
+        image: Tower,
+        text: Tower,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> None:
+        self.model, self.family = model, family
+        self._towers = {"image": image, "text": text}
+        self.image_head, self.text_head = image.head, text.head
+        self.logit_scale = _scalar(logit_scale)
+        self.logit_bias = None if logit_bias is None else _scalar(logit_bias)
+        self._verified: set[str] = set()
+
+    @classmethod
+    def supports(cls, model: Any) -> bool:
+        """Whether this adapter can handle ``model``."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's image head (where inputs should go)."""
+        return self._towers["image"].param.device
+
+    def encode_image(self, images: Any) -> Features:
+        """Encode a batch of images.
+
+        Parameters
+        ----------
+        images : torch.Tensor or Mapping
+            `(N, C, H, W)` pixels (or the processor's mapping for Hugging Face models), on the
+            model's device; floating tensors are cast to the tower's dtype.
+
+        Returns
+        -------
+        Features
+            `(N, d)` activations, `(N, D)` embeddings (and residual), float32 or float64.
+        """
+        return self._encode(self._towers["image"], images)
+
+    def encode_text(self, tokens: Any) -> Features:
+        """Encode a batch of tokenised texts.
+
+        Parameters
+        ----------
+        tokens : torch.Tensor or Mapping
+            `(N, L)` token ids (open_clip), or a tokenizer's mapping / ``input_ids`` tensor
+            (Hugging Face), on the model's device.
+
+        Returns
+        -------
+        Features
+            `(N, d)` activations and `(N, D)` embeddings, float32 or float64.
+        """
+        return self._encode(self._towers["text"], tokens)
+
+    def _encode(self, tower: Tower, inputs: Any) -> Features:
+        inputs = cast_floating(inputs, tower.param.dtype)
+        with torch.no_grad(), _eval_mode(self.model):
+            pre, emb, res = tower.capture(lambda: unwrap(tower.encode(inputs)))
+            if tower.name not in self._verified:
+                self._verify(tower, pre, emb, res, unwrap(tower.encode(inputs)))
+                self._verified.add(tower.name)
+        dtype = compute_dtype(tower.param.dtype)
+        res = None if res is None else res.to(dtype)
+        return Features(pre.to(dtype), emb.to(dtype), res)
+
+    def _verify(
+        self,
+        tower: Tower,
+        pre: torch.Tensor,
+        emb: torch.Tensor,
+        res: torch.Tensor | None,
+        reference: torch.Tensor,
+    ) -> None:
+        """Raise if the head copy or the capture does not reproduce the model's embedding."""
+        rtol = _CHECK_RTOL.get(tower.param.dtype, 1e-4)
+        recon = tower.head.project(pre)
+        if res is not None:
+            recon = recon + res.to(recon.dtype)
+        checks = {"activations @ W.T + b + r": recon, "the captured embedding": emb}
+        for what, value in checks.items():
+            err = _relative_error(value.to(recon.dtype), reference)
+            if not err <= rtol:
+                raise RuntimeError(
+                    f"{self.family}: the {tower.name} head at {tower.head.path!r} does not "
+                    f"reproduce the model's own encode_{tower.name}(normalize=False): {what} is "
+                    f"off by {err:.2e} relative (tolerance {rtol:.0e}). The model's layout differs "
+                    "from what this adapter expects (or the copied head no longer matches)."
+                )
+
+
+def _scalar(value: torch.Tensor) -> torch.Tensor:
+    """Detached float32+ scalar (HF SigLIP and ``nonscalar_logit_scale`` store shape `(1,)`)."""
+    value = value.detach()
+    return value.to(compute_dtype(value.dtype), copy=True).reshape(())
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (dropout off, deterministic features), restoring every module's flag."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+_ADAPTERS: list[type[DualEncoderAdapter]] = []
+
+
+def register_adapter(cls: type[DualEncoderAdapter]) -> type[DualEncoderAdapter]:
+    """Class decorator: make ``cls`` available to :func:`get_adapter` (first match wins)."""
+    if cls not in _ADAPTERS:
+        _ADAPTERS.append(cls)
+    return cls
+
+
+def get_adapter(model: Any) -> DualEncoderAdapter:
+    """The adapter of the first registered family that supports ``model``.
+
+    An adapter passes through unchanged.
+
+    Raises
+    ------
+    ValueError
+        if no registered adapter supports the model's class.
+    """
+    if isinstance(model, DualEncoderAdapter):
+        return model
+    for cls in _ADAPTERS:
+        if cls.supports(model):
+            return cls(model)
+    kind = type(model)
+    supported = ", ".join(family for cls in _ADAPTERS for family in cls.families)
+    raise ValueError(
+        f"No laplace_vlm adapter supports a {kind.__module__}.{kind.__qualname__}. "
+        f"Supported families: {supported}. To add one, subclass DualEncoderAdapter and "
+        "decorate it with @register_adapter."
+    )
+
+
+def is_instance_by_name(model: Any, module_prefix: str, names: set[str]) -> bool:
+    """``isinstance`` by class name, so that checking costs no import of the library."""
+    return any(
+        c.__module__.startswith(module_prefix) and c.__name__ in names for c in type(model).__mro__
+    )

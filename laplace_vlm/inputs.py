@@ -1,0 +1,93 @@
+"""Turning what users pass (activations, images, tokens) into the heads' inputs.
+
+Float tensors of shape `(N, d)` are always pre-projection activations. Anything else
+(images `(N, 3, H, W)`, integer tokens) is encoded by the model's adapter, which also
+returns the per-input residual of towers like SigLIP's image tower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from laplace_vlm.heads import DualHead
+from laplace_vlm.validation import check_matrix
+
+HeadInputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+PREDICT_KEYS = {"image", "text", "image_residual", "text_residual"}
+
+
+class InputEncoder:
+    """Validated ``(a_img, r_img, a_txt, r_txt)`` for the heads, on their device and dtype."""
+
+    def __init__(self, heads: DualHead, adapter: Any | None = None) -> None:
+        self.heads, self.adapter = heads, adapter
+
+    def pair(self, batch: Any) -> HeadInputs:
+        """Inputs of one fit batch of matched pairs (tuple or dict)."""
+        if isinstance(batch, Mapping):
+            if "image" not in batch or "text" not in batch:
+                raise ValueError(f"a fit batch needs keys 'image' and 'text', got {list(batch)}.")
+            image, text = batch["image"], batch["text"]
+            r_i, r_t = batch.get("image_residual"), batch.get("text_residual")
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            (image, text), r_i, r_t = batch, None, None
+        else:
+            raise ValueError("a fit batch must be (image, text) or a dict with 'image' and 'text'.")
+        a_i, r_i = self.features("image", image, r_i)
+        a_t, r_t = self.features("text", text, r_t)
+        if len(a_i) != len(a_t):
+            raise ValueError(
+                f"a fit batch must hold matched pairs: {len(a_i)} images vs {len(a_t)} texts."
+            )
+        return a_i, r_i, a_t, r_t
+
+    def predict(self, x: Any) -> HeadInputs:
+        """Inputs of a prediction: a dict, or images scored against the stored classes."""
+        if not isinstance(x, Mapping):
+            return (*self.features("image", x, None), *self.classes())
+        unknown = set(x) - PREDICT_KEYS
+        if unknown or "image" not in x:
+            raise ValueError(
+                "x must have keys 'image' and 'text' (optionally 'image_residual', "
+                f"'text_residual'), got {sorted(x)}."
+            )
+        a_i, r_i = self.features("image", x["image"], x.get("image_residual"))
+        if "text" not in x:
+            return a_i, r_i, *self.classes()
+        return a_i, r_i, *self.features("text", x["text"], x.get("text_residual"))
+
+    def classes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.heads.class_activations is None:
+            raise ValueError(
+                "no classes: pass x={'image': ..., 'text': ...} or call set_classes()."
+            )
+        return self.heads.class_activations, self.heads.class_residual
+
+    def features(self, modality: str, value: Any, residual: torch.Tensor | None):
+        """Activations `(N, d)` (and residual `(N, D)`) of one modality."""
+        weight = getattr(self.heads, f"{modality}_projection").weight
+        if not _is_activation(value) and self.adapter is not None:
+            encode = getattr(self.adapter, f"encode_{modality}")
+            feats = encode(value.to(weight.device) if isinstance(value, torch.Tensor) else value)
+            value, residual = feats.activations, feats.residual
+        name = f"x[{modality!r}]"
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim != 2:
+            raise ValueError(
+                f"{name} must be pre-projection activations of shape (N, {weight.shape[1]})"
+                + ("" if self.adapter else " (feature mode: no model to encode raw inputs)")
+                + f", got shape {tuple(value.shape)}."
+            )
+        value = check_matrix(name, value, weight.shape[1]).to(weight.device, weight.dtype)
+        if residual is not None:
+            residual = check_matrix(f"{name} residual", residual, weight.shape[0])
+            if len(residual) != len(value):
+                raise ValueError(f"{name} residual must have {len(value)} rows.")
+            residual = residual.to(weight.device, weight.dtype)
+        return value, residual
+
+
+def _is_activation(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim == 2
