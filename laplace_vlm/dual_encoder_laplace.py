@@ -12,14 +12,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector
 
-from laplace_vlm.curvature import get_curvature_backend
+from laplace_vlm.curvature import curvature_name, get_curvature_backend
 from laplace_vlm.distributed import all_reduce_sums
 from laplace_vlm.factor_sums import FactorSums
 from laplace_vlm.fit_checkpoint import FitCheckpoint, checkpoint_key
 from laplace_vlm.head_posterior import HeadPosterior
 from laplace_vlm.heads import DualHead, build_heads
 from laplace_vlm.inputs import InputEncoder
-from laplace_vlm.likelihoods import check_contrastive, contrastive_loss
+from laplace_vlm.likelihoods import check_contrastive, pair_loss
 from laplace_vlm.predictive import (
     PREDICTIVE_METHODS,
     link_function,
@@ -28,11 +28,15 @@ from laplace_vlm.predictive import (
     probit_softmax,
     text_spread,
 )
-from laplace_vlm.serialization import heads_fingerprint
+from laplace_vlm.reference import load_bayesvlm
+from laplace_vlm.serialization import (
+    check_compatible,
+    heads_fingerprint,
+    load_laplace,
+    save_laplace,
+)
 from laplace_vlm.validation import check_finite, check_nonzero_norm
 
-# laplace's own curvature classes map onto our per-head backends of the same library
-_BACKEND_NAMES = {"AsdlGGN": "asdl", "BackPackGGN": "backpack", "CurvlinopsGGN": "curvlinops"}
 PRED_TYPES = ("glm", "probcosine", "probcosine_diag", "nn", "map")
 LINK_APPROXIMATIONS = ("probit", "mc", "bridge", "bridge_norm")
 
@@ -87,17 +91,8 @@ class DualEncoderLaplace(KronLaplace):
         contrastive: str = "clip",
         curvature: str = "closed_form",
         chunk_size: int | None = None,
-        sigma_noise: float | torch.Tensor = 1.0,
-        prior_precision: float | torch.Tensor = 1.0,
-        prior_mean: float | torch.Tensor = 0.0,
-        temperature: float = 1.0,
-        enable_backprop: bool = False,
-        dict_key_x: str = "input_ids",
-        dict_key_y: str = "labels",
         backend: type | None = None,
-        damping: bool = False,
-        backend_kwargs: dict[str, Any] | None = None,
-        asdl_fisher_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
         likelihood = _plain(likelihood)
         if likelihood != "classification":
@@ -106,7 +101,7 @@ class DualEncoderLaplace(KronLaplace):
                 f"type with contrastive='clip'|'siglip'), got {likelihood!r}."
             )
         self.contrastive: str = check_contrastive(contrastive)
-        self.curvature: str = _curvature_name(curvature, backend)
+        self.curvature: str = curvature_name(curvature, backend)
         get_curvature_backend(self.curvature)  # fail early on an unknown name
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
@@ -120,21 +115,7 @@ class DualEncoderLaplace(KronLaplace):
             logit_scale = self.adapter.logit_scale if logit_scale is None else logit_scale
             logit_bias = self.adapter.logit_bias if logit_bias is None else logit_bias
         heads = build_heads(image_projection, text_projection, logit_scale, logit_bias)
-        super().__init__(
-            heads,
-            likelihood,
-            sigma_noise=sigma_noise,
-            prior_precision=prior_precision,
-            prior_mean=prior_mean,
-            temperature=temperature,
-            enable_backprop=enable_backprop,
-            dict_key_x=dict_key_x,
-            dict_key_y=dict_key_y,
-            backend=None,
-            damping=damping,
-            backend_kwargs=backend_kwargs,
-            asdl_fisher_kwargs=asdl_fisher_kwargs,
-        )
+        super().__init__(heads, likelihood, backend=None, **kwargs)
         self.mean = parameters_to_vector(self.params).detach()
         self.inputs = InputEncoder(heads, self.adapter)
 
@@ -259,20 +240,9 @@ class DualEncoderLaplace(KronLaplace):
                       self.contrastive, **common)  # fmt: skip
         B_t, A_t = fn(txt.weight.detach(), _detach(txt.bias), a_t, r_t, u, scale, bias,
                       self.contrastive, **common)  # fmt: skip
-        loss = self._pair_loss(u, v, labels)
+        loss = pair_loss(u, v, labels, heads.logits, self.contrastive, self.chunk_size)
         n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
         return FactorSums(B_i, A_i, B_t, A_t, loss, n)
-
-    def _pair_loss(self, u: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed NLL of a class batch: i2t + t2i for CLIP, all pairs once for SigLIP."""
-        directions = [(u, v)] if self.contrastive == "siglip" else [(u, v), (v, u)]
-        step = self.chunk_size or len(u)
-        loss = u.new_zeros(())
-        for rows, cols in directions:
-            for s in range(0, len(rows), step):
-                logits = self.heads.logits(rows[s : s + step], cols)
-                loss += contrastive_loss(logits, labels[s : s + step], self.contrastive)
-        return loss
 
     def _set_factors(self, sums: FactorSums) -> None:
         if int(sums.n) == 0:
@@ -469,8 +439,7 @@ class DualEncoderLaplace(KronLaplace):
 
     def _glm_predictive_distribution(self, X: Any, joint: bool = False, diagonal_output=False):
         """laplace's hook: the linearised logit mean `(N, C)` and covariance `(N, C, C)`."""
-        mean, cov = self.predictive_moments(X, method="glm", diagonal_output=False)
-        return mean, cov
+        return self.predictive_moments(X, method="glm", diagonal_output=False)
 
     def _nn_predictive_classification(self, X: Any, n_samples: int = 100, **kwargs: Any):
         return self.predictive_samples(X, "nn", n_samples).mean(0)
@@ -482,7 +451,7 @@ class DualEncoderLaplace(KronLaplace):
         Only tensors, plain strings and numbers: loads under ``torch.load(weights_only=True)``.
         """
         state = super().state_dict()
-        state["likelihood"] = str(getattr(self.likelihood, "value", self.likelihood))
+        state["likelihood"] = _plain(self.likelihood)
         state.update(
             contrastive=self.contrastive,
             damping=bool(self.damping),
@@ -491,42 +460,22 @@ class DualEncoderLaplace(KronLaplace):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from laplace_vlm.serialization import check_compatible
-
         check_compatible(self, state_dict)
         super().load_state_dict(state_dict)
 
     def save(self, path: str, overwrite: bool = False) -> None:
         """Save the fitted posterior (factors, prior, heads) to a safetensors file."""
-        from laplace_vlm.serialization import save_laplace
-
         save_laplace(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str, model: nn.Module | None = None, **kwargs: Any) -> DualEncoderLaplace:
         """Load a posterior saved with :meth:`save`, for ``model`` (or the saved heads)."""
-        from laplace_vlm.serialization import load_laplace
-
         return load_laplace(cls, path, model, **kwargs)
 
     @classmethod
     def from_bayesvlm(cls, directory: str, model: nn.Module | None = None, **kwargs: Any):
         """Posterior from the curvature files released with the paper's reference code."""
-        from laplace_vlm.reference import load_bayesvlm
-
         return load_bayesvlm(cls, directory, model, **kwargs)
-
-
-def _curvature_name(curvature: str, backend: type | None) -> str:
-    if backend is None:
-        return curvature
-    name = _BACKEND_NAMES.get(getattr(backend, "__name__", ""))
-    if name is None:
-        raise ValueError(
-            f"backend must be one of laplace's {sorted(_BACKEND_NAMES)} (or use curvature=...), "
-            f"got {backend!r}."
-        )
-    return name
 
 
 def _plain(value: Any) -> str:

@@ -91,3 +91,34 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, contrastive: st
     signs = -torch.ones_like(logits)
     signs[torch.arange(len(labels), device=logits.device), labels] = 1.0
     return -F.logsigmoid(signs * logits).sum()
+
+
+def pair_loss(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    labels: torch.Tensor,
+    logits_fn,
+    contrastive: str,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Summed NLL of a class batch: image-to-text plus text-to-image for CLIP, each pair once
+    for SigLIP, in row chunks of ``chunk_size`` (the full `(M, M)` logits never exist at once).
+
+    Parameters
+    ----------
+    u, v : torch.Tensor
+        `(M, D)` normalised image and text embeddings of matched pairs.
+    labels : torch.Tensor
+        `(M,)` matching index per row.
+    logits_fn : callable
+        ``(rows, cols) -> logits`` (scale and bias applied).
+    """
+    directions = [(u, v)] if contrastive == "siglip" else [(u, v), (v, u)]
+    step = chunk_size or len(u)
+    loss = u.new_zeros(())
+    for rows, cols in directions:
+        for s in range(0, len(rows), step):
+            loss += contrastive_loss(
+                logits_fn(rows[s : s + step], cols), labels[s : s + step], contrastive
+            )
+    return loss

@@ -2,15 +2,19 @@
 
 Validation happens before anything reaches laplace's ``symeig``, which calls ``exit()`` on a
 failed eigendecomposition (a NaN would otherwise end the user's interpreter with status 0).
+The checks reduce without temporaries the size of their input, so validating `(N, d)`
+activations does not add an `O(N)` allocation to a chunked prediction.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 
 def check_matrix(name: str, value: object, dim: int | None = None) -> torch.Tensor:
-    """A finite, non-empty float tensor of shape `(N, dim)`."""
+    """A finite, non-empty float tensor of shape `(N, dim)` that holds data."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
     if not value.is_floating_point():
@@ -20,20 +24,60 @@ def check_matrix(name: str, value: object, dim: int | None = None) -> torch.Tens
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}.")
     if len(value) == 0:
         raise ValueError(f"{name} is empty.")
+    check_has_data(name, value)
     check_finite(name, value)
     return value
 
 
+def check_has_data(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Raise if ``value`` lives on the meta device (a shape without data cannot be moved)."""
+    if value.is_meta:
+        raise ValueError(
+            f"{name} is on the 'meta' device and holds no data: materialise it (e.g. load the "
+            "weights) before passing it."
+        )
+    return value
+
+
 def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Raise if ``value`` holds NaN or inf."""
-    if not torch.isfinite(value).all():
+    """Raise if ``value`` holds NaN or inf.
+
+    ``aminmax`` propagates NaN and sees both infinities, in one reduction without the
+    boolean temporary of ``isfinite(value).all()``.
+    """
+    if not value.is_floating_point() or value.numel() == 0:
+        return value  # integers and empty tensors are finite
+    check_has_data(name, value)
+    lo, hi = torch.aminmax(value.detach())
+    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
         raise ValueError(f"{name} contains NaN or inf.")
     return value
 
 
+def check_positive(name: str, value: float | torch.Tensor) -> torch.Tensor:
+    """A finite tensor with every entry > 0 (prior precision, temperature, pseudo-counts)."""
+    tensor = torch.as_tensor(value)
+    check_finite(name, tensor)
+    if tensor.numel() == 0 or not bool((tensor > 0).all()):
+        raise ValueError(f"{name} must be positive and finite, got {_short(tensor)}.")
+    return tensor
+
+
 def check_nonzero_norm(name: str, z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Raise if a row of the embeddings ``z`` has (numerically) zero norm: its cosine is undefined."""
+    """Raise if a row of the embeddings ``z`` has a zero or non-finite norm.
+
+    A zero norm leaves the cosine undefined; a non-finite one means NaN weights or an
+    overflow (``|z|^2`` beyond the dtype's range), which would otherwise be misreported
+    as zero-norm or surface later as a NaN curvature.
+    """
     norms = z.norm(dim=-1)
+    finite = torch.isfinite(norms)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(
+            f"{name} has NaN or inf (or overflowing) norms at rows {bad[:10].tolist()}: "
+            "check the projection weights and the scale of the activations."
+        )
     bad = (norms <= eps * max(1.0, norms.max().item())).nonzero().flatten()
     if len(bad):
         raise ValueError(
@@ -41,3 +85,8 @@ def check_nonzero_norm(name: str, z: torch.Tensor, eps: float = 1e-12) -> torch.
             "the cosine similarity is undefined."
         )
     return z
+
+
+def _short(tensor: torch.Tensor) -> str:
+    values = tensor.flatten()[:4].tolist()
+    return str(values if tensor.numel() > 1 else values[0] if values else "[]")

@@ -46,3 +46,20 @@ def get_curvature_backend(name: str) -> HeadFactorsFn:
         fn = getattr(importlib.import_module(module), attr)
         _BACKENDS[name] = fn
     return fn
+
+
+# laplace's own curvature classes map onto our per-head backends of the same library
+_LAPLACE_BACKENDS = {"AsdlGGN": "asdl", "BackPackGGN": "backpack", "CurvlinopsGGN": "curvlinops"}
+
+
+def curvature_name(curvature: str, backend: type | None = None) -> str:
+    """The backend name for ``curvature=``, or for laplace's ``backend=`` class if given."""
+    if backend is None:
+        return curvature
+    name = _LAPLACE_BACKENDS.get(getattr(backend, "__name__", ""))
+    if name is None:
+        raise ValueError(
+            f"backend must be one of laplace's {sorted(_LAPLACE_BACKENDS)} (or use curvature=...), "
+            f"got {backend!r}."
+        )
+    return name
