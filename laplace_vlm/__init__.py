@@ -6,6 +6,13 @@ Importing this package registers ``DualEncoderLaplace`` with laplace's factory u
 
 from __future__ import annotations
 
+import warnings
+
+with warnings.catch_warnings():
+    # laplace imports asdl, whose torch.jit.script decorators warn on every import
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import laplace  # noqa: F401
+
 from laplace_vlm.curvature import available_curvature_backends, register_curvature_backend
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 from laplace_vlm.heads import DualHead

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -169,6 +170,13 @@ class DualEncoderLaplace(KronLaplace):
     def refresh_mean(self) -> None:
         """Take the heads' current weights as the posterior mean (after fine-tuning them)."""
         self.mean = parameters_to_vector(self.params).detach()
+
+    def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
+        """laplace's tuning (marglik or gridsearch), without its reminder about ``link_approx``
+        (irrelevant to marglik; gridsearch passes ``link_approx`` on to :meth:`__call__`)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+            super().optimize_prior_precision(*args, **kwargs)
 
     # ----------------------------------------------------------------- fitting
     def fit(

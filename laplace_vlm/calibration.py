@@ -1,0 +1,68 @@
+"""Temperature scaling (Guo et al., 2017): the post-hoc calibration baseline.
+
+A single temperature ``T`` divides the logits; it is fitted on a labelled validation split by
+minimising the negative log-likelihood over ``log T`` with L-BFGS (``log T`` keeps ``T > 0``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TemperatureScaling:
+    """Post-hoc temperature scaling of classification logits.
+
+    Parameters
+    ----------
+    max_iter : int
+        L-BFGS iterations (the problem is one-dimensional and convex in ``1/T``).
+
+    Attributes
+    ----------
+    temperature : float
+        1.0 until :meth:`fit` is called.
+    """
+
+    def __init__(self, max_iter: int = 100) -> None:
+        self.max_iter = max_iter
+        self.temperature = 1.0
+
+    def fit(self, logits: torch.Tensor, labels: torch.Tensor) -> TemperatureScaling:
+        """Fit ``T`` by minimising the mean NLL of ``softmax(logits / T)``.
+
+        Parameters
+        ----------
+        logits : torch.Tensor
+            `(N, C)` validation logits.
+        labels : torch.Tensor
+            `(N,)` class indices.
+
+        Returns
+        -------
+        self
+        """
+        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"logits must be (N, C) and labels (N,), got {tuple(logits.shape)} and "
+                f"{tuple(labels.shape)}."
+            )
+        logits, labels = logits.detach().double(), labels.detach().long()
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS(
+            [log_t], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(logits / log_t.exp(), labels)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        self.temperature = log_t.exp().item()
+        return self
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """`(N, C)` logits -> `(N, C)` calibrated probabilities ``softmax(logits / T)``."""
+        return torch.softmax(logits / self.temperature, dim=-1)

@@ -1,0 +1,126 @@
+"""The offline demo's images: scikit-learn's 8x8 handwritten digits as 3x32x32 tensors, and shifts.
+
+Images are returned normalised with ``MEAN`` / ``STD``; every shift works in pixel space
+(``[0, 1]``), so it first undoes the normalisation, transforms, clamps and normalises again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+IMAGE_SIZE = 32
+MEAN = 0.5
+STD = 0.5
+SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
+# one severity axis shared by all shifts: 0 is clean data, 1 the strongest shift
+SEVERITIES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+Split = tuple[torch.Tensor, torch.Tensor]
+Shift = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
+
+
+def digits_to_images(pixels: np.ndarray) -> torch.Tensor:
+    """Turn scikit-learn's digit pixels into normalised RGB images.
+
+    Parameters
+    ----------
+    pixels : np.ndarray
+        `(N, 64)` or `(N, 8, 8)` grey values in ``[0, 16]``.
+
+    Returns
+    -------
+    images : torch.Tensor
+        `(N, 3, 32, 32)` float32, normalised with ``MEAN`` / ``STD``.
+    """
+    grey = torch.as_tensor(np.asarray(pixels, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    grey = F.interpolate(grey, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return normalize(grey.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous())
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """`(N, 3, H, W)` pixels in ``[0, 1]`` -> model inputs."""
+    return (pixels - MEAN) / STD
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Model inputs -> `(N, 3, H, W)` pixels in ``[0, 1]`` (inverse of :func:`normalize`)."""
+    return images * STD + MEAN
+
+
+def load_digits_splits(seed: int = 0) -> dict[str, Split]:
+    """Stratified, seeded train/val/test splits of the 1,797 digits (60/20/20).
+
+    Parameters
+    ----------
+    seed : int
+        seed of the split; the same seed always gives the same split.
+
+    Returns
+    -------
+    splits : dict
+        ``{"train": (images, labels), "val": ..., "test": ...}`` with images `(N, 3, 32, 32)`
+        float32 and labels `(N,)` int64.
+    """
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    train, rest = train_test_split(
+        index, train_size=SPLIT_FRACTIONS["train"], stratify=digits.target, random_state=seed
+    )
+    val, test = train_test_split(
+        rest, test_size=0.5, stratify=digits.target[rest], random_state=seed
+    )
+    images = digits_to_images(digits.data)
+    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    return {
+        name: (images[idx], labels[idx])
+        for name, idx in (("train", train), ("val", val), ("test", test))
+    }
+
+
+def _check_severity(severity: float) -> float:
+    if not 0.0 <= severity <= 1.0:
+        raise ValueError(f"severity must lie in [0, 1], got {severity}.")
+    return float(severity)
+
+
+def gaussian_noise(
+    images: torch.Tensor, severity: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Additive Gaussian pixel noise with standard deviation ``0.5 * severity`` (pixels in [0, 1])."""
+    std = 0.5 * _check_severity(severity)
+    pixels = to_pixels(images)
+    noise = torch.randn(pixels.shape, generator=generator, dtype=pixels.dtype)
+    return normalize((pixels + std * noise).clamp(0.0, 1.0))
+
+
+def rotation(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image by ``90 * severity`` degrees, clockwise or anticlockwise at random."""
+    angle = math.radians(90.0 * _check_severity(severity))
+    pixels = to_pixels(images)
+    sign = torch.randint(0, 2, (len(pixels),), generator=generator).to(pixels.dtype) * 2 - 1
+    cos, sin = torch.full_like(sign, math.cos(angle)), sign * math.sin(angle)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, 0 * cos], 1), torch.stack([sin, cos, 0 * cos], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    # zeros padding: the background of the digits is black, so the corners stay background
+    return normalize(F.grid_sample(pixels, grid, align_corners=False, padding_mode="zeros"))
+
+
+def invert(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
+    """Colour-invert a random fraction ``severity`` of the images (white background, dark strokes)."""
+    fraction = _check_severity(severity)
+    pixels = to_pixels(images)
+    chosen = torch.rand(len(pixels), generator=generator) < fraction
+    pixels[chosen] = 1.0 - pixels[chosen]
+    return normalize(pixels)
+
+
+SHIFTS: dict[str, Shift] = {"noise": gaussian_noise, "rotation": rotation, "invert": invert}

@@ -1,0 +1,123 @@
+"""Metrics against hand-computed numbers and an independent numpy computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from laplace_vlm.metrics import (
+    accuracy,
+    brier,
+    classification_metrics,
+    ece,
+    misclassification_auroc,
+    nlpd,
+)
+
+PROBS = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.45, 0.05], [0.2, 0.2, 0.6]])
+LABELS = torch.tensor([0, 1, 0, 2])
+
+
+def numpy_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    """Top-label L1 ECE with bins (b/n, (b+1)/n], written out independently."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            total += inside.mean() * abs(
+                (pred[inside] == labels[inside]).mean() - conf[inside].mean()
+            )
+    return total
+
+
+def numpy_auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    """Probability that a random positive outscores a random negative (ties count 1/2)."""
+    pos, neg = score[positive], score[~positive]
+    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def test_hand_computed_values():
+    # predictions 0, 2, 0, 2: the second input is wrong
+    assert accuracy(PROBS, LABELS) == pytest.approx(0.75)
+    assert nlpd(PROBS, LABELS) == pytest.approx(
+        -(math.log(0.7) + math.log(0.3) + math.log(0.5) + math.log(0.6)) / 4
+    )
+    brier_rows = [
+        0.3**2 + 0.2**2 + 0.1**2,
+        0.1**2 + 0.7**2 + 0.6**2,
+        0.5**2 + 0.45**2 + 0.05**2,
+        0.2**2 + 0.2**2 + 0.4**2,
+    ]
+    assert brier(PROBS, LABELS) == pytest.approx(sum(brier_rows) / 4)
+    # 20 bins: confidences 0.7 (right), 0.6 (wrong), 0.5 (right), 0.6 (right) -> bins 13, 11, 9, 11
+    expected_ece = 0.25 * abs(1 - 0.7) + 0.5 * abs(0.5 - 0.6) + 0.25 * abs(1 - 0.5)
+    assert ece(PROBS, LABELS) == pytest.approx(expected_ece, abs=1e-6)
+
+
+def test_against_numpy_on_random_predictions():
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(500, 7, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(logits, -1)
+    labels = torch.randint(0, 7, (500,), generator=gen)
+    p, y = probs.numpy(), labels.numpy()
+    assert accuracy(probs, labels) == pytest.approx((p.argmax(1) == y).mean())
+    assert nlpd(probs, labels) == pytest.approx(-np.log(p[np.arange(500), y]).mean())
+    assert brier(probs, labels) == pytest.approx(((p - np.eye(7)[y]) ** 2).sum(1).mean())
+    assert ece(probs, labels) == pytest.approx(numpy_ece(p, y, 20), abs=1e-5)
+    assert ece(probs, labels, n_bins=5) == pytest.approx(numpy_ece(p, y, 5), abs=1e-5)
+    score = torch.randn(500, generator=gen, dtype=torch.float64)
+    errors = p.argmax(1) != y
+    assert misclassification_auroc(probs, labels, score) == pytest.approx(
+        numpy_auroc(score.numpy(), errors)
+    )
+
+
+def test_auroc_perfect_and_inverted_detector():
+    errors = (PROBS.argmax(1) != LABELS).double()
+    assert misclassification_auroc(PROBS, LABELS, errors) == pytest.approx(1.0)
+    assert misclassification_auroc(PROBS, LABELS, -errors) == pytest.approx(0.0)
+    assert math.isnan(misclassification_auroc(PROBS, PROBS.argmax(1), errors))
+
+
+def test_classification_metrics_dict_uses_entropy_by_default():
+    out = classification_metrics(PROBS, LABELS)
+    assert set(out) == {"acc", "nlpd", "ece", "brier", "auroc"}
+    # the wrong prediction (row 1) has the second-highest entropy of four: rank 3 of 4 among
+    # three negatives -> AUROC 2/3
+    ent = -(PROBS * PROBS.log()).sum(1)
+    assert out["auroc"] == pytest.approx(
+        numpy_auroc(ent.numpy(), np.array([False, True, False, False]))
+    )
+    assert out["auroc"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    "probs, labels, match",
+    [
+        (torch.ones(4), LABELS, "probs"),
+        (PROBS, LABELS[:3], "labels"),
+        (PROBS, torch.tensor([0, 1, 3, 0]), "labels"),
+    ],
+)
+def test_bad_input_names_the_argument(probs, labels, match):
+    with pytest.raises(ValueError, match=match):
+        nlpd(probs, labels)
+
+
+def test_reliability_bins_reproduce_the_ece():
+    from laplace_vlm.plots import reliability_bins
+
+    gen = torch.Generator().manual_seed(2)
+    probs = torch.softmax(2 * torch.randn(300, 4, generator=gen, dtype=torch.float64), -1)
+    labels = torch.randint(0, 4, (300,), generator=gen)
+    conf, acc, count = reliability_bins(probs, labels)
+    assert count.sum() == 300
+    assert (count / 300 * (acc - conf).abs()).sum().item() == pytest.approx(
+        ece(probs, labels), abs=1e-6
+    )
