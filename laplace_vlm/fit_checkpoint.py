@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from laplace_vlm.factor_sums import FactorSums
+from laplace_vlm.validation import check_finite
 
 FORMAT = "laplace_vlm.fit_checkpoint"
 
@@ -18,7 +19,8 @@ class FitCheckpoint:
 
     A deterministic loader replayed after a crash skips the batches already counted and
     ends with the same factors as an uninterrupted run. ``key`` ties the file to one
-    posterior (heads fingerprint, contrastive type, rank) so a stale file is never mixed in.
+    posterior (heads fingerprint, contrastive type, backend, rank and world size) so a
+    stale file is never mixed in.
     """
 
     def __init__(self, path: str | os.PathLike, every: int, key: str) -> None:
@@ -40,11 +42,36 @@ class FitCheckpoint:
             raise ValueError(f"{self.path} is not a laplace-vlm fit checkpoint.")
         if meta.get("key") != self.key:
             raise ValueError(
-                f"checkpoint {self.path} belongs to another fit (heads, likelihood or rank "
-                "differ): delete it or pass another path."
+                f"checkpoint {self.path} belongs to another fit (heads, likelihood, rank or "
+                "world size differ): delete it or pass another path."
             )
-        sums = FactorSums(**{k: v.to(getattr(like, k).dtype) for k, v in tensors.items()})
-        return sums, int(meta["batches"])
+        return self._validated(like, tensors, meta), int(meta["batches"])
+
+    def _validated(self, like: FactorSums, tensors: dict, meta: dict) -> FactorSums:
+        """The saved sums, refused with a clear error if a hand-edited file is incomplete."""
+        expected = like.tensors()
+        if set(tensors) != set(expected) or not str(meta.get("batches", "")).isdigit():
+            raise ValueError(
+                f"checkpoint {self.path} is incomplete (tensors {sorted(tensors)}, batches "
+                f"{meta.get('batches')!r}): delete it to start the fit afresh."
+            )
+        for name, value in tensors.items():
+            if value.shape != expected[name].shape:
+                raise ValueError(
+                    f"checkpoint {self.path}: {name} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(expected[name].shape)}."
+                )
+            check_finite(f"checkpoint {self.path}: {name}", value)
+        return FactorSums(**{k: v.to(expected[k].dtype) for k, v in tensors.items()})
+
+    def finish(self) -> None:
+        """Delete the file once the fit has completed and its sums are in the posterior.
+
+        A file left behind would make a later fit with the same heads but another loader
+        skip that loader's first batches and add the old sums instead.
+        """
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
     def maybe_save(self, sums: FactorSums, batches: int) -> None:
         """Save after every ``every``-th batch (write to a temporary file, then rename)."""
@@ -66,8 +93,14 @@ class FitCheckpoint:
 
 
 def checkpoint_key(fingerprint: str, contrastive: str, curvature: str) -> str:
-    """What a checkpoint must match to be resumed: the heads, likelihood, backend and rank."""
+    """What a checkpoint must match to be resumed: heads, likelihood, backend, rank and world.
+
+    The world size is part of it because the shards, hence each rank's partial sums, change
+    with the number of processes.
+    """
     import torch.distributed as dist
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return f"{fingerprint}:{contrastive}:{curvature}:rank{rank}"
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return f"{fingerprint}:{contrastive}:{curvature}:rank{rank}of{world}"

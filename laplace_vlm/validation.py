@@ -90,3 +90,111 @@ def check_nonzero_norm(name: str, z: torch.Tensor, eps: float = 1e-12) -> torch.
 def _short(tensor: torch.Tensor) -> str:
     values = tensor.flatten()[:4].tolist()
     return str(values if tensor.numel() > 1 else values[0] if values else "[]")
+
+
+_POSTERIOR_METADATA = ("contrastive", "damping", "temperature", "n_data", "fingerprint")
+
+
+def check_saved_posterior(
+    path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Structure and values of a saved posterior, before any of it reaches laplace.
+
+    A file with the right ``format`` tag may still be truncated by hand, tampered with or
+    written by a buggy version: every entry ``load`` reads must be there, every factor must
+    have the shape the saved heads imply, every tensor must be finite (a NaN factor would
+    reach laplace's ``symeig`` and its ``exit()``), and prior and temperature positive.
+
+    Parameters
+    ----------
+    path : str
+        the file, for the messages.
+    tensors, metadata : dict
+        what :func:`laplace_vlm.serialization.read_laplace_file` read.
+
+    Raises
+    ------
+    ValueError
+        naming the first entry that is missing or wrong.
+    """
+    import json
+
+    def fail(what: str) -> ValueError:
+        return ValueError(f"{path} is not a valid laplace-vlm posterior: {what}.")
+
+    missing = [k for k in (*_POSTERIOR_METADATA, "kron_layout") if k not in metadata]
+    if missing:
+        raise fail(f"metadata lacks {missing}")
+    parsed = {}
+    for key in ("kron_layout", "n_data", "temperature", "damping"):
+        try:
+            parsed[key] = json.loads(metadata[key])
+        except json.JSONDecodeError as err:
+            raise fail(f"metadata {key}={metadata[key]!r} is not JSON ({err})") from err
+    layout, n_data = parsed["kron_layout"], parsed["n_data"]
+    temperature, damping = parsed["temperature"], parsed["damping"]
+    if not isinstance(n_data, int) or isinstance(n_data, bool) or n_data < 1:
+        raise fail(f"n_data must be a positive integer, got {metadata['n_data']!r}")
+    if (
+        not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise fail(f"temperature must be positive and finite, got {metadata['temperature']!r}")
+    if not isinstance(damping, bool):
+        raise fail(f"damping must be true or false, got {metadata['damping']!r}")
+
+    def tensor(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise fail(f"tensor {name!r} is missing")
+        value = tensors[name]
+        if value.is_floating_point():
+            try:
+                check_finite(name, value)
+            except ValueError as err:
+                raise fail(str(err).rstrip(".")) from err
+        return value
+
+    def shaped(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        value = tensor(name)
+        if tuple(value.shape) != shape:
+            raise fail(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+        return value
+
+    # the heads the file was saved with fix every other shape
+    heads = {}
+    for side in ("image", "text"):
+        weight = tensor(f"heads.{side}_projection.weight")
+        if weight.ndim != 2:
+            raise fail(f"heads.{side}_projection.weight must be 2-D, got {tuple(weight.shape)}")
+        bias_name = f"heads.{side}_projection.bias"
+        if bias_name in tensors:
+            shaped(bias_name, (weight.shape[0],))
+        heads[side] = (*weight.shape, bias_name in tensors)
+    shaped("heads.logit_scale", ())
+    if "heads.logit_bias" in tensors:
+        shaped("heads.logit_bias", ())
+    expected_layout, blocks = [], []
+    for D, d, bias in heads.values():
+        expected_layout.append(2)
+        blocks.append([(D, D), (d, d)])
+        if bias:
+            expected_layout.append(1)
+            blocks.append([(D, D)])
+    if layout != expected_layout:
+        raise fail(f"kron_layout {layout} does not match the saved heads ({expected_layout})")
+    for i, block in enumerate(blocks):
+        for j, shape in enumerate(block):
+            shaped(f"H.{i}.{j}", shape)
+    n_params = sum(D * d + (D if bias else 0) for D, d, bias in heads.values())
+    shaped("mean", (n_params,))
+    tensor("loss")
+    prior = tensor("prior_precision")
+    if prior.numel() not in (1, len(blocks), n_params) or not bool((prior > 0).all()):
+        raise fail(
+            f"prior_precision must hold 1, {len(blocks)} or {n_params} positive values, "
+            f"got {_short(prior)}"
+        )
+    prior_mean = tensor("prior_mean")
+    if prior_mean.numel() not in (1, n_params):
+        raise fail(f"prior_mean must hold 1 or {n_params} values, got {prior_mean.numel()}")
