@@ -5,7 +5,7 @@ Subcommands:
 - ``demo``: the digits experiment of :mod:`laplace_vlm.demo.run` (offline, a few minutes).
 - ``fit``: a posterior for an open_clip model from image-caption pairs, saved as safetensors.
 - ``zeroshot``: predictions with uncertainty for a folder of images, as CSV.
-- ``active``: active learning (:mod:`laplace_vlm.active_learning`, imported only when used).
+- ``active``: active learning on the digits demo (:mod:`laplace_vlm.demo.active`, imported only when used).
 
 Expected failures (a missing checkpoint offline, a file that would be overwritten, bad paths)
 end in one line on stderr and exit code 2, never a traceback.
@@ -354,21 +354,10 @@ def _write_predictions(output: Path | None, files, classnames, pred) -> None:
 # --------------------------------------------------------------------------------- active
 def _add_active(sub, wanted: bool) -> None:
     p = sub.add_parser("active", help="active learning with the posterior (see `active --help`)")
-    p.set_defaults(func=_active_missing)
-    if not wanted:  # importing the module costs time: only when the subcommand runs
-        return
-    try:
-        module = importlib.import_module("laplace_vlm.active_learning")
-    except ModuleNotFoundError as err:
-        if err.name != "laplace_vlm.active_learning":
-            raise
-        return
-    module.configure_parser(p)
-    p.set_defaults(func=module.main)
-
-
-def _active_missing(args: argparse.Namespace) -> int:
-    raise CliError("laplace_vlm.active_learning is not part of this installation")
+    if wanted:  # importing the experiment costs time: only when the subcommand runs
+        module = importlib.import_module("laplace_vlm.demo.active")
+        module.configure_parser(p)
+        p.set_defaults(func=module.main)
 
 
 # ---------------------------------------------------------------------------------- shared

@@ -1,0 +1,141 @@
+"""Targeting: restrict the pool to the neighbourhood of the target-domain inputs.
+
+Distances between Gaussian (diagonal) image embeddings ``N(mu, diag var)``:
+
+- expected cosine (ProbCosine mean): ``mu_a . mu_b / sqrt(E||a||^2 E||b||^2)``,
+  ``E||a||^2 = ||mu_a||^2 + sum var_a`` (higher = closer);
+- squared 2-Wasserstein: ``||mu_a - mu_b||^2 + sum (s_a - s_b)^2``, ``s = sqrt(var)``
+  (lower = closer).
+
+:func:`nearest_neighbours` collects unique pool neighbours of the targets, rank by rank, until
+``k * n_targets`` pool points are found.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS: tuple[str, ...] = ("wasserstein", "cosine")
+
+
+def _check_pair(mu: torch.Tensor, var: torch.Tensor, name: str) -> None:
+    if mu.dim() != 2:
+        raise ValueError(f"{name} mean must be (N, D), got shape {tuple(mu.shape)}.")
+    if var.shape != mu.shape:
+        raise ValueError(
+            f"{name} var must have the shape of its mean {tuple(mu.shape)}, got {tuple(var.shape)}."
+        )
+
+
+def expected_cosine(
+    mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor
+) -> torch.Tensor:
+    """ProbCosine mean of independent diagonal Gaussians, `(N_a, N_b)`.
+
+    Parameters
+    ----------
+    mu_a, var_a : torch.Tensor
+        `(N_a, D)` means and variances.
+    mu_b, var_b : torch.Tensor
+        `(N_b, D)`.
+    """
+    _check_pair(mu_a, var_a, "a")
+    _check_pair(mu_b, var_b, "b")
+    sq_a = (mu_a.square() + var_a).sum(-1)
+    sq_b = (mu_b.square() + var_b).sum(-1)
+    return (mu_a @ mu_b.T) / torch.sqrt(sq_a[:, None] * sq_b[None, :])
+
+
+def wasserstein2_sq(
+    mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor
+) -> torch.Tensor:
+    """Squared 2-Wasserstein distance of diagonal Gaussians, `(N_a, N_b)`.
+
+    ``W2^2 = ||mu_a - mu_b||^2 + ||s_a - s_b||^2`` is a squared Euclidean distance in the
+    stacked coordinates ``[mu, sqrt(var)]``, computed with one GEMM and clamped at 0.
+    """
+    _check_pair(mu_a, var_a, "a")
+    _check_pair(mu_b, var_b, "b")
+    xa = torch.cat([mu_a, var_a.sqrt()], -1)
+    xb = torch.cat([mu_b, var_b.sqrt()], -1)
+    d = xa.square().sum(-1)[:, None] + xb.square().sum(-1)[None, :] - 2.0 * xa @ xb.T
+    return d.clamp_min(0.0)
+
+
+def neighbour_ranking(
+    targets: tuple[torch.Tensor, torch.Tensor],
+    pool: tuple[torch.Tensor, torch.Tensor],
+    metric: str = "wasserstein",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Pool indices sorted from nearest to farthest for every target, `(N_t, N_pool)`.
+
+    Parameters
+    ----------
+    targets, pool : tuple of torch.Tensor
+        ``(mean, var)`` pairs of `(N, D)` embedding moments.
+    metric : {'wasserstein', 'cosine'}
+    chunk_size : int
+        targets per distance block (memory).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+    rows = []
+    for start in range(0, targets[0].shape[0], chunk_size):
+        t = (targets[0][start : start + chunk_size], targets[1][start : start + chunk_size])
+        if metric == "wasserstein":
+            dist = wasserstein2_sq(*t, *pool)
+        else:
+            dist = -expected_cosine(*t, *pool)
+        rows.append(torch.sort(dist, dim=-1, stable=True).indices)
+    return torch.cat(rows) if rows else torch.empty(0, pool[0].shape[0], dtype=torch.long)
+
+
+def nearest_neighbours(
+    targets: tuple[torch.Tensor, torch.Tensor],
+    pool: tuple[torch.Tensor, torch.Tensor],
+    k: int = 1,
+    metric: str = "wasserstein",
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Unique pool neighbours of the targets, until ``k * N_t`` pool points are collected.
+
+    Rank by rank: every target's nearest pool point (in target order, skipping points taken
+    already), then every target's second nearest, and so on. Stops early when the eligible
+    pool is exhausted.
+
+    Parameters
+    ----------
+    targets : tuple of torch.Tensor
+        ``(mean, var)`` of the target embeddings, `(N_t, D)` each.
+    pool : tuple of torch.Tensor
+        ``(mean, var)`` of the pool embeddings, `(N_pool, D)` each.
+    k : int
+        neighbours per target.
+    metric : {'wasserstein', 'cosine'}
+    exclude : torch.Tensor, optional
+        `(N_pool,)` bool mask or indices of pool points that may not be chosen.
+
+    Returns
+    -------
+    indices : torch.Tensor
+        `(min(k N_t, eligible),)` long pool indices, in collection order.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    n_pool = pool[0].shape[0]
+    taken = torch.zeros(n_pool, dtype=torch.bool)
+    if exclude is not None:
+        taken[exclude.to(torch.long) if exclude.dtype != torch.bool else exclude] = True
+    want = min(k * targets[0].shape[0], int((~taken).sum()))
+    ranking = neighbour_ranking(targets, pool, metric).cpu()
+    chosen: list[int] = []
+    # column r of the ranking holds every target's r-th neighbour, in target order
+    for r in range(ranking.shape[1]):
+        for j in ranking[:, r].tolist():
+            if not taken[j]:
+                taken[j] = True
+                chosen.append(j)
+                if len(chosen) == want:
+                    return torch.tensor(chosen, dtype=torch.long)
+    return torch.tensor(chosen, dtype=torch.long)

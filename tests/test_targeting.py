@@ -1,0 +1,85 @@
+"""Targeting distances and neighbour collection against brute force."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from laplace_vlm import targeting
+
+
+def _gaussians(n, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, d, generator=g, dtype=torch.float64),
+        0.3 * torch.rand(n, d, generator=g, dtype=torch.float64),
+    )
+
+
+def test_distances_match_brute_force():
+    mu_a, var_a = _gaussians(4, seed=1)
+    mu_b, var_b = _gaussians(6, seed=2)
+    w2 = targeting.wasserstein2_sq(mu_a, var_a, mu_b, var_b)
+    cos = targeting.expected_cosine(mu_a, var_a, mu_b, var_b)
+    for i in range(4):
+        for j in range(6):
+            expect_w2 = sum(
+                (float(mu_a[i, k] - mu_b[i * 0 + j, k])) ** 2
+                + (math.sqrt(var_a[i, k]) - math.sqrt(var_b[j, k])) ** 2
+                for k in range(5)
+            )
+            assert w2[i, j].item() == pytest.approx(expect_w2, rel=1e-10, abs=1e-12)
+            na = sum(float(mu_a[i, k]) ** 2 + float(var_a[i, k]) for k in range(5))
+            nb = sum(float(mu_b[j, k]) ** 2 + float(var_b[j, k]) for k in range(5))
+            dot = sum(float(mu_a[i, k] * mu_b[j, k]) for k in range(5))
+            assert cos[i, j].item() == pytest.approx(dot / math.sqrt(na * nb), rel=1e-10)
+    # a Gaussian is at distance 0 from itself; variance alone separates equal means
+    assert targeting.wasserstein2_sq(mu_a, var_a, mu_a, var_a).diagonal().abs().max() < 1e-12
+    assert targeting.wasserstein2_sq(mu_a, var_a, mu_a, 4 * var_a).diagonal().min() > 0
+
+
+def _nn_brute_force(dist, k, excluded=()):
+    """dist: (N_t, N_pool), lower is nearer."""
+    n_t, n_pool = dist.shape
+    ranked = [sorted(range(n_pool), key=lambda j: (float(dist[t, j]), j)) for t in range(n_t)]
+    taken, out = set(excluded), []
+    want = min(k * n_t, n_pool - len(taken))
+    for r in range(n_pool):
+        for t in range(n_t):
+            j = ranked[t][r]
+            if j not in taken and len(out) < want:
+                taken.add(j)
+                out.append(j)
+    return out
+
+
+@pytest.mark.parametrize("metric", ["wasserstein", "cosine"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_neighbours_against_brute_force(metric, k):
+    pool = _gaussians(30, seed=3)
+    targets = _gaussians(6, seed=4)
+    got = targeting.nearest_neighbours(targets, pool, k=k, metric=metric)
+    if metric == "wasserstein":
+        dist = targeting.wasserstein2_sq(*targets, *pool)
+    else:
+        dist = -targeting.expected_cosine(*targets, *pool)
+    assert got.tolist() == _nn_brute_force(dist, k)
+    assert got.unique().numel() == got.numel() == k * 6
+
+
+def test_nearest_neighbours_overlapping_targets_and_exclusion():
+    pool = _gaussians(10, seed=5)
+    # identical targets share their nearest neighbour: uniqueness forces rank-2 picks
+    targets = (pool[0][:1].repeat(3, 1), pool[1][:1].repeat(3, 1))
+    got = targeting.nearest_neighbours(targets, pool, k=1)
+    assert got[0].item() == 0 and got.unique().numel() == 3
+    excl = torch.zeros(10, dtype=torch.bool)
+    excl[:8] = True
+    got = targeting.nearest_neighbours(targets, pool, k=2, exclude=excl)
+    assert sorted(got.tolist()) == [8, 9]  # capped at the eligible pool
+    with pytest.raises(ValueError, match="metric"):
+        targeting.nearest_neighbours(targets, pool, metric="l1")
+    with pytest.raises(ValueError, match="k"):
+        targeting.nearest_neighbours(targets, pool, k=0)
