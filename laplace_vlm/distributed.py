@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 import torch.distributed as dist
 
 from laplace_vlm.factor_sums import FactorSums
@@ -23,3 +27,29 @@ def all_reduce_sums(sums: FactorSums) -> FactorSums:
         for tensor in sums.tensors().values():
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return sums
+
+
+@contextmanager
+def failures_shared_across_ranks() -> Iterator[None]:
+    """Make every rank raise when one rank's block raises, instead of leaving the others
+    blocked in the next collective (the all-reduce of the factor sums).
+
+    Each rank all-reduces a failure flag after the block; a rank that failed re-raises its
+    own error, the others raise a ``RuntimeError`` that says another rank failed.
+    """
+    if not is_distributed():
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as err:  # shared below, then re-raised
+        error = err
+    flag = torch.tensor([float(error is not None)])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise RuntimeError("fit failed on another rank; see that rank's error.")

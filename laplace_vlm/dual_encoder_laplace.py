@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector
 
 from laplace_vlm.curvature import curvature_name, get_curvature_backend
-from laplace_vlm.distributed import all_reduce_sums
+from laplace_vlm.distributed import all_reduce_sums, failures_shared_across_ranks
 from laplace_vlm.factor_sums import FactorSums
 from laplace_vlm.fit_checkpoint import FitCheckpoint, checkpoint_key
 from laplace_vlm.head_posterior import HeadPosterior
@@ -36,7 +36,7 @@ from laplace_vlm.serialization import (
     load_laplace,
     save_laplace,
 )
-from laplace_vlm.validation import check_finite, check_nonzero_norm
+from laplace_vlm.validation import check_finite, check_nonzero_norm, check_positive
 
 PRED_TYPES = ("glm", "probcosine", "probcosine_diag", "nn", "map")
 LINK_APPROXIMATIONS = ("probit", "mc", "bridge", "bridge_norm")
@@ -149,7 +149,17 @@ class DualEncoderLaplace(KronLaplace):
                 img, txt = prior_precision.flatten()
                 repeats = [1 + b for b in self._has_bias]
                 prior_precision = torch.stack([img] * repeats[0] + [txt] * repeats[1])
+        check_positive("prior_precision", prior_precision)
         KronLaplace.prior_precision.fset(self, prior_precision)
+
+    @property
+    def temperature(self) -> float:
+        """``1 / n`` for the paper's pseudo-data count ``n``."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = float(check_positive("temperature", value))
 
     @property
     def posterior_precision(self) -> KronDecomposed:
@@ -220,18 +230,27 @@ class DualEncoderLaplace(KronLaplace):
             ckpt = FitCheckpoint(checkpoint, checkpoint_every, key)
             sums, done = ckpt.resume(sums)
         self.model.eval()
-        pbar = tqdm.tqdm(train_loader, disable=not progress_bar, desc="[KFAC]", initial=0)
-        for i, batch in enumerate(pbar):
-            if i < done:  # counted before the interruption
-                continue
-            sums += self._batch_sums(batch)
-            if ckpt is not None:
-                ckpt.maybe_save(sums, i + 1)
+        pbar = tqdm.tqdm(train_loader, disable=not progress_bar, desc="[KFAC]")
+        seen = 0
+        with failures_shared_across_ranks():
+            for seen, batch in enumerate(pbar, start=1):
+                if seen <= done:  # counted before the interruption
+                    continue
+                sums += self._batch_sums(batch)
+                if ckpt is not None:
+                    ckpt.maybe_save(sums, seen)
+            if seen < done:
+                raise ValueError(
+                    f"checkpoint {checkpoint} counted {done} batches but train_loader yielded "
+                    f"{seen}: it belongs to another loader (delete it to start afresh)."
+                )
         all_reduce_sums(sums)
         if previous is not None:
             previous += sums
             sums = previous
         self._set_factors(sums)
+        if ckpt is not None:  # the sums are in the posterior now: a stale file must not be reused
+            ckpt.finish()
 
     def _batch_sums(self, batch: Any) -> FactorSums:
         a_i, r_i, a_t, r_t = self.inputs.pair(batch)

@@ -14,6 +14,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from laplace_vlm.validation import check_saved_posterior
+
 if TYPE_CHECKING:
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 
@@ -105,6 +107,7 @@ def read_laplace_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         )
     if metadata.get("version") != VERSION:
         raise ValueError(f"{path} has version {metadata.get('version')!r}, expected {VERSION}.")
+    check_saved_posterior(path, tensors, metadata)  # before anything reaches laplace's symeig
     return tensors, metadata
 
 

@@ -57,6 +57,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         la = DualEncoderLaplace(**kw)
         la.fit(loader(a_i, a_t) if rank == 0 else [])
         results.update({f"empty.{k}": v for k, v in _state(la).items()})
+        # rank 1 meets a NaN batch: both ranks must raise instead of rank 0 waiting forever
+        bad = a_t.clone()
+        bad[0] = float("nan")
+        try:
+            DualEncoderLaplace(**kw).fit(loader(a_i[:8], a_t[:8] if rank == 0 else bad[:8]))
+            results["failure"] = "no error"
+        except (ValueError, RuntimeError) as err:
+            results["failure"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -102,6 +110,11 @@ def test_every_rank_ends_with_the_single_process_fit_of_the_union(rank_results, 
         for key, want in expected.items():
             got = results[f"{case}.{key}"]
             torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"rank {rank} {key}: {m}")
+
+
+def test_a_failing_rank_makes_every_rank_raise(rank_results):
+    assert "another rank" in rank_results[0]["failure"]
+    assert "NaN" in rank_results[1]["failure"]
 
 
 def test_shards_alone_differ_from_the_union():

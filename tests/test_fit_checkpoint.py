@@ -36,11 +36,16 @@ class SlowLoader:
     a checkpoint already counted never looks at them, one that recomputes them fails.
     """
 
-    def __init__(self, a_i, a_t, delay: float = 0.0, poison_before: int = 0) -> None:
+    def __init__(
+        self, a_i, a_t, delay: float = 0.0, poison_before: int = 0, crash_at: int | None = None
+    ) -> None:
         self.a_i, self.a_t, self.delay, self.poison_before = a_i, a_t, delay, poison_before
+        self.crash_at = crash_at
 
     def __iter__(self):
         for b in range(N_BATCHES):
+            if b == self.crash_at:
+                raise RuntimeError("simulated crash")
             time.sleep(self.delay)
             rows = slice(b * BATCH, (b + 1) * BATCH)
             a_i, a_t = self.a_i[rows], self.a_t[rows]
@@ -128,10 +133,30 @@ def test_sigkill_mid_fit_then_resume_equals_an_uninterrupted_fit(tmp_path):
     assert_same_fit(from_file, reference)
 
 
+def crash(kw, loader, ckpt, every: int) -> None:
+    """A fit interrupted by an error in the loader, leaving its last checkpoint behind."""
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        DualEncoderLaplace(**kw).fit(loader, checkpoint=str(ckpt), checkpoint_every=every)
+
+
+def test_a_completed_fit_removes_its_checkpoint_and_a_longer_checkpoint_is_refused(tmp_path):
+    ckpt = tmp_path / "fit.ckpt"
+    kw, a_i, a_t = problem()
+    crash(kw, SlowLoader(a_i, a_t, crash_at=11), ckpt, every=5)
+    la = DualEncoderLaplace(**kw)
+    la.fit(SlowLoader(a_i, a_t), checkpoint=str(ckpt), checkpoint_every=5)
+    assert_same_fit(la, uninterrupted())
+    assert not ckpt.exists()  # a later fit on another loader must not skip batches
+    crash(kw, SlowLoader(a_i, a_t, crash_at=11), ckpt, every=5)
+    short = [(a_i[:BATCH], a_t[:BATCH])] * 3  # fewer batches than the checkpoint counted
+    with pytest.raises(ValueError, match="counted 10 batches"):
+        DualEncoderLaplace(**kw).fit(short, checkpoint=str(ckpt))
+
+
 def test_a_stale_checkpoint_for_other_heads_or_likelihood_is_refused(tmp_path):
     ckpt = tmp_path / "fit.ckpt"
     kw, a_i, a_t = problem("siglip", seed=0)
-    DualEncoderLaplace(**kw).fit(SlowLoader(a_i, a_t), checkpoint=str(ckpt), checkpoint_every=5)
+    crash(kw, SlowLoader(a_i, a_t, crash_at=11), ckpt, every=5)
     assert checkpointed_batches(ckpt) == 10
     other_kw, _, _ = problem("siglip", seed=1)  # same shapes, other weights
     with pytest.raises(ValueError, match="belongs to another fit"):
@@ -172,7 +197,7 @@ def test_a_foreign_checkpoint_file_is_refused(tmp_path, content, match):
 def test_a_tampered_checkpoint_of_the_right_fit_is_refused(tmp_path, tamper, match):
     ckpt = tmp_path / "fit.ckpt"
     kw, a_i, a_t = problem()
-    DualEncoderLaplace(**kw).fit(SlowLoader(a_i, a_t), checkpoint=str(ckpt), checkpoint_every=4)
+    crash(kw, SlowLoader(a_i, a_t, crash_at=10), ckpt, every=4)
     with safe_open(str(ckpt), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tamper(tensors)

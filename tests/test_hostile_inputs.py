@@ -152,12 +152,6 @@ def test_nan_projection_weights_are_refused_before_any_curvature():
     raises_value_error(construct_and_fit, "NaN or inf")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DualEncoderLaplace accepts a non-positive or NaN prior precision / temperature "
-    "(negative prior -> NaN means; temperature 0 -> zero variances). Fix in the core: "
-    "validation.check_positive in __init__ and in the prior_precision setter.",
-)
 @pytest.mark.parametrize(
     "hyper", [{"prior_precision": -1.0}, {"prior_precision": NAN}, {"temperature": 0.0}]
 )
@@ -356,13 +350,6 @@ def _tampered(saved_path, tmp_path, tensors=None, metadata=None):
     return path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serialization.load_laplace trusts the tensors and metadata of a file with the "
-    "right 'format': NaN factors reach laplace's symeig (exit()), missing entries raise "
-    "KeyError, wrong factor shapes or a negative prior load silently. Fix: validate the "
-    "file against the heads before load_state_dict (see the issue-5 report).",
-)
 @pytest.mark.parametrize(
     "tensors, metadata, match",
     [
