@@ -13,6 +13,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector
 
+from laplace_vlm.chunked_predictive import (
+    glm_covariance_chunks,
+    logit_sample_chunks,
+    moment_chunks,
+)
 from laplace_vlm.curvature import curvature_name, get_curvature_backend
 from laplace_vlm.distributed import all_reduce_sums, failures_shared_across_ranks
 from laplace_vlm.factor_sums import FactorSums
@@ -24,10 +29,8 @@ from laplace_vlm.likelihoods import check_contrastive, pair_loss
 from laplace_vlm.predictive import (
     PREDICTIVE_METHODS,
     link_function,
-    logit_moments,
     probit_sigmoid,
     probit_softmax,
-    text_spread,
 )
 from laplace_vlm.reference import load_bayesvlm
 from laplace_vlm.serialization import (
@@ -120,7 +123,6 @@ class DualEncoderLaplace(KronLaplace):
         self.mean = parameters_to_vector(self.params).detach()
         self.inputs = InputEncoder(heads, self.adapter)
 
-    # ----------------------------------------------------------------- structure
     @property
     def heads(self) -> DualHead:
         """The projection heads (``self.model``)."""
@@ -128,17 +130,13 @@ class DualEncoderLaplace(KronLaplace):
 
     @property
     def _dims(self) -> tuple[int, int, int, int]:
-        (D_i, d_i), (D_t, d_t) = (
-            self.heads.image_projection.weight.shape,
-            self.heads.text_projection.weight.shape,
-        )
-        return D_i, d_i, D_t, d_t
+        """``(D_img, d_img, D_txt, d_txt)``"""
+        return (*self.heads.image_projection.weight.shape, *self.heads.text_projection.weight.shape)
 
     @property
     def _has_bias(self) -> tuple[bool, bool]:
-        return (
-            self.heads.image_projection.bias is not None,
-            self.heads.text_projection.bias is not None,
+        return tuple(
+            h.bias is not None for h in (self.heads.image_projection, self.heads.text_projection)
         )
 
     @KronLaplace.prior_precision.setter
@@ -188,7 +186,6 @@ class DualEncoderLaplace(KronLaplace):
             warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
             super().optimize_prior_precision(*args, **kwargs)
 
-    # ----------------------------------------------------------------- fitting
     def fit(
         self,
         train_loader: Any,
@@ -260,13 +257,15 @@ class DualEncoderLaplace(KronLaplace):
             t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
             u, v = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
         labels = torch.arange(len(a_i), device=a_i.device)
-        scale, bias = heads.scale.detach(), heads.logit_bias
-        common = dict(labels=labels, chunk_size=self.chunk_size)
-        img, txt = heads.image_projection, heads.text_projection
-        B_i, A_i = fn(img.weight.detach(), _detach(img.bias), a_i, r_i, v, scale, bias,
-                      self.contrastive, **common)  # fmt: skip
-        B_t, A_t = fn(txt.weight.detach(), _detach(txt.bias), a_t, r_t, u, scale, bias,
-                      self.contrastive, **common)  # fmt: skip
+
+        def factors(head, acts, residual, targets):  # one head, the other tower at its MAP
+            bias = None if head.bias is None else head.bias.detach()
+            return fn(head.weight.detach(), bias, acts, residual, targets, heads.scale.detach(),
+                      heads.logit_bias, self.contrastive, labels=labels,
+                      chunk_size=self.chunk_size)  # fmt: skip
+
+        B_i, A_i = factors(heads.image_projection, a_i, r_i, v)
+        B_t, A_t = factors(heads.text_projection, a_t, r_t, u)
         loss = pair_loss(u, v, labels, heads.logits, self.contrastive, self.chunk_size)
         n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
         return FactorSums(B_i, A_i, B_t, A_t, loss, n)
@@ -283,13 +282,11 @@ class DualEncoderLaplace(KronLaplace):
         self.refresh_mean()
         self.H = self.H_facs.decompose(damping=self.damping)
 
-    # ----------------------------------------------------------------- inputs
     def set_classes(self, text: Any, residual: torch.Tensor | None = None) -> None:
         """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works."""
         a_t, r_t = self.inputs.features("text", text, residual)
         self.heads.set_classes(a_t, r_t)
 
-    # ----------------------------------------------------------------- predictive
     def embedding_moments(
         self, x: Any, full: bool = False
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -332,23 +329,16 @@ class DualEncoderLaplace(KronLaplace):
             raise ValueError(f"method must be one of {PREDICTIVE_METHODS}, got {method!r}.")
         if not diagonal_output and method != "glm":
             raise ValueError("diagonal_output=False (class covariances) needs method='glm'.")
-        a_i, r_i, a_t, r_t = self.inputs.predict(x)
-        post_i, post_t = self.head_posteriors()
-        heads, s = self.heads, self.heads.scale
-        step = chunk_size or self.chunk_size or len(a_i)
-        with torch.no_grad():
-            t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
-            spread_t = text_spread(method, diagonal_output, post_t, a_t)
-            means, variances = [], []
-            for start in range(0, len(a_i), step):
-                a = a_i[start : start + step]
-                r = None if r_i is None else r_i[start : start + step]
-                z = check_nonzero_norm("image embeddings", heads.embed_image(a, r))
-                mean, var = logit_moments(method, diagonal_output, z, post_i, a, t, spread_t)
-                mean = s * mean if heads.logit_bias is None else s * mean + heads.logit_bias
-                means.append(mean)
-                variances.append(s.square() * var)
-        return torch.cat(means), torch.cat(variances)
+        inputs = self.inputs.predict(x)
+        step = chunk_size or self.chunk_size or len(inputs[0])
+        if not diagonal_output:
+            return glm_covariance_chunks(self, inputs, step)
+        # preallocated outputs: peak memory is N x C plus one chunk's working set
+        mean = inputs[0].new_empty(len(inputs[0]), len(inputs[2]))
+        var = torch.empty_like(mean)
+        for _ in moment_chunks(self, inputs, method, step, out=(mean, var)):
+            pass
+        return mean, var
 
     def functional_samples(
         self,
@@ -364,23 +354,22 @@ class DualEncoderLaplace(KronLaplace):
         inputs); ``glm`` propagates them through the linearisation, ``nn`` through the
         normalisation exactly.
         """
-        pred_type = _plain(pred_type)
-        if pred_type not in ("glm", "nn"):
-            raise ValueError(f"pred_type must be 'glm' or 'nn' for samples, got {pred_type!r}.")
-        a_i, r_i, a_t, r_t = self.inputs.predict(x)
-        post_i, post_t = self.head_posteriors()
-        heads, s = self.heads, self.heads.scale
-        with torch.no_grad():
-            z, t = heads.embed_image(a_i, r_i), heads.embed_text(a_t, r_t)
-            dz = post_i.sample_perturbations(a_i, n_samples, generator)  # (S, N, D)
-            dt = post_t.sample_perturbations(a_t, n_samples, generator)  # (S, C, D)
-            if pred_type == "nn":
-                return torch.stack([heads.logits(z + dz_s, t + dt_s) for dz_s, dt_s in zip(dz, dt)])
-            u, v = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
-            cos = u @ v.T
-            d_img = (dz @ v.T - cos * (dz * u).sum(-1, keepdim=True)) / z.norm(dim=-1)[:, None]
-            d_txt = (u @ dt.transpose(1, 2) - cos * (dt * v).sum(-1)[:, None]) / t.norm(dim=-1)
-            return heads.logits(z, t) + s * (d_img + d_txt)
+        pred_type = _check_sample_type(pred_type)
+        inputs = self.inputs.predict(x)
+        chunks = logit_sample_chunks(self, inputs, pred_type, n_samples, generator, len(inputs[0]))
+        return torch.cat(list(chunks), 1)
+
+    def _mc_probabilities(self, x, pred_type, n_samples, generator, apply_link) -> torch.Tensor:
+        """Monte Carlo probabilities `(N, C)`, averaged chunk by chunk (memory S x chunk x C)."""
+        inputs, step = self.inputs.predict(x), self.chunk_size or 4096
+        if pred_type in ("glm", "nn"):
+            chunks = logit_sample_chunks(self, inputs, pred_type, n_samples, generator, step)
+            return torch.cat([apply_link(f).mean(0) for f in chunks])
+        probs = []  # moment matching: independent Gaussian logits per (image, class)
+        for mean, var in moment_chunks(self, inputs, pred_type, step):
+            eps = torch.randn((n_samples, *mean.shape), generator=generator, dtype=mean.dtype)
+            probs.append(apply_link(mean + var.sqrt() * eps.to(mean.device)).mean(0))
+        return torch.cat(probs)
 
     def predictive_samples(
         self,
@@ -437,13 +426,7 @@ class DualEncoderLaplace(KronLaplace):
         if pred_type == "nn" and link_approx != "mc":
             raise ValueError("pred_type='nn' needs link_approx='mc'.")
         if link_approx == "mc":
-            if pred_type in ("glm", "nn"):
-                f = self.functional_samples(x, pred_type, n_samples, generator=generator)
-            else:
-                mean, var = self.predictive_moments(x, method=pred_type)
-                eps = torch.randn((n_samples, *mean.shape), generator=generator, dtype=mean.dtype)
-                f = mean + var.sqrt() * eps.to(mean.device)
-            return apply_link(f).mean(0)
+            return self._mc_probabilities(x, pred_type, n_samples, generator, apply_link)
         if link_approx == "probit":
             mean, var = self.predictive_moments(x, method=pred_type)
             return probit_sigmoid(mean, var) if link == "sigmoid" else probit_softmax(mean, var)
@@ -471,7 +454,6 @@ class DualEncoderLaplace(KronLaplace):
     def _nn_predictive_classification(self, X: Any, n_samples: int = 100, **kwargs: Any):
         return self.predictive_samples(X, "nn", n_samples).mean(0)
 
-    # ----------------------------------------------------------------- saving
     def state_dict(self) -> dict[str, Any]:
         """laplace's state dict plus the contrastive type and a fingerprint of the heads.
 
@@ -510,5 +492,8 @@ def _plain(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def _detach(value: torch.Tensor | None) -> torch.Tensor | None:
-    return None if value is None else value.detach()
+def _check_sample_type(pred_type: Any) -> str:
+    pred_type = _plain(pred_type)
+    if pred_type not in ("glm", "nn"):
+        raise ValueError(f"pred_type must be 'glm' or 'nn' for samples, got {pred_type!r}.")
+    return pred_type

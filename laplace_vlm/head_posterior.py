@@ -92,13 +92,10 @@ class HeadPosterior:
             terms.append((self.bias_basis, self.bias_inv_eig.expand(n, n, -1)))
         return terms
 
-    def sample_perturbations(
-        self,
-        activations: torch.Tensor,
-        n_samples: int,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Joint samples of ``z - E[z]`` for all inputs, `(S, N, D)`, via weight samples.
+    def sample_weights(
+        self, n_samples: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Posterior samples of ``W - E[W]`` `(S, D, d)` and ``b - E[b]`` `(S, D)`.
 
         ``dW = Q1 (eps * sqrt(inv)) Q2^T`` samples the weight posterior exactly; sampling
         in weight space keeps the rank-deficient logit covariance out of any Cholesky.
@@ -106,9 +103,26 @@ class HeadPosterior:
         D, d = self.inv_eig.shape
         like = dict(device=self.inv_eig.device, dtype=self.inv_eig.dtype)
         eps = torch.randn(n_samples, D, d, generator=generator, **like)
-        dW = self.out_basis @ (eps * self.inv_eig.sqrt()) @ self.in_basis.T  # (S, D, d)
-        dz = activations @ dW.transpose(1, 2)  # (S, N, D)
+        dW = self.out_basis @ (eps * self.inv_eig.sqrt()) @ self.in_basis.T
+        db = None
         if self.bias_basis is not None:
             eps_b = torch.randn(n_samples, D, generator=generator, **like)
-            dz = dz + ((eps_b * self.bias_inv_eig.sqrt()) @ self.bias_basis.T)[:, None]
-        return dz
+            db = (eps_b * self.bias_inv_eig.sqrt()) @ self.bias_basis.T
+        return dW, db
+
+    @staticmethod
+    def perturbations(
+        activations: torch.Tensor, dW: torch.Tensor, db: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``z - E[z]`` `(S, N, D)` of `(N, d)` inputs under weight samples ``(dW, db)``."""
+        dz = activations @ dW.transpose(1, 2)
+        return dz if db is None else dz + db[:, None]
+
+    def sample_perturbations(
+        self,
+        activations: torch.Tensor,
+        n_samples: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Joint samples of ``z - E[z]`` for all inputs, `(S, N, D)` (one weight draw each)."""
+        return self.perturbations(activations, *self.sample_weights(n_samples, generator))

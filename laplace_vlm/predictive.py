@@ -1,6 +1,9 @@
 """Analytic moments of similarity logits under Gaussian embeddings, and the probit links.
 
-Three forms, all `(N, C)` and built from GEMMs (never an `(N, C, P)` Jacobian):
+Three forms, all `(N, C)` and built from GEMMs (never an `(N, C, P)` Jacobian). For speed,
+every normalisation and the logit scale are folded into the GEMM operands, what depends only
+on the classes is computed once (:func:`class_operands`), and each image chunk writes into
+preallocated outputs (:func:`chunk_moments`): no `(N, C)` temporaries besides GEMM results.
 
 - ``glm``: laplace's linearised predictive. The logit ``s u_n^T v_k`` is linearised in the
   head weights; its variance is ``s^2 j^T Cov[z_n] j + s^2 w^T Cov[t_k] w`` with
@@ -16,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.nn import functional as F
 
 from laplace_vlm.head_posterior import CovTerm, HeadPosterior
 
@@ -64,81 +66,6 @@ def probcosine(
 
 def _expected_sq_norm(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return mean.square().sum(-1) + var.sum(-1)
-
-
-def probcosine_full(
-    mean_z: torch.Tensor,
-    terms_z: list[CovTerm],
-    mean_t: torch.Tensor,
-    terms_t: list[CovTerm],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ProbCosine with full embedding covariances ``C = sum_terms Q diag(c) Q^T``.
-
-    Parameters
-    ----------
-    mean_z : torch.Tensor
-        `(N, D)` image embedding means.
-    terms_z : list of (torch.Tensor, torch.Tensor)
-        image covariance terms ``(Q (D, D), c (N, D))``.
-    mean_t : torch.Tensor
-        `(C, D)` text embedding means.
-    terms_t : list of (torch.Tensor, torch.Tensor)
-        text covariance terms ``(R (D, D), e (C, D))``.
-
-    Returns
-    -------
-    mean, var : torch.Tensor
-        `(N, C)` mean and variance of the cosine.
-    """
-    trace_z = mean_z.square().sum(-1) + sum(c.sum(-1) for _, c in terms_z)
-    trace_t = mean_t.square().sum(-1) + sum(e.sum(-1) for _, e in terms_t)
-    norm2 = trace_z[:, None] * trace_t[None]
-    var = 0.0
-    for R, e in terms_t:  # mu_z^T C_t mu_z
-        var = var + (mean_z @ R).square() @ e.T
-    for Q, c in terms_z:  # mu_t^T C_z mu_t and tr(C_z C_t)
-        var = var + c @ (mean_t @ Q).square().T
-        for R, e in terms_t:
-            var = var + c @ ((Q.T @ R).square() @ e.T)
-    return (mean_z @ mean_t.T) / norm2.sqrt(), var / norm2
-
-
-def glm_variance(
-    z: torch.Tensor, terms_z: list[CovTerm], t: torch.Tensor, terms_t: list[CovTerm]
-) -> torch.Tensor:
-    """Variance of the linearised cosine ``u_n^T v_k``, `(N, C)` (multiply by ``s^2``).
-
-    Parameters
-    ----------
-    z : torch.Tensor
-        `(N, D)` un-normalised image embeddings at the MAP.
-    terms_z : list of (torch.Tensor, torch.Tensor)
-        image covariance terms ``(Q, c (N, D))``.
-    t : torch.Tensor
-        `(C, D)` un-normalised text embeddings at the MAP.
-    terms_t : list of (torch.Tensor, torch.Tensor)
-        text covariance terms ``(R, e (C, D))``.
-    """
-    nz, nt = z.norm(dim=-1), t.norm(dim=-1)
-    U, V = z / nz[:, None], t / nt[:, None]
-    cos = U @ V.T
-    return (
-        _side_variance(U, V, cos, terms_z) / nz[:, None].square()
-        + _side_variance(V, U, cos.T, terms_t).T / nt[None].square()
-    )
-
-
-def _side_variance(U, V, cos, terms) -> torch.Tensor:
-    """``sum_i c_ni ((Q^T v_k)_i - (Q^T u_n)_i cos_nk)^2`` for all n, k: `(N, K)`."""
-    out = 0.0
-    for Q, c in terms:
-        Ur, Vr = U @ Q, V @ Q
-        out = out + (
-            c @ Vr.square().T
-            - 2 * cos * ((c * Ur) @ Vr.T)
-            + cos.square() * (c * Ur.square()).sum(-1, keepdim=True)
-        )
-    return out
 
 
 def glm_covariance(
@@ -189,22 +116,104 @@ def link_function(link: str):
     raise ValueError(f"link must be 'softmax' or 'sigmoid', got {link!r}.")
 
 
-def text_spread(method: str, diagonal_output: bool, post: HeadPosterior, a_t: torch.Tensor):
-    """What ``logit_moments`` needs of the class texts: variances, terms or cross terms."""
-    if method == "probcosine_diag":
-        return post.variance(a_t)
-    if method == "glm" and not diagonal_output:
-        return post.cross_terms(a_t)
-    return post.terms(a_t)
+def _bases(post: HeadPosterior) -> list[torch.Tensor]:
+    """Output-side eigenbases of a head's covariance terms (weight, [bias])."""
+    return [post.out_basis] + ([post.bias_basis] if post.bias_basis is not None else [])
 
 
-def logit_moments(method, diagonal_output, z, post_i, a_i, t, spread_t):
-    """Cosine mean and variance `(N, C)` (or covariance `(N, C, C)`) for one image chunk."""
+def class_operands(method: str, post_i, post_t, a_t, t, s) -> dict:
+    """Right-hand GEMM operands `(C, K)` shared by all image chunks, with ``s``/``s^2`` in.
+
+    ``probcosine_diag``: ``mean = (z / sqrt(E|z|^2)) (s t / sqrt(E|t|^2))^T`` and
+    ``var = [z^2 + v_z, v_z] [v_t, t^2]^T s^2 / (E|z|^2 E|t|^2)``. ``probcosine``: the three
+    terms of ``Var[z^T t]`` as one GEMM ``[(z R)^2, c] [e, X]^T`` with
+    ``X = (t Q)^2 + e ((Q^T R)^2)^T``. ``glm``: ``var = A + cos (cos (g + h) - 2 B)`` with
+    ``A``, ``B`` GEMMs and ``g``, ``h`` the per-image and per-class diagonal parts.
+    """
+    s2 = s.square()
     if method == "probcosine_diag":
-        return probcosine(z, post_i.variance(a_i), t, spread_t)
+        var_t = post_t.variance(a_t)
+        tt = t.square().sum(-1) + var_t.sum(-1)
+        return dict(
+            mean_r=t * (s * tt.rsqrt())[:, None],
+            var_r=torch.cat([var_t, t.square()], dim=1) * (s2 / tt)[:, None],
+            var_op=post_i.inv_eig.T
+            @ post_i.out_basis.square().T,  # diag Cov[z] = (a Q2)^2 @ var_op
+        )
+    terms_t = post_t.terms(a_t)
     if method == "probcosine":
-        return probcosine_full(z, post_i.terms(a_i), t, spread_t)
-    mean = F.normalize(z, dim=-1) @ F.normalize(t, dim=-1).T
-    if diagonal_output:
-        return mean, glm_variance(z, post_i.terms(a_i), t, spread_t)
-    return mean, glm_covariance(z, post_i.terms(a_i), t, spread_t)
+        tt = t.square().sum(-1) + sum(e.sum(-1) for _, e in terms_t)
+        cols = [e for _, e in terms_t]  # with (mu_z R)^2: mu_z^T C_t mu_z
+        for Q in _bases(post_i):  # with c: mu_t^T C_z mu_t + tr(C_z C_t)
+            X = (t @ Q).square()
+            for R, e in terms_t:
+                X = X + e @ (Q.T @ R).square().T
+            cols.append(X)
+        return dict(
+            mean_r=t * (s * tt.rsqrt())[:, None],
+            var_r=torch.cat(cols, dim=1) * (s2 / tt)[:, None],
+            text_bases=[R for R, _ in terms_t],
+        )
+    nt = t.norm(dim=-1)
+    V = t / nt[:, None]
+    A_cols, B_cols, h = [], [], 0.0
+    for Q in _bases(post_i):
+        Vr = V @ Q
+        A_cols.append(Vr.square())
+        B_cols.append(Vr)
+    for R, e in terms_t:
+        Vr = V @ R
+        w = e / nt[:, None].square()
+        A_cols.append(w)
+        B_cols.append(w * Vr)
+        h = h + (w * Vr.square()).sum(-1)
+    return dict(V=V, A_r=torch.cat(A_cols, 1) * s2, B_r=torch.cat(B_cols, 1) * s2, h=h * s2,
+                text_bases=[R for R, _ in terms_t])  # fmt: skip
+
+
+def chunk_moments(method, z, a, post_i, ops, mean_out, var_out, s) -> None:
+    """Write the logit mean (without logit bias) and variance of one image chunk.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        `(n, D)` un-normalised image embeddings; ``a`` `(n, d)` their activations.
+    ops : dict
+        :func:`class_operands` of the classes.
+    mean_out, var_out : torch.Tensor
+        `(n, C)` views of the preallocated outputs.
+    """
+    if method == "probcosine_diag":
+        var_z = (a @ post_i.in_basis).square() @ ops["var_op"]
+        if post_i.bias_basis is not None:
+            var_z = var_z + post_i.bias_basis.square() @ post_i.bias_inv_eig
+        inv = 1.0 / (z.square().sum(-1) + var_z.sum(-1))
+        torch.mm(z * inv.sqrt()[:, None], ops["mean_r"].T, out=mean_out)
+        left = torch.cat([z.square() + var_z, var_z], dim=1) * inv[:, None]
+        torch.mm(left, ops["var_r"].T, out=var_out)
+    elif method == "probcosine":
+        terms_z = post_i.terms(a)
+        inv = 1.0 / (z.square().sum(-1) + sum(c.sum(-1) for _, c in terms_z))
+        torch.mm(z * inv.sqrt()[:, None], ops["mean_r"].T, out=mean_out)
+        cols = [(z @ R).square() for R in ops["text_bases"]] + [c for _, c in terms_z]
+        torch.mm(torch.cat(cols, 1) * inv[:, None], ops["var_r"].T, out=var_out)
+    else:
+        nz = z.norm(dim=-1)
+        U = z / nz[:, None]
+        inv2 = (1.0 / nz.square())[:, None]
+        A_cols, B_cols, g = [], [], 0.0
+        for Q, c in post_i.terms(a):
+            Ur = U @ Q
+            A_cols.append(c * inv2)
+            B_cols.append(c * Ur * inv2)
+            g = g + (c * Ur.square()).sum(-1) * inv2[:, 0]
+        for R in ops["text_bases"]:
+            Ur = U @ R
+            A_cols.append(Ur.square())
+            B_cols.append(Ur)
+        cos = U @ ops["V"].T
+        B = torch.cat(B_cols, 1) @ ops["B_r"].T
+        torch.mm(torch.cat(A_cols, 1), ops["A_r"].T, out=var_out)
+        B.mul_(-2.0).addcmul_(cos, (g * s.square())[:, None]).addcmul_(cos, ops["h"][None])
+        var_out.addcmul_(cos, B)
+        torch.mul(cos, s, out=mean_out)

@@ -80,12 +80,6 @@ def test_unchunked_working_memory_grows_with_n(fitted, method):
     assert large > 5 * small, (small, large)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="predictive_moments keeps the chunk results in lists and torch.cat's them: a "
-    "second copy of the (N, C) outputs. Fix in the core: preallocate the outputs and write "
-    "each chunk into its slice (see the issue-5 report).",
-)
 @pytest.mark.parametrize("method", ["probcosine", "probcosine_diag", "glm"])
 def test_chunked_working_memory_is_independent_of_n(fitted, method):
     la, text = fitted
@@ -184,13 +178,6 @@ def test_inputs_on_another_device_are_moved_to_the_heads():
     torch.testing.assert_close(var, ref.predictive_moments({"image": a_i, "text": a_t})[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="la(x, link_approx='mc') draws (S, N, C) logit samples for all images at once "
-    "(functional_samples, or mean + sqrt(var) * randn for probcosine): memory grows as "
-    "S x N x C. Fix in the core: loop over image chunks (weight samples drawn once, applied "
-    "per chunk) and accumulate the mean probabilities into a preallocated (N, C).",
-)
 @pytest.mark.parametrize("pred_type", ["glm", "probcosine"])
 def test_monte_carlo_link_memory_is_independent_of_n(fitted, pred_type):
     la, text = fitted
