@@ -71,30 +71,12 @@ def head_factors(
 
     Parameters
     ----------
-    weight : torch.Tensor
-        `(D, d)` head weight.
-    bias : torch.Tensor, optional
-        `(D,)` head bias (its Kronecker block is ``B``).
-    activations : torch.Tensor
-        `(M, d)` inputs of the head.
-    residual : torch.Tensor, optional
-        `(M, D)` per-row offset added after the head.
-    targets : torch.Tensor
-        `(K, D)` normalised embeddings of the other tower, held fixed.
-    scale : torch.Tensor
-        linear logit scale ``exp(logit_scale)``.
-    logit_bias : torch.Tensor, optional
-        SigLIP logit bias.
-    contrastive : {'clip', 'siglip'}
+    weight, bias, activations, residual, targets, scale, logit_bias, contrastive
+        as in :func:`laplace_vlm.curvature.closed_form.head_factors`.
     labels : torch.Tensor, optional
         unused: the exact Fisher does not depend on the labels.
     chunk_size : int, optional
         rows per ASDL call; the factors are summed over chunks.
-
-    Returns
-    -------
-    B, A : torch.Tensor
-        `(D, D)` sum of per-row GGNs, `(d, d)` sum of input outer products.
     """
     contrastive = check_contrastive(contrastive)
     dtype, device = activations.dtype, activations.device
