@@ -8,7 +8,6 @@ and predicting only touch the two heads. ``extract_features`` runs the adapter o
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from laplace_vlm.adapters import DualEncoderAdapter, Features, get_adapter
+from laplace_vlm.atomic_write import write_safetensors
 
 FORMAT = "laplace_vlm.features"
 VERSION = "1"
@@ -54,18 +53,8 @@ class FeatureSet:
         FileExistsError
             if ``path`` exists and ``overwrite`` is False.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
         metadata = {**self.metadata, "format": FORMAT, "version": VERSION}
-        # A unique sibling (same file system, so os.replace is atomic) with the usual permissions.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            save_file(self._tensors(), tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_safetensors(path, self._tensors(), metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureSet:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from laplace_vlm.atomic_write import write_safetensors
 from laplace_vlm.factor_sums import FactorSums
 from laplace_vlm.validation import check_finite
 
@@ -79,17 +78,8 @@ class FitCheckpoint:
             self.save(sums, batches)
 
     def save(self, sums: FactorSums, batches: int) -> None:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in sums.tensors().items()}
         meta = {"format": FORMAT, "key": self.key, "batches": str(batches)}
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_safetensors(self.path, sums.tensors(), meta, overwrite=True)
 
 
 def checkpoint_key(fingerprint: str, contrastive: str, curvature: str) -> str:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from laplace_vlm.atomic_write import write_safetensors
 from laplace_vlm.validation import check_saved_posterior
 
 if TYPE_CHECKING:
@@ -54,9 +53,6 @@ def check_compatible(la: DualEncoderLaplace, state: dict[str, Any]) -> None:
 
 def save_laplace(la: DualEncoderLaplace, path: str | os.PathLike, overwrite: bool = False) -> None:
     """Write factors, prior, MAP heads and metadata; atomic, refuses to overwrite by default."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     state = la.state_dict()
     tensors = {f"H.{i}.{j}": F for i, block in enumerate(state["H"]) for j, F in enumerate(block)}
     tensors.update({f"heads.{k}": v for k, v in la.heads.state_dict().items() if v is not None})
@@ -64,7 +60,6 @@ def save_laplace(la: DualEncoderLaplace, path: str | os.PathLike, overwrite: boo
     tensors["prior_precision"] = state["prior_precision"]
     tensors["prior_mean"] = torch.as_tensor(state["prior_mean"]).reshape(-1)
     tensors["loss"] = torch.as_tensor(state["loss"]).reshape(())
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -79,15 +74,7 @@ def save_laplace(la: DualEncoderLaplace, path: str | os.PathLike, overwrite: boo
             {k: list(v.shape) for k, v in la.heads.state_dict().items() if v is not None}
         ),  # fmt: skip
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_safetensors(path, tensors, metadata, overwrite=overwrite)
 
 
 def read_laplace_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,9 +13,10 @@ import open_clip
 import platformdirs
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from laplace_vlm.atomic_write import write_safetensors
 from laplace_vlm.demo.data import load_digits_splits
 from laplace_vlm.demo.prompts import captions
 
@@ -195,15 +195,6 @@ def load_or_train_digits_clip(
     # threads stall: one thread trained 2-5x faster than two on 2 shared cores
     with torch_threads(1):
         model = train_digits_clip(images, labels, cfg, progress_bar=progress_bar)
-    _save_atomically(model, path)
+    # atomic: a concurrent or interrupted run never reads half a file
+    write_safetensors(path, model.state_dict(), overwrite=True)
     return model, digits_tokenizer()
-
-
-def _save_atomically(model: torch.nn.Module, path: Path) -> None:
-    # write then rename, so a concurrent or interrupted run never reads half a file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp)
-    os.replace(tmp, path)
