@@ -450,13 +450,9 @@ def select_pseudo_count(
     scores, priors = {}, {}
     for n in pseudo_counts:
         la.temperature, la.prior_precision = 1.0 / n, 1.0
-        _optimize_prior(la)
+        la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
         scores[float(n)] = nlpd(_probs(la, x, predictive), val[1])
         priors[float(n)] = la.prior_precision.detach().clone()
     best = min(scores, key=scores.get)
     la.temperature, la.prior_precision = 1.0 / best, priors[best]
     return best, scores
-
-
-def _optimize_prior(la) -> None:
-    la.optimize_prior_precision(method="marglik", prior_structure="layerwise")

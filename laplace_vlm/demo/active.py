@@ -15,33 +15,19 @@ from pathlib import Path
 
 import torch
 
-from laplace_vlm import acquisition
 from laplace_vlm.active_learning import (
+    DEFAULT_STRATEGIES,
+    STRATEGIES,
+    TARGETING,
     ActiveLearningConfig,
     ActiveLearningProblem,
-    _optimize_prior,
     format_table,
     plot_learning_curves,
     run_experiment,
     select_pseudo_count,
     summarize,
 )
-from laplace_vlm.adaptation import (
-    class_distinct_batches,
-)
-
-RANDOM_UNTARGETED = "random_untargeted"
-STRATEGIES: tuple[str, ...] = (RANDOM_UNTARGETED, *acquisition.STRATEGIES)
-DEFAULT_STRATEGIES: tuple[str, ...] = (
-    RANDOM_UNTARGETED,
-    "random",
-    "map_entropy",
-    "entropy",
-    "bald",
-    "epig",
-)
-TARGETING: tuple[str, ...] = ("wasserstein", "cosine", "none")
-PSEUDO_COUNTS: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000)
+from laplace_vlm.adaptation import class_distinct_batches
 
 
 @dataclass
@@ -118,7 +104,7 @@ def digits_setup(setting: DigitsSetting, progress_bar: bool = False):
         select_pseudo_count(la, (val, val_y), class_text)
     else:
         la.temperature = 1.0 / setting.pseudo_count
-        _optimize_prior(la)
+        la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
 
     @functools.lru_cache(maxsize=None)  # re-encoding a shifted pool costs seconds
     def problem(seed: int) -> ActiveLearningProblem:

@@ -72,11 +72,6 @@ def fit_posterior(model, tokenizer, images, labels, seed: int) -> DualEncoderLap
     return la
 
 
-def optimize_prior(la: DualEncoderLaplace) -> None:
-    """Marginal-likelihood prior precision per head, at the current temperature."""
-    la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
-
-
 def apply_setting(la: DualEncoderLaplace, setting: Setting) -> None:
     la.temperature = 1.0 / setting.pseudo_count
     la.prior_precision = setting.prior_precision
@@ -96,7 +91,7 @@ def select_settings(
     scores = {method: [] for method in LAPLACE_METHODS}
     for n in pseudo_counts:
         la.temperature, la.prior_precision = 1.0 / n, 1.0
-        optimize_prior(la)
+        la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
         setting = Setting(n, la.prior_precision.detach().clone())
         for method, (pred_type, link) in LAPLACE_METHODS.items():
             probs = clf.predict(
