@@ -21,6 +21,7 @@ import math
 import torch
 
 from laplace_vlm.head_posterior import CovTerm, HeadPosterior
+from laplace_vlm.validation import check_matrix
 
 PREDICTIVE_METHODS: tuple[str, ...] = ("glm", "probcosine", "probcosine_diag")
 
@@ -47,10 +48,7 @@ def probcosine(
         `(N, C)` each.
     """
     for name, value in (("mean_a", mean_a), ("var_a", var_a), ("mean_b", mean_b), ("var_b", var_b)):
-        if value.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (rows, D), got shape {tuple(value.shape)}.")
-        if not torch.isfinite(value).all():
-            raise ValueError(f"{name} contains NaN or inf.")
+        check_matrix(name, value)
     if mean_a.shape != var_a.shape or mean_b.shape != var_b.shape:
         raise ValueError("each mean must have the shape of its variance.")
     if mean_a.shape[1] != mean_b.shape[1]:

@@ -171,6 +171,23 @@ def test_probcosine_function_matches_independent_monte_carlo():
     assert _rel_err(var, cos.var(0)) < 0.05
 
 
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"mean_a": torch.randn(3)}, r"mean_a must have shape \(N, d\)"),
+        ({"var_b": torch.full((4, 8), float("nan"))}, "var_b contains NaN"),
+        ({"var_a": -torch.ones(3, 8)}, "non-negative"),
+        ({"mean_b": torch.randn(4, 7), "var_b": torch.ones(4, 7)}, "dims differ"),
+        ({"mean_a": torch.zeros(3, 8), "var_a": torch.zeros(3, 8)}, "zero-norm"),
+    ],
+)
+def test_probcosine_function_rejects_bad_input(bad, match):
+    args = dict(mean_a=torch.randn(3, 8), var_a=torch.ones(3, 8),
+                mean_b=torch.randn(4, 8), var_b=torch.ones(4, 8))  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        probcosine(**{**args, **bad})
+
+
 def test_probcosine_diag_is_the_reference_formula():
     la, a_i, a_t = fitted(bias=False, prior=2.0)
     x = {"image": a_i[:4], "text": a_t[:3]}
