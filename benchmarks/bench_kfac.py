@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import compare, setup, threads_from_argv  # noqa: E402
 
 from laplace_vlm.curvature.closed_form import head_factors  # noqa: E402
-from laplace_vlm.likelihoods import hessian_weights  # noqa: E402
+from laplace_vlm.curvature.likelihoods import hessian_weights  # noqa: E402
 
 M = K = 1024
 d = D = 512

@@ -18,15 +18,15 @@ import copy
 
 import torch
 
-from laplace_vlm import acquisition, targeting
-from laplace_vlm.active_learning import (
+from laplace_vlm.active import acquisition, targeting
+from laplace_vlm.active.loop import (
     ActiveLearningConfig,
     format_table,
     plot_learning_curves,
     run_experiment,
     summarize,
 )
-from laplace_vlm.adaptation import finetune_image_projection, update_posterior
+from laplace_vlm.active.adaptation import finetune_image_projection, update_posterior
 from laplace_vlm.demo.active import DigitsSetting, digits_setup
 
 

@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from laplace_vlm import DualEncoderLaplace
-from laplace_vlm.cli import CliError, load_open_clip
-from laplace_vlm.features import FeatureSet, extract_features
-from laplace_vlm.metrics import classification_metrics
-from laplace_vlm.zeroshot import ZeroShotClassifier
+from laplace_vlm.cli.main import CliError, load_open_clip
+from laplace_vlm.adapters.features import FeatureSet, extract_features
+from laplace_vlm.evaluation.metrics import classification_metrics
+from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
 
 MODEL, PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 TEMPLATE = "An image of a {}"

@@ -18,8 +18,8 @@ from laplace_vlm import DualEncoderLaplace
 from laplace_vlm.demo import SHIFTS, load_digits_splits, load_or_train_digits_clip
 from laplace_vlm.demo.prompts import captions
 from laplace_vlm.demo.train import class_unique_batches
-from laplace_vlm.features import extract_features
-from laplace_vlm.retrieval import rank, recall_at_k
+from laplace_vlm.adapters.features import extract_features
+from laplace_vlm.tasks.retrieval import rank, recall_at_k
 
 torch.set_num_threads(1)
 

@@ -24,10 +24,10 @@ from laplace_vlm.demo import (
 )
 from laplace_vlm.demo.prompts import captions
 from laplace_vlm.demo.train import class_unique_batches
-from laplace_vlm.features import extract_features
-from laplace_vlm.metrics import classification_metrics
-from laplace_vlm.plots import reliability_diagram
-from laplace_vlm.zeroshot import ZeroShotClassifier
+from laplace_vlm.adapters.features import extract_features
+from laplace_vlm.evaluation.metrics import classification_metrics
+from laplace_vlm.evaluation.plots import reliability_diagram
+from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
 
 torch.set_num_threads(1)  # the toy model gains nothing from threads
 

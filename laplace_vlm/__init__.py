@@ -16,7 +16,7 @@ with warnings.catch_warnings():
 from laplace_vlm.curvature import available_curvature_backends, register_curvature_backend
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 from laplace_vlm.heads import DualHead
-from laplace_vlm.predictive import probcosine, probit_sigmoid, probit_softmax
+from laplace_vlm.predictive.moments import probcosine, probit_sigmoid, probit_softmax
 
 __all__ = [
     "DualEncoderLaplace",

@@ -13,27 +13,27 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector
 
-from laplace_vlm.chunked_predictive import (
+from laplace_vlm.predictive.chunks import (
     glm_covariance_chunks,
     logit_sample_chunks,
     moment_chunks,
 )
 from laplace_vlm.curvature import curvature_name, get_curvature_backend
-from laplace_vlm.distributed import all_reduce_sums, failures_shared_across_ranks
-from laplace_vlm.factor_sums import FactorSums
-from laplace_vlm.fit_checkpoint import FitCheckpoint, checkpoint_key
-from laplace_vlm.head_posterior import HeadPosterior
+from laplace_vlm.curvature.distributed import all_reduce_sums, failures_shared_across_ranks
+from laplace_vlm.curvature.factor_sums import FactorSums
+from laplace_vlm.io.fit_checkpoint import FitCheckpoint, checkpoint_key
+from laplace_vlm.posterior.head_posterior import HeadPosterior
 from laplace_vlm.heads import DualHead, build_heads
 from laplace_vlm.inputs import InputEncoder
-from laplace_vlm.likelihoods import check_contrastive, pair_loss
-from laplace_vlm.predictive import (
+from laplace_vlm.curvature.likelihoods import check_contrastive, pair_loss
+from laplace_vlm.predictive.moments import (
     PREDICTIVE_METHODS,
     link_function,
     probit_sigmoid,
     probit_softmax,
 )
-from laplace_vlm.reference import load_bayesvlm
-from laplace_vlm.serialization import (
+from laplace_vlm.io.bayesvlm import load_bayesvlm
+from laplace_vlm.io.posterior_file import (
     check_compatible,
     heads_fingerprint,
     load_laplace,
@@ -51,7 +51,7 @@ class DualEncoderLaplace(KronLaplace):
     The image head's curvature treats each image as a classification over the texts of
     its class batch (and the text head the reverse); each head's KFAC GGN is computed with
     the other tower at its MAP value. The posterior is laplace's ``KronDecomposed``, and the
-    predictive of the similarity logits is analytic (see :mod:`laplace_vlm.predictive`).
+    predictive of the similarity logits is analytic (see :mod:`laplace_vlm.predictive.moments`).
 
     Parameters
     ----------

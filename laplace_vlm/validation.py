@@ -110,7 +110,7 @@ def check_saved_posterior(
     path : str
         the file, for the messages.
     tensors, metadata : dict
-        what :func:`laplace_vlm.serialization.read_laplace_file` read.
+        what :func:`laplace_vlm.io.posterior_file.read_laplace_file` read.
 
     Raises
     ------

@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call, jacrev
 from torch.nn import functional as F
 
-from laplace_vlm.likelihoods import hessian_weights
+from laplace_vlm.curvature.likelihoods import hessian_weights
 
 
 def logit_hessian(logits: torch.Tensor, contrastive: str) -> torch.Tensor:

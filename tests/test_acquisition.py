@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from laplace_vlm import acquisition as acq
+from laplace_vlm.active import acquisition as acq
 
 
 def _moments(n=5, c=4, seed=0):

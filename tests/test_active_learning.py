@@ -12,8 +12,8 @@ import torch
 from torch.nn import functional as F
 
 from laplace_vlm import DualEncoderLaplace
-from laplace_vlm import active_learning as al
-from laplace_vlm.adaptation import (
+from laplace_vlm.active import loop as al
+from laplace_vlm.active.adaptation import (
     class_distinct_batches,
     finetune_image_projection,
     update_posterior,
@@ -183,8 +183,8 @@ def test_config_and_parser_validation():
 
 
 def test_select_pseudo_count_picks_the_lowest_validation_nlpd():
-    from laplace_vlm.metrics import nlpd
-    from laplace_vlm.predictive import probit_softmax
+    from laplace_vlm.evaluation.metrics import nlpd
+    from laplace_vlm.predictive.moments import probit_softmax
 
     la, p = _laplace(), _problem()
     grid = (1.0, 10.0, 1000.0)

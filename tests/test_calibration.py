@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from laplace_vlm.calibration import TemperatureScaling
+from laplace_vlm.evaluation.calibration import TemperatureScaling
 
 
 @pytest.mark.parametrize("true_temperature", [0.5, 2.5])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import TINY_TEXT, TINY_VISION
 from PIL import Image
 
-from laplace_vlm.cli import main
+from laplace_vlm.cli.main import main
 
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 CLASSNAMES = ["cat", "dog", "car"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from laplace_vlm.demo import data, prompts, train
 from laplace_vlm.demo.data import SEVERITIES, SHIFTS, load_digits_splits, to_pixels
-from laplace_vlm.metrics import classification_metrics
+from laplace_vlm.evaluation.metrics import classification_metrics
 
 TINY_TRAINING = {"epochs": 1}
 

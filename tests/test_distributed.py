@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from test_dual_encoder_laplace import float64, loader, make_problem  # noqa: F401
 
 from laplace_vlm import DualEncoderLaplace
-from laplace_vlm.distributed import all_reduce_sums, is_distributed
-from laplace_vlm.factor_sums import FactorSums
+from laplace_vlm.curvature.distributed import all_reduce_sums, is_distributed
+from laplace_vlm.curvature.factor_sums import FactorSums
 
 WORLD_SIZE = 2
 N_PAIRS = 40

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from laplace_vlm.metrics import (
+from laplace_vlm.evaluation.metrics import (
     accuracy,
     brier,
     classification_metrics,
@@ -111,7 +111,7 @@ def test_bad_input_names_the_argument(probs, labels, match):
 
 
 def test_reliability_bins_reproduce_the_ece():
-    from laplace_vlm.plots import reliability_bins
+    from laplace_vlm.evaluation.plots import reliability_bins
 
     gen = torch.Generator().manual_seed(2)
     probs = torch.softmax(2 * torch.randn(300, 4, generator=gen, dtype=torch.float64), -1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from laplace_vlm import DualEncoderLaplace
-from laplace_vlm.reference import REFERENCE_N_DATA, read_bayesvlm_factors
+from laplace_vlm.io.bayesvlm import REFERENCE_N_DATA, read_bayesvlm_factors
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bayesvlm-clip-vit-b-32"
 pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference not present")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from laplace_vlm import DualEncoderLaplace
-from laplace_vlm.retrieval import Ranking, rank, rank_scores, recall_at_k
+from laplace_vlm.tasks.retrieval import Ranking, rank, rank_scores, recall_at_k
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from laplace_vlm import targeting
+from laplace_vlm.active import targeting
 
 
 def _gaussians(n, d=5, seed=0):

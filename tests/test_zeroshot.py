@@ -10,7 +10,7 @@ from conftest import tiny_clip
 
 from laplace_vlm import DualEncoderLaplace
 from laplace_vlm.adapters import get_adapter
-from laplace_vlm.zeroshot import ZeroShotClassifier, class_text_activations, format_prompts
+from laplace_vlm.tasks.zeroshot import ZeroShotClassifier, class_text_activations, format_prompts
 
 CLASSNAMES = ("cat", "dog", "car", "tree")
 TEMPLATES = ("a photo of a {}.", "a {c} in the wild.", lambda c: f"my {c}!")

@@ -26,7 +26,7 @@ from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE
 from asdl.matrices import FISHER_EXACT, SHAPE_KRON
 from torch import nn
 
-from laplace_vlm.likelihoods import check_contrastive, hessian_weights
+from laplace_vlm.curvature.likelihoods import check_contrastive, hessian_weights
 
 
 class _InlineHead(nn.Module):

@@ -31,7 +31,7 @@ from backpack.extensions.secondorder.hbp.losses import HBPLoss
 from backpack.utils.subsampling import subsample
 from torch import nn
 
-from laplace_vlm.likelihoods import check_contrastive
+from laplace_vlm.curvature.likelihoods import check_contrastive
 
 
 class Normalize(nn.Module):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from laplace_vlm.likelihoods import hessian_weights, similarity_logits
+from laplace_vlm.curvature.likelihoods import hessian_weights, similarity_logits
 
 
 def output_factor(

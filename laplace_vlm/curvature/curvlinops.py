@@ -15,7 +15,7 @@ import torch
 from curvlinops import FisherType, KFACLinearOperator
 from torch import nn
 
-from laplace_vlm.likelihoods import check_contrastive
+from laplace_vlm.curvature.likelihoods import check_contrastive
 
 
 class _InlineHead(nn.Module):

@@ -1,7 +1,7 @@
 """The active-learning experiment on the embedded digits demo (``laplace-vlm active``).
 
 Pool: clean plus shifted training digits; target: shifted test digits. The runner itself is
-:mod:`laplace_vlm.active_learning`.
+:mod:`laplace_vlm.active.loop`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from laplace_vlm.active_learning import (
+from laplace_vlm.active.loop import (
     DEFAULT_STRATEGIES,
     STRATEGIES,
     TARGETING,
@@ -27,7 +27,7 @@ from laplace_vlm.active_learning import (
     select_pseudo_count,
     summarize,
 )
-from laplace_vlm.adaptation import class_distinct_batches
+from laplace_vlm.active.adaptation import class_distinct_batches
 
 
 @dataclass
@@ -61,8 +61,8 @@ def digits_setup(setting: DigitsSetting, progress_bar: bool = False):
     from laplace_vlm.demo.data import SHIFTS, load_digits_splits
     from laplace_vlm.demo.prompts import CLASSNAMES, TEMPLATES, captions
     from laplace_vlm.demo.train import load_or_train_digits_clip
-    from laplace_vlm.features import extract_features
-    from laplace_vlm.zeroshot import class_text_activations
+    from laplace_vlm.adapters.features import extract_features
+    from laplace_vlm.tasks.zeroshot import class_text_activations
 
     if setting.shift not in SHIFTS:
         raise ValueError(f"shift must be one of {sorted(SHIFTS)}, got {setting.shift!r}.")

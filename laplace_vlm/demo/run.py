@@ -20,15 +20,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from laplace_vlm.adapters import get_adapter
-from laplace_vlm.calibration import TemperatureScaling
+from laplace_vlm.evaluation.calibration import TemperatureScaling
 from laplace_vlm.demo.data import SEVERITIES, SHIFTS, load_digits_splits
 from laplace_vlm.demo.prompts import CLASSNAMES, TEMPLATES, captions
 from laplace_vlm.demo.train import class_unique_batches, load_or_train_digits_clip, torch_threads
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
-from laplace_vlm.features import extract_features
-from laplace_vlm.metrics import classification_metrics, nlpd
-from laplace_vlm.plots import reliability_diagram, shift_plot
-from laplace_vlm.zeroshot import ZeroShotClassifier
+from laplace_vlm.adapters.features import extract_features
+from laplace_vlm.evaluation.metrics import classification_metrics, nlpd
+from laplace_vlm.evaluation.plots import reliability_diagram, shift_plot
+from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
 
 # method -> (pred_type, link_approx) of the Laplace predictive
 LAPLACE_METHODS: dict[str, tuple[str, str]] = {

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from laplace_vlm.atomic_write import write_safetensors
+from laplace_vlm.io.safetensors_file import write_safetensors
 from laplace_vlm.demo.data import load_digits_splits
 from laplace_vlm.demo.prompts import captions
 

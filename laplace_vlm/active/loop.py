@@ -5,12 +5,12 @@ domain whose unlabelled test inputs are the queries (and whose labels are used o
 evaluation), and a labelled target **validation** split for early stopping. Every round:
 
 1. restrict the pool to the unique nearest neighbours of the target inputs (expected cosine
-   or 2-Wasserstein between the Gaussian image embeddings; :mod:`laplace_vlm.targeting`),
-2. score the candidates with an acquisition function (:mod:`laplace_vlm.acquisition`) and
+   or 2-Wasserstein between the Gaussian image embeddings; :mod:`laplace_vlm.active.targeting`),
+2. score the candidates with an acquisition function (:mod:`laplace_vlm.active.acquisition`) and
    label the top ``budget``,
 3. fine-tune the image projection on everything labelled so far, from the pretrained weights
-   (:func:`laplace_vlm.adaptation.finetune_image_projection`), and move the posterior there,
-   adding the new pairs to its curvature (:func:`laplace_vlm.adaptation.update_posterior`);
+   (:func:`laplace_vlm.active.adaptation.finetune_image_projection`), and move the posterior there,
+   adding the new pairs to its curvature (:func:`laplace_vlm.active.adaptation.update_posterior`);
 4. re-choose the pseudo-count ``n`` on the validation split (optional, default on: the
    posterior's scale should track the labelled data), and
 5. evaluate accuracy, ECE (20 bins) and NLPD of the Laplace predictive (ProbCosine, probit)
@@ -19,7 +19,7 @@ evaluation), and a labelled target **validation** split for early stopping. Ever
 The target test inputs double as the unlabelled queries (transductive, as in the paper's
 reference code); their labels are only used for evaluation.
 
-Strategies: the acquisition functions of :data:`laplace_vlm.acquisition.STRATEGIES`, applied
+Strategies: the acquisition functions of :data:`laplace_vlm.active.acquisition.STRATEGIES`, applied
 to the targeted candidates, plus ``"random_untargeted"`` (uniform over the whole pool, the
 reference's ``random_on_train``). BALD and EPIG use joint logit samples from the posterior over
 the weights (``la.functional_samples``, linearised), so that pool and target predictions are
@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from laplace_vlm import acquisition, targeting
-from laplace_vlm.adaptation import (
+from laplace_vlm.active import acquisition, targeting
+from laplace_vlm.active.adaptation import (
     finetune_image_projection,
     update_posterior,
 )
@@ -167,7 +167,7 @@ class ActiveLearningConfig:
 
 
 def _probs(la, x: dict, predictive: str) -> torch.Tensor:
-    from laplace_vlm.predictive import probit_softmax
+    from laplace_vlm.predictive.moments import probit_softmax
 
     mean, var = la.predictive_moments(x, method=predictive)
     return probit_softmax(mean, var)
@@ -177,7 +177,7 @@ def evaluate(
     la, problem: ActiveLearningProblem, predictive: str = "probcosine"
 ) -> dict[str, float]:
     """Accuracy, ECE, NLPD (Laplace predictive, probit) and MAP accuracy on the target test set."""
-    from laplace_vlm.metrics import accuracy, ece, nlpd
+    from laplace_vlm.evaluation.metrics import accuracy, ece, nlpd
 
     x = {"image": problem.test, "text": problem.class_text}
     probs = _probs(la, x, predictive)
@@ -442,7 +442,7 @@ def select_pseudo_count(
     nlpd_by_n : dict
         validation NLPD at every ``n``.
     """
-    from laplace_vlm.metrics import nlpd
+    from laplace_vlm.evaluation.metrics import nlpd
 
     if not pseudo_counts or min(pseudo_counts) <= 0:
         raise ValueError(f"pseudo_counts must be positive numbers, got {pseudo_counts}.")

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from laplace_vlm.factor_sums import FactorSums
+from laplace_vlm.curvature.factor_sums import FactorSums
 
 
 def is_distributed() -> bool:

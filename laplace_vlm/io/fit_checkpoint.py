@@ -6,11 +6,11 @@ import os
 
 from safetensors import SafetensorError, safe_open
 
-from laplace_vlm.atomic_write import write_safetensors
-from laplace_vlm.factor_sums import FactorSums
+from laplace_vlm.io.safetensors_file import write_safetensors
+from laplace_vlm.curvature.factor_sums import FactorSums
 from laplace_vlm.validation import check_finite
 
-FORMAT = "laplace_vlm.fit_checkpoint"
+FORMAT = "laplace_vlm.io.fit_checkpoint"
 
 
 class FitCheckpoint:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt
 import torch
 
-from laplace_vlm.metrics import ECE_BINS, ece
+from laplace_vlm.evaluation.metrics import ECE_BINS, ece
 
 # {"shift": {"severity": {"method": {"acc": ..., "ece": ...}}}}, severity keys are strings
 Results = Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]

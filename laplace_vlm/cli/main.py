@@ -266,8 +266,8 @@ def _add_zeroshot(sub) -> None:
 
 def run_zeroshot_command(args: argparse.Namespace) -> int:
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
-    from laplace_vlm.features import extract_features
-    from laplace_vlm.zeroshot import ZeroShotClassifier, format_prompts
+    from laplace_vlm.adapters.features import extract_features
+    from laplace_vlm.tasks.zeroshot import ZeroShotClassifier, format_prompts
 
     if args.output is not None:
         _check_output(args.output, args.overwrite)

@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from laplace_vlm.acquisition import bald_from_samples, entropy, sample_logits
-from laplace_vlm.predictive import probit_softmax
+from laplace_vlm.active.acquisition import bald_from_samples, entropy, sample_logits
+from laplace_vlm.predictive.moments import probit_softmax
 
 Template = str | Callable[[str], str]
 PRED_TYPES: tuple[str, ...] = ("map", "glm", "probcosine", "probcosine_diag")

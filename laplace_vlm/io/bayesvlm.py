@@ -19,7 +19,7 @@ import torch
 from laplace.utils.matrix import Kron
 from torch import nn
 
-from laplace_vlm.factor_sums import FactorSums
+from laplace_vlm.curvature.factor_sums import FactorSums
 
 if TYPE_CHECKING:
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from laplace_vlm.head_posterior import CovTerm, HeadPosterior
+from laplace_vlm.posterior.head_posterior import CovTerm, HeadPosterior
 from laplace_vlm.validation import check_matrix
 
 PREDICTIVE_METHODS: tuple[str, ...] = ("glm", "probcosine", "probcosine_diag")

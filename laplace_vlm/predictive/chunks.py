@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from laplace_vlm.predictive import chunk_moments, class_operands, glm_covariance
+from laplace_vlm.predictive.moments import chunk_moments, class_operands, glm_covariance
 from laplace_vlm.validation import check_nonzero_norm
 
 

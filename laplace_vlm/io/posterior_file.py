@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from laplace_vlm.atomic_write import write_safetensors
+from laplace_vlm.io.safetensors_file import write_safetensors
 from laplace_vlm.validation import check_saved_posterior
 
 if TYPE_CHECKING:

@@ -18,9 +18,9 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from laplace_vlm.adapters import DualEncoderAdapter, Features, get_adapter
-from laplace_vlm.atomic_write import write_safetensors
+from laplace_vlm.io.safetensors_file import write_safetensors
 
-FORMAT = "laplace_vlm.features"
+FORMAT = "laplace_vlm.adapters.features"
 VERSION = "1"
 _TOWERS = ("image", "text")
 _BATCH_KEYS = ("image", "text", "label")

@@ -1,0 +1,5 @@
+"""The ``laplace-vlm`` command line."""
+
+from laplace_vlm.cli.main import main
+
+__all__ = ["main"]

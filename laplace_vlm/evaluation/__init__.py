@@ -1,0 +1,1 @@
+"""Metrics, calibration baselines, selective prediction, OOD and failure detection, conformal sets, plots."""

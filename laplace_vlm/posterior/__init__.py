@@ -1,0 +1,1 @@
+"""Gaussian posteriors over the projection heads: Kronecker forms and prior tuning."""

@@ -1,0 +1,1 @@
+"""Logit moments under the heads posterior (glm, ProbCosine), links, and uncertainty measures."""

@@ -1,0 +1,1 @@
+"""Tasks on top of the posterior: zero-shot classification and retrieval with uncertainty."""
