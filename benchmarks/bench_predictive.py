@@ -59,10 +59,10 @@ def main() -> None:
           f"float32, {torch.get_num_threads()} threads")  # fmt: skip
     fns = {"deterministic": lambda: deterministic(la, x)}
     for method in ("probcosine_diag", "probcosine", "glm"):
-        fns[method] = lambda m=method: la.predictive_moments(x, method=m)
+        fns[method] = lambda m=method: la.predictive_moments(x, pred_type=m)
     for method in ("probcosine", "glm"):
         fns[f"{method} (chunk 1024)"] = lambda m=method: la.predictive_moments(
-            x, method=m, chunk_size=1024
+            x, pred_type=m, chunk_size=1024
         )
     t = compare(fns, rounds=7, inner={"deterministic": 3})
     base = t["deterministic"]
@@ -85,15 +85,15 @@ def main() -> None:
     t = compare(
         {
             "generic": lambda: generic_glm_covariance(la, xs),
-            "glm_cov": lambda: la.predictive_moments(xs, method="glm", diagonal_output=False),
-            "glm_var": lambda: la.predictive_moments(xs, method="glm"),
+            "glm_cov": lambda: la.predictive_moments(xs, pred_type="glm", diagonal_output=False),
+            "glm_var": lambda: la.predictive_moments(xs, pred_type="glm"),
         },
         rounds=3,
         inner={"glm_cov": 20, "glm_var": 20},
     )
     cov_ref = generic_glm_covariance(la, xs)
-    _, cov = la.predictive_moments(xs, method="glm", diagonal_output=False)
-    _, var = la.predictive_moments(xs, method="glm")
+    _, cov = la.predictive_moments(xs, pred_type="glm", diagonal_output=False)
+    _, var = la.predictive_moments(xs, pred_type="glm")
     err_cov = ((cov - cov_ref).norm() / cov_ref.norm()).item()
     err_var = ((var - cov_ref.diagonal(dim1=1, dim2=2)).abs() / var).max().item()
     assert err_cov < 1e-3 and err_var < 1e-3, (err_cov, err_var)

@@ -119,7 +119,7 @@ def main() -> None:
 
     fns = {"deterministic": det}
     for method in ("probcosine", "probcosine_diag", "glm"):
-        fns[method] = lambda m=method: la.predictive_moments(x, method=m, chunk_size=CHUNK)
+        fns[method] = lambda m=method: la.predictive_moments(x, pred_type=m, chunk_size=CHUNK)
     t = compare(fns, rounds=3)
     out_bytes = N_PRED * C_PRED * 4  # one (N, C) float32 tensor
     peak_det, _ = peak_bytes(det)

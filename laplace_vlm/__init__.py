@@ -15,12 +15,17 @@ with warnings.catch_warnings():
 
 from laplace_vlm.curvature import available_curvature_backends, register_curvature_backend
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
+from laplace_vlm.enums import LinkApprox, PosteriorForm, PredType
 from laplace_vlm.heads import DualHead
-from laplace_vlm.predictive.moments import probcosine, probit_sigmoid, probit_softmax
+from laplace_vlm.predictive.links import probit_sigmoid, probit_softmax
+from laplace_vlm.predictive.moments import probcosine
 
 __all__ = [
     "DualEncoderLaplace",
     "DualHead",
+    "LinkApprox",
+    "PosteriorForm",
+    "PredType",
     "available_curvature_backends",
     "probcosine",
     "probit_sigmoid",

@@ -13,36 +13,40 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parameters_to_vector
 
-from laplace_vlm.predictive.chunks import (
-    glm_covariance_chunks,
-    logit_sample_chunks,
-    moment_chunks,
-)
 from laplace_vlm.curvature import curvature_name, get_curvature_backend
 from laplace_vlm.curvature.distributed import all_reduce_sums, failures_shared_across_ranks
 from laplace_vlm.curvature.factor_sums import FactorSums
-from laplace_vlm.io.fit_checkpoint import FitCheckpoint, checkpoint_key
-from laplace_vlm.posterior.head_posterior import HeadPosterior
+from laplace_vlm.curvature.likelihoods import check_contrastive, pair_loss
+from laplace_vlm.enums import MOMENT_PRED_TYPES, LinkApprox, PosteriorForm, PredType, parse_option
 from laplace_vlm.heads import DualHead, build_heads
 from laplace_vlm.inputs import InputEncoder
-from laplace_vlm.curvature.likelihoods import check_contrastive, pair_loss
-from laplace_vlm.predictive.moments import (
-    PREDICTIVE_METHODS,
-    link_function,
-    probit_sigmoid,
-    probit_softmax,
-)
 from laplace_vlm.io.bayesvlm import load_bayesvlm
+from laplace_vlm.io.fit_checkpoint import FitCheckpoint, checkpoint_key
 from laplace_vlm.io.posterior_file import (
     check_compatible,
     heads_fingerprint,
     load_laplace,
     save_laplace,
 )
+from laplace_vlm.posterior.head_posterior import HeadPosterior
+from laplace_vlm.posterior.marglik import maximize_marglik
+from laplace_vlm.predictive.chunks import (
+    glm_covariance_chunks,
+    logit_sample_chunks,
+    moment_chunks,
+)
+from laplace_vlm.predictive.links import link_function, probit_link, sample_logits
 from laplace_vlm.validation import check_finite, check_nonzero_norm, check_positive
 
-PRED_TYPES = ("glm", "probcosine", "probcosine_diag", "nn", "map")
-LINK_APPROXIMATIONS = ("probit", "mc", "bridge", "bridge_norm")
+# laplace arguments that have no meaning for two projection heads fed dicts of activations
+_UNSUPPORTED_LAPLACE_ARGS = {
+    "dict_key_x": "input_ids",
+    "dict_key_y": "labels",
+    "backend_kwargs": None,
+    "asdl_fisher_kwargs": None,
+}
+# Monte Carlo predictive without chunk_size: images per chunk keep S x chunk x C below this
+_MC_MAX_ELEMENTS = 2**22
 
 
 class DualEncoderLaplace(KronLaplace):
@@ -73,12 +77,24 @@ class DualEncoderLaplace(KronLaplace):
         'curvlinops'); laplace's ``backend=AsdlGGN|BackPackGGN|CurvlinopsGGN`` is mapped to it.
     chunk_size : int, optional
         rows per chunk in fit and predict; bounds memory with the same result.
+    backend : type, optional
+        laplace's curvature class (``AsdlGGN``, ``BackPackGGN``, ``CurvlinopsGGN``), mapped to
+        ``curvature``; give one of the two.
     temperature : float, default=1
         ``1 / n`` for the paper's pseudo-data count ``n``.
-    damping : bool, default=False
-        ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)`` instead of the exact prior.
+    damping : {False, True, 'symmetric'}, default=False
+        how the prior enters each Kronecker block (:class:`laplace_vlm.enums.PosteriorForm`):
+        ``False``, the exact prior ``h F0 x F1 + delta I``; ``True``, laplace's
+        ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)`` on its split
+        ``[sum B, sum a a^T / N]``; ``'symmetric'``, the reference implementation's same form
+        on the split ``[sum B / sqrt(N), sum a a^T / sqrt(N)]``.
+    enable_backprop : bool, default=False
+        laplace's flag: predictions are differentiable in the inputs (activations, or through
+        the encoders in model mode). Otherwise no autograd graph is built.
     **kwargs
-        the remaining arguments of ``laplace.KronLaplace``.
+        laplace's ``prior_precision``, ``prior_mean``, ``sigma_noise`` (must stay 1 for
+        classification). ``dict_key_x``, ``dict_key_y``, ``backend_kwargs`` and
+        ``asdl_fisher_kwargs`` have no meaning here and raise.
     """
 
     _key = ("dual_encoder", "kron")
@@ -96,8 +112,16 @@ class DualEncoderLaplace(KronLaplace):
         curvature: str = "closed_form",
         chunk_size: int | None = None,
         backend: type | None = None,
+        damping: bool | str = False,
         **kwargs: Any,
     ) -> None:
+        for name, default in _UNSUPPORTED_LAPLACE_ARGS.items():
+            if name in kwargs and kwargs.pop(name) != default:
+                raise ValueError(
+                    f"{name} is not supported by DualEncoderLaplace: inputs are dicts "
+                    "{'image', 'text'} of activations or raw inputs, and the curvature backends "
+                    "take no options (choose one with curvature=...)."
+                )
         likelihood = _plain(likelihood)
         if likelihood != "classification":
             raise ValueError(
@@ -119,7 +143,10 @@ class DualEncoderLaplace(KronLaplace):
             logit_scale = self.adapter.logit_scale if logit_scale is None else logit_scale
             logit_bias = self.adapter.logit_bias if logit_bias is None else logit_bias
         heads = build_heads(image_projection, text_projection, logit_scale, logit_bias)
-        super().__init__(heads, likelihood, backend=None, **kwargs)
+        self.posterior_form = _posterior_form(damping)
+        # laplace's KronDecomposed reads a bool; the symmetric form is damped on rescaled factors
+        damped = self.posterior_form is not PosteriorForm.EXACT
+        super().__init__(heads, likelihood, backend=None, damping=damped, **kwargs)
         self.mean = parameters_to_vector(self.params).detach()
         self.inputs = InputEncoder(heads, self.adapter)
 
@@ -161,9 +188,20 @@ class DualEncoderLaplace(KronLaplace):
 
     @property
     def posterior_precision(self) -> KronDecomposed:
-        """Posterior precision; upstream drops ``damping`` when adding the prior: keep it."""
+        """Posterior precision in the form ``damping`` names.
+
+        Upstream drops ``damping`` when adding the prior: it is kept here. The symmetric form
+        moves ``sqrt(N)`` from the input to the output factor of every weight block, so the
+        data term is unchanged and laplace's damped algebra gives the reference's precision.
+        """
         self._check_H_init()
-        P = self.H * self._H_factor + self.prior_precision
+        H = self.H * self._H_factor
+        if self.posterior_form is PosteriorForm.SYMMETRIC:
+            root = float(self.n_data) ** 0.5
+            eigenvalues = [[ls[0] / root, ls[1] * root] if len(ls) == 2 else ls
+                           for ls in H.eigenvalues]  # fmt: skip
+            H = KronDecomposed(H.eigenvectors, eigenvalues, H.deltas)
+        P = H + self.prior_precision
         P.damping = self.damping
         return P
 
@@ -179,12 +217,100 @@ class DualEncoderLaplace(KronLaplace):
         """Take the heads' current weights as the posterior mean (after fine-tuning them)."""
         self.mean = parameters_to_vector(self.params).detach()
 
-    def optimize_prior_precision(self, *args: Any, **kwargs: Any) -> None:
-        """laplace's tuning (marglik or gridsearch), without its reminder about ``link_approx``
-        (irrelevant to marglik; gridsearch passes ``link_approx`` on to :meth:`__call__`)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
-            super().optimize_prior_precision(*args, **kwargs)
+    def optimize_prior_precision(
+        self,
+        pred_type: Any = "glm",
+        method: Any = "marglik",
+        n_steps: int | None = None,
+        lr: float | None = None,
+        init_prior_prec: float | torch.Tensor = 1.0,
+        prior_structure: Any = "scalar",
+        val_loader: Any = None,
+        loss: Any = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: Any = "probit",
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> None:
+        """Tune the prior precision: the evidence optimum (marglik) or laplace's gridsearch.
+
+        laplace's signature and defaults. ``method='marglik'`` maximises
+        :meth:`log_marginal_likelihood` to convergence with
+        :func:`laplace_vlm.posterior.marglik.maximize_marglik` (safeguarded Newton in
+        ``log lambda``) instead of laplace's 100 Adam steps of 0.1 from ``init_prior_prec``,
+        which stop well short of optima far from it. ``method='gridsearch'`` is laplace's,
+        without its reminder about ``link_approx`` (it passes ``link_approx`` on to
+        :meth:`__call__`).
+
+        Parameters
+        ----------
+        pred_type, link_approx, n_samples
+            the predictive that gridsearch scores (unused by marglik, as in laplace).
+        val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
+            gridsearch's validation data and grid; given with marglik they are ignored with a
+            warning (as laplace does for ``val_loader``).
+        method : {'marglik', 'gridsearch'}, default='marglik'
+        n_steps : int, optional
+            marglik: the most evidence evaluations (``max_iter``, default 100; about 10 are
+            typical); gridsearch: unused, as in laplace.
+        lr : float, optional
+            the step of laplace's Adam loop: the Newton iteration has none, so marglik refuses
+            it.
+        init_prior_prec : float or torch.Tensor, default=1.0
+            the start: one value (broadcast to ``prior_structure``), one per head (2 values) or
+            one per tensor (``n_layers``).
+        prior_structure : {'scalar', 'head', 'layerwise'}, default='scalar'
+            laplace's 'scalar' and 'layerwise' (one per weight and bias tensor), or one value
+            per head; laplace's 'diag' cannot be held by a Kronecker posterior.
+        verbose, progress_bar : bool, default=False
+        """
+        method = str(getattr(method, "value", method))
+        if method == "gridsearch":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+                super().optimize_prior_precision(
+                    pred_type, method, 100 if n_steps is None else n_steps,
+                    1e-1 if lr is None else lr, init_prior_prec, prior_structure, val_loader,
+                    loss, log_prior_prec_min, log_prior_prec_max, grid_size, link_approx,
+                    n_samples, verbose, progress_bar, log_prior_prec_base=log_prior_prec_base,
+                )  # fmt: skip
+            return
+        if method != "marglik":
+            raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}.")
+        if lr is not None:
+            raise ValueError(
+                f"lr={lr} is the step size of laplace's Adam loop; method='marglik' here runs a "
+                "Newton iteration in log prior precision, which has none: drop lr (n_steps "
+                "bounds the iterations)."
+            )
+        if val_loader is not None:
+            warnings.warn(
+                "`val_loader` will be ignored when `method` == 'marglik'. "
+                "Do you mean to set `method = 'gridsearch'`?"
+            )
+        ignored = [name for name, given in (
+            ("loss", loss is not None), ("log_prior_prec_min", log_prior_prec_min != -4),
+            ("log_prior_prec_max", log_prior_prec_max != 4), ("grid_size", grid_size != 100),
+            ("log_prior_prec_base", log_prior_prec_base != 10.0)) if given]  # fmt: skip
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} only apply to method='gridsearch': ignored.")
+        try:
+            maximize_marglik(
+                self,
+                prior_structure,
+                init_prior_prec,
+                max_iter=100 if n_steps is None else n_steps,
+                verbose=verbose,
+                progress_bar=progress_bar,
+            )
+        except ValueError as err:
+            if n_steps is None or "max_iter" not in str(err):
+                raise
+            raise ValueError(f"optimize_prior_precision(n_steps={n_steps}): {err}") from err
 
     def fit(
         self,
@@ -250,9 +376,9 @@ class DualEncoderLaplace(KronLaplace):
             ckpt.finish()
 
     def _batch_sums(self, batch: Any) -> FactorSums:
-        a_i, r_i, a_t, r_t = self.inputs.pair(batch)
         heads, fn = self.heads, get_curvature_backend(self.curvature)
-        with torch.no_grad():
+        with torch.no_grad():  # the backends build whatever graph they need themselves
+            a_i, r_i, a_t, r_t = self.inputs.pair(batch)
             z = check_nonzero_norm("image embeddings", heads.embed_image(a_i, r_i))
             t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
             u, v = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
@@ -284,30 +410,41 @@ class DualEncoderLaplace(KronLaplace):
 
     def set_classes(self, text: Any, residual: torch.Tensor | None = None) -> None:
         """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works."""
-        a_t, r_t = self.inputs.features("text", text, residual)
+        with torch.set_grad_enabled(self.enable_backprop):
+            a_t, r_t = self.inputs.features("text", text, residual)
         self.heads.set_classes(a_t, r_t)
+
+    def _predict_inputs(self, x: Any):
+        """Validated head inputs and the two posteriors, under laplace's ``enable_backprop``."""
+        return self.inputs.predict(x), self.head_posteriors()
 
     def embedding_moments(
         self, x: Any, full: bool = False
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Mean and variance (or covariance) of both embeddings under the posterior.
 
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            ``{"image": (N, ...), "text": (C, ...)}`` or images scored against ``set_classes``.
+        full : bool, default=False
+            the full `(N, D, D)` covariances instead of the `(N, D)` variances.
+
         Returns
         -------
         moments : dict
             ``{"image": (mean (N, D), var (N, D) or cov (N, D, D)), "text": (mean (C, D), ...)}``
         """
-        a_i, r_i, a_t, r_t = self.inputs.predict(x)
-        post_i, post_t = self.head_posteriors()
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.enable_backprop):
+            (a_i, r_i, a_t, r_t), (post_i, post_t) = self._predict_inputs(x)
             z, t = self.heads.embed_image(a_i, r_i), self.heads.embed_text(a_t, r_t)
-        spread = (lambda p, a: p.covariance(a)) if full else (lambda p, a: p.variance(a))
-        return {"image": (z, spread(post_i, a_i)), "text": (t, spread(post_t, a_t))}
+            spread = (lambda p, a: p.covariance(a)) if full else (lambda p, a: p.variance(a))
+            return {"image": (z, spread(post_i, a_i)), "text": (t, spread(post_t, a_t))}
 
     def predictive_moments(
         self,
         x: Any,
-        method: str = "probcosine",
+        pred_type: str | PredType = PredType.PROBCOSINE,
         diagonal_output: bool = True,
         chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,79 +454,124 @@ class DualEncoderLaplace(KronLaplace):
         ----------
         x : dict or torch.Tensor
             ``{"image": (N, ...), "text": (C, ...)}`` or images scored against ``set_classes``.
-        method : {'probcosine', 'probcosine_diag', 'glm'}, default='probcosine'
-            moment matching with full or diagonal embedding covariances, or laplace's
-            linearised predictive.
+        pred_type : {'probcosine', 'probcosine_diag', 'glm'}, default='probcosine'
+            moment matching of the cosine with full or diagonal embedding covariances, or
+            laplace's linearised predictive.
         diagonal_output : bool, default=True
             ``False`` returns the `(N, C, C)` covariance over classes (``glm`` only).
         chunk_size : int, optional
             images per chunk (defaults to the constructor's); peak memory independent of N.
+
+        Returns
+        -------
+        mean : torch.Tensor
+            `(N, C)`.
+        var : torch.Tensor
+            `(N, C)`, or `(N, C, C)` with ``diagonal_output=False``.
         """
-        if method not in PREDICTIVE_METHODS:
-            raise ValueError(f"method must be one of {PREDICTIVE_METHODS}, got {method!r}.")
-        if not diagonal_output and method != "glm":
-            raise ValueError("diagonal_output=False (class covariances) needs method='glm'.")
-        inputs = self.inputs.predict(x)
-        step = chunk_size or self.chunk_size or len(inputs[0])
-        if not diagonal_output:
-            return glm_covariance_chunks(self, inputs, step)
-        # preallocated outputs: peak memory is N x C plus one chunk's working set
-        mean = inputs[0].new_empty(len(inputs[0]), len(inputs[2]))
-        var = torch.empty_like(mean)
-        for _ in moment_chunks(self, inputs, method, step, out=(mean, var)):
-            pass
-        return mean, var
+        pred_type = parse_option(PredType, pred_type, "pred_type")
+        if pred_type not in MOMENT_PRED_TYPES:
+            options = tuple(p.value for p in MOMENT_PRED_TYPES)
+            raise ValueError(f"pred_type must be one of {options} for moments, got {pred_type!r}.")
+        if not diagonal_output and pred_type is not PredType.GLM:
+            raise ValueError("diagonal_output=False (class covariances) needs pred_type='glm'.")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        with torch.set_grad_enabled(self.enable_backprop):
+            inputs, posteriors = self._predict_inputs(x)
+            step = chunk_size or self.chunk_size or len(inputs[0])
+            if not diagonal_output:
+                return glm_covariance_chunks(self.heads, posteriors, inputs, step)
+            if self.enable_backprop:  # new tensors per chunk keep the graph
+                chunks = list(moment_chunks(self.heads, posteriors, inputs, pred_type, step))
+                return torch.cat([m for m, _ in chunks]), torch.cat([v for _, v in chunks])
+            # preallocated outputs: peak memory is N x C plus one chunk's working set
+            mean = inputs[0].new_empty(len(inputs[0]), len(inputs[2]))
+            var = torch.empty_like(mean)
+            for _ in moment_chunks(self.heads, posteriors, inputs, pred_type, step, (mean, var)):
+                pass
+            return mean, var
 
     def functional_samples(
         self,
         x: Any,
-        pred_type: str = "glm",
+        pred_type: str | PredType = PredType.NN,
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Joint samples of the logits of all images and classes, `(S, N, C)`.
+        """Samples of the logits of all images and classes, `(S, N, C)`.
 
-        Weights are sampled from the posterior of both heads (one draw shared by all
-        inputs); ``glm`` propagates them through the linearisation, ``nn`` through the
-        normalisation exactly.
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            as for :meth:`predictive_moments`.
+        pred_type : {'nn', 'glm', 'probcosine', 'probcosine_diag'}, default='nn'
+            ``nn``: weights sampled from the posterior of both heads (one draw shared by all
+            inputs) through the exact normalisation, the faithful joint samples; ``glm``: the
+            same draws through the linearisation; the ProbCosine types: independent Gaussian
+            samples of their logit moments.
+        n_samples : int, default=100
+            S.
+        diagonal_output : bool, default=False
+            ``glm`` only: independent samples of the diagonal of its logit covariance, as in
+            laplace.
+        generator : torch.Generator, optional
+            randomness of the draws.
         """
-        pred_type = _check_sample_type(pred_type)
-        inputs = self.inputs.predict(x)
-        chunks = logit_sample_chunks(self, inputs, pred_type, n_samples, generator, len(inputs[0]))
-        return torch.cat(list(chunks), 1)
+        pred_type = parse_option(PredType, pred_type, "pred_type")
+        if pred_type is PredType.MAP:
+            raise ValueError("pred_type='map' has no samples: it is the deterministic model.")
+        if diagonal_output and pred_type is not PredType.GLM:
+            raise ValueError("diagonal_output=True needs pred_type='glm'.")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
+        if pred_type is not PredType.NN and (diagonal_output or pred_type is not PredType.GLM):
+            mean, var = self.predictive_moments(x, pred_type)
+            return sample_logits(mean, var, n_samples, generator)
+        with torch.set_grad_enabled(self.enable_backprop):
+            inputs, posteriors = self._predict_inputs(x)
+            chunks = logit_sample_chunks(self.heads, posteriors, inputs, pred_type, n_samples,
+                                         generator, len(inputs[0]))  # fmt: skip
+            return torch.cat(list(chunks), 1)
 
     def _mc_probabilities(self, x, pred_type, n_samples, generator, apply_link) -> torch.Tensor:
-        """Monte Carlo probabilities `(N, C)`, averaged chunk by chunk (memory S x chunk x C)."""
-        inputs, step = self.inputs.predict(x), self.chunk_size or 4096
-        if pred_type in ("glm", "nn"):
-            chunks = logit_sample_chunks(self, inputs, pred_type, n_samples, generator, step)
+        """Monte Carlo probabilities `(N, C)`, averaged chunk by chunk (memory bounded)."""
+        generator = torch.default_generator if generator is None else generator
+        with torch.set_grad_enabled(self.enable_backprop):
+            inputs, posteriors = self._predict_inputs(x)
+            step = self.chunk_size or max(1, _MC_MAX_ELEMENTS // (n_samples * len(inputs[2])))
+            if pred_type in (PredType.GLM, PredType.NN):  # joint weight-space samples
+                chunks = logit_sample_chunks(self.heads, posteriors, inputs, pred_type, n_samples,
+                                             generator, step)  # fmt: skip
+            else:  # independent Gaussian logits with the ProbCosine moments
+                moments = moment_chunks(self.heads, posteriors, inputs, pred_type, step)
+                chunks = (sample_logits(m, v, n_samples, generator) for m, v in moments)
             return torch.cat([apply_link(f).mean(0) for f in chunks])
-        probs = []  # moment matching: independent Gaussian logits per (image, class)
-        for mean, var in moment_chunks(self, inputs, pred_type, step):
-            eps = torch.randn((n_samples, *mean.shape), generator=generator, dtype=mean.dtype)
-            probs.append(apply_link(mean + var.sqrt() * eps.to(mean.device)).mean(0))
-        return torch.cat(probs)
 
     def predictive_samples(
         self,
         x: Any,
-        pred_type: str = "glm",
+        pred_type: str | PredType = PredType.NN,
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
         link: str = "softmax",
     ) -> torch.Tensor:
-        """Samples of the class probabilities, `(S, N, C)`."""
+        """Samples of the class probabilities, `(S, N, C)`.
+
+        Parameters are those of :meth:`functional_samples`, and ``link`` ('softmax' over
+        classes or SigLIP's per-pair 'sigmoid') applied to each logit sample.
+        """
         f = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
         return link_function(link)(f)
 
     def __call__(
         self,
         x: Any,
-        pred_type: str = "glm",
+        pred_type: str | PredType = PredType.PROBCOSINE,
         joint: bool = False,
-        link_approx: str = "probit",
+        link_approx: str | LinkApprox = LinkApprox.PROBIT,
         n_samples: int = 100,
         diagonal_output: bool = False,
         generator: torch.Generator | None = None,
@@ -401,58 +583,81 @@ class DualEncoderLaplace(KronLaplace):
 
         Parameters
         ----------
-        pred_type : {'glm', 'probcosine', 'probcosine_diag', 'nn', 'map'}
+        x : dict or torch.Tensor
+            ``{"image": (N, ...), "text": (C, ...)}`` (activations, or images and tokens in
+            model mode, optionally with ``"image_residual"``/``"text_residual"``), or images
+            scored against the classes of :meth:`set_classes`.
+        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'nn', 'map'}, default='probcosine'
             the logit moments (see :meth:`predictive_moments`), weight sampling through the
             exact normalisation (``nn``, needs ``link_approx='mc'``), or the MAP model.
-        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}
+        joint : bool, default=False
+            laplace's joint regression predictive; must be False (classification).
+        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
+            the probit approximation on the moments, Monte Carlo (see
+            :meth:`functional_samples`), or laplace's Laplace bridge (full class covariance for
+            ``glm``, diagonal for the ProbCosine types).
+        n_samples : int, default=100
+            Monte Carlo samples for ``link_approx='mc'``.
+        diagonal_output : bool, default=False
+            with ``pred_type='glm', link_approx='mc'``: sample the diagonal of the class
+            covariance only, as in laplace.
+        generator : torch.Generator, optional
+            randomness for ``link_approx='mc'``.
+        fitting : bool, default=False
+            laplace's reward-modelling switch (its gridsearch passes True); no effect for
+            classification, as upstream.
         link : {'softmax', 'sigmoid'}, default='softmax'
             a distribution over classes, or SigLIP's independent per-pair probabilities.
+        **model_kwargs
+            laplace passes these to the model's forward; the heads take none, so any raises.
+
+        Returns
+        -------
+        probs : torch.Tensor
+            `(N, C)`.
         """
-        pred_type, link_approx = _plain(pred_type), _plain(link_approx)
-        if pred_type not in PRED_TYPES:
-            raise ValueError(f"pred_type must be one of {PRED_TYPES}, got {pred_type!r}.")
-        if link_approx not in LINK_APPROXIMATIONS:
-            raise ValueError(
-                f"link_approx must be one of {LINK_APPROXIMATIONS}, got {link_approx!r}."
-            )
+        pred_type = parse_option(PredType, pred_type, "pred_type")
+        link_approx = parse_option(LinkApprox, link_approx, "link_approx")
         if joint:
             raise ValueError("joint=True is only defined for regression in laplace.")
+        if model_kwargs:
+            raise ValueError(f"unexpected arguments {sorted(model_kwargs)}: the heads take none.")
+        if diagonal_output and not (pred_type is PredType.GLM and link_approx is LinkApprox.MC):
+            raise ValueError("diagonal_output=True needs pred_type='glm' and link_approx='mc'.")
         apply_link = link_function(link)
-        if pred_type == "map":
-            a_i, r_i, a_t, r_t = self.inputs.predict(x)
-            with torch.no_grad():
+        if pred_type is PredType.MAP:
+            with torch.set_grad_enabled(self.enable_backprop):
+                a_i, r_i, a_t, r_t = self.inputs.predict(x)
                 return apply_link(self.heads({"image": a_i, "text": a_t, "image_residual": r_i,
                                               "text_residual": r_t}))  # fmt: skip
-        if pred_type == "nn" and link_approx != "mc":
+        if pred_type is PredType.NN and link_approx is not LinkApprox.MC:
             raise ValueError("pred_type='nn' needs link_approx='mc'.")
-        if link_approx == "mc":
+        if link_approx is LinkApprox.MC:
+            if diagonal_output:
+                f = self.functional_samples(x, pred_type, n_samples, True, generator)
+                return apply_link(f).mean(0)
             return self._mc_probabilities(x, pred_type, n_samples, generator, apply_link)
-        if link_approx == "probit":
-            mean, var = self.predictive_moments(x, method=pred_type)
-            return probit_sigmoid(mean, var) if link == "sigmoid" else probit_softmax(mean, var)
-        if link == "sigmoid":
+        if link_approx is LinkApprox.PROBIT:
+            return probit_link(link)(*self.predictive_moments(x, pred_type))
+        if link != "softmax":
             raise ValueError("the Laplace bridge is a softmax link: use link='softmax'.")
-        return self._bridge(x, pred_type, link_approx)
-
-    def _bridge(self, x: Any, pred_type: str, link_approx: str) -> torch.Tensor:
-        """Reuse laplace's Laplace-bridge code on our moments (full covariance for glm)."""
-        if pred_type == "glm":
-            mean, cov = self.predictive_moments(x, method="glm", diagonal_output=False)
-        else:
-            mean, var = self.predictive_moments(x, method=pred_type)
-            cov = torch.diag_embed(var)
-        self._glm_predictive_distribution = lambda *_, **__: (mean, cov)
-        try:
+        self._bridge_pred_type = pred_type
+        try:  # laplace's bridge code, reading our moments through its hook
             return KronLaplace._glm_forward_call(self, x, "classification", link_approx=link_approx)
         finally:
-            del self._glm_predictive_distribution
+            del self._bridge_pred_type
 
     def _glm_predictive_distribution(self, X: Any, joint: bool = False, diagonal_output=False):
-        """laplace's hook: the linearised logit mean `(N, C)` and covariance `(N, C, C)`."""
-        return self.predictive_moments(X, method="glm", diagonal_output=False)
+        """laplace's hook: the logit mean `(N, C)` and covariance `(N, C, C)`.
 
-    def _nn_predictive_classification(self, X: Any, n_samples: int = 100, **kwargs: Any):
-        return self.predictive_samples(X, "nn", n_samples).mean(0)
+        The linearised (``glm``) class covariance; for a ProbCosine bridge (set by
+        :meth:`__call__`) the diagonal covariance of its moments.
+        """
+        pred_type = getattr(self, "_bridge_pred_type", PredType.GLM)
+        if pred_type is PredType.GLM:
+            return self.predictive_moments(X, PredType.GLM, diagonal_output=False)
+        mean, var = self.predictive_moments(X, pred_type)
+        return mean, torch.diag_embed(var)
 
     def state_dict(self) -> dict[str, Any]:
         """laplace's state dict plus the contrastive type and a fingerprint of the heads.
@@ -463,7 +668,7 @@ class DualEncoderLaplace(KronLaplace):
         state["likelihood"] = _plain(self.likelihood)
         state.update(
             contrastive=self.contrastive,
-            damping=bool(self.damping),
+            damping=_damping_value(self.posterior_form),
             fingerprint=heads_fingerprint(self.heads),
         )
         return state
@@ -492,8 +697,15 @@ def _plain(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
-def _check_sample_type(pred_type: Any) -> str:
-    pred_type = _plain(pred_type)
-    if pred_type not in ("glm", "nn"):
-        raise ValueError(f"pred_type must be 'glm' or 'nn' for samples, got {pred_type!r}.")
-    return pred_type
+def _damping_value(form: PosteriorForm) -> bool | str:
+    """The ``damping`` argument that builds ``form`` (a plain bool or string, for state dicts)."""
+    return form.value if form is PosteriorForm.SYMMETRIC else form is PosteriorForm.DAMPED
+
+
+def _posterior_form(damping: Any) -> PosteriorForm:
+    """``damping`` (False, True or 'symmetric') as a :class:`PosteriorForm`."""
+    if isinstance(damping, bool):
+        return PosteriorForm.DAMPED if damping else PosteriorForm.EXACT
+    if damping == PosteriorForm.SYMMETRIC:
+        return PosteriorForm.SYMMETRIC
+    raise ValueError(f"damping must be False, True or 'symmetric', got {damping!r}.")

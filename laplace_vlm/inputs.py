@@ -71,7 +71,9 @@ class InputEncoder:
         weight = getattr(self.heads, f"{modality}_projection").weight
         if not _is_activation(value) and self.adapter is not None:
             encode = getattr(self.adapter, f"encode_{modality}")
-            feats = encode(value.to(weight.device) if isinstance(value, torch.Tensor) else value)
+            value = value.to(weight.device) if isinstance(value, torch.Tensor) else value
+            # the graph through the tower only where the caller records one (enable_backprop)
+            feats = encode(value, grad=torch.is_grad_enabled())
             value, residual = feats.activations, feats.residual
         name = f"x[{modality!r}]"
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim != 2:

@@ -141,8 +141,8 @@ def check_saved_posterior(
         or temperature <= 0
     ):
         raise fail(f"temperature must be positive and finite, got {metadata['temperature']!r}")
-    if not isinstance(damping, bool):
-        raise fail(f"damping must be true or false, got {metadata['damping']!r}")
+    if not isinstance(damping, bool) and damping != "symmetric":
+        raise fail(f"damping must be true, false or 'symmetric', got {metadata['damping']!r}")
 
     def tensor(name: str) -> torch.Tensor:
         if name not in tensors:

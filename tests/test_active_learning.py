@@ -184,7 +184,7 @@ def test_config_and_parser_validation():
 
 def test_select_pseudo_count_picks_the_lowest_validation_nlpd():
     from laplace_vlm.evaluation.metrics import nlpd
-    from laplace_vlm.predictive.moments import probit_softmax
+    from laplace_vlm.predictive.links import probit_softmax
 
     la, p = _laplace(), _problem()
     grid = (1.0, 10.0, 1000.0)

@@ -178,7 +178,7 @@ def test_rank_deficient_curvature_gives_finite_positive_variances(contrastive, p
     assert torch.linalg.matrix_rank(B, atol=1e-8) < D  # really rank-deficient
     x = {"image": a_i[:5], "text": a_t[:6]}
     for method in ("probcosine", "probcosine_diag", "glm"):
-        mean, var = la.predictive_moments(x, method=method)
+        mean, var = la.predictive_moments(x, pred_type=method)
         assert torch.isfinite(mean).all() and torch.isfinite(var).all(), method
         assert (var > 0).all(), method
     for pred_type in ("glm", "probcosine"):
@@ -210,17 +210,20 @@ def test_overflowing_logit_scale_is_a_value_error_not_exit():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda la, x: la.predictive_moments(x, method="mc"), ValueError, "method must be"),
+        (lambda la, x: la.predictive_moments(x, pred_type="mc"), ValueError, "pred_type must be"),
         (
-            lambda la, x: la.predictive_moments(x, method="probcosine", diagonal_output=False),
+            lambda la, x: la.predictive_moments(x, pred_type="probcosine", diagonal_output=False),
             ValueError,
-            "needs method='glm'",
+            "needs pred_type='glm'",
         ),  # fmt: skip
         (lambda la, x: la(x, pred_type="nn"), ValueError, "link_approx='mc'"),
         (lambda la, x: la(x, link_approx="laplace"), ValueError, "link_approx must be"),
         (lambda la, x: la(x, link="relu"), ValueError, "link must be"),
         (lambda la, x: la(x, joint=True), ValueError, "joint"),
-        (lambda la, x: la.functional_samples(x, "probcosine"), ValueError, "'glm' or 'nn'"),
+        (lambda la, x: la.functional_samples(x, "map"), ValueError, "no samples"),
+        (lambda la, x: la.functional_samples(x, "nn", diagonal_output=True), ValueError, "glm"),
+        (lambda la, x: la(x, diagonal_output=True), ValueError, "diagonal_output"),
+        (lambda la, x: la(x, foo=1), ValueError, "foo"),
         (lambda la, x: la({**x, "image_residual": torch.randn(2, D)}), ValueError, "rows"),
         (lambda la, x: la({**x, "text": x["text"][:, :2]}), ValueError, r"\(N, 5\)"),
         (lambda la, x: la({**x, "text": torch.zeros(4, D_TXT)}), ValueError, "zero-norm"),

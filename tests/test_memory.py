@@ -65,7 +65,7 @@ def _working_memory(la, text, n, method, chunk_size):
     a = torch.randn(n, D_IMG, generator=torch.Generator().manual_seed(1))
     x = {"image": a, "text": text}
     peak, (mean, var) = torch_peak_bytes(
-        lambda: la.predictive_moments(x, method=method, chunk_size=chunk_size)
+        lambda: la.predictive_moments(x, pred_type=method, chunk_size=chunk_size)
     )
     assert mean.shape == var.shape == (n, C)
     return peak - mean.nbytes - var.nbytes
@@ -129,9 +129,9 @@ def test_half_precision_heads_and_activations_give_fp32_curvature_and_predictive
             assert F_got.dtype == torch.float32
             torch.testing.assert_close(F_got, F_want, rtol=1e-5, atol=1e-6)
     for method in ("probcosine", "probcosine_diag", "glm"):
-        mean, var = half.predictive_moments({"image": a_i, "text": a_t[:7]}, method=method)
+        mean, var = half.predictive_moments({"image": a_i, "text": a_t[:7]}, pred_type=method)
         mean_ref, var_ref = ref.predictive_moments(
-            {"image": a_i.float(), "text": a_t[:7].float()}, method=method
+            {"image": a_i.float(), "text": a_t[:7].float()}, pred_type=method
         )
         assert mean.dtype == var.dtype == torch.float32
         assert torch.isfinite(var).all() and (var > 0).all()

@@ -27,10 +27,10 @@ def test_glm_moments_equal_dense_jacobians(contrastive, bias, damping):
     la, a_i, a_t = fitted(bias, contrastive, damping, temperature=0.5, prior=0.7)
     x = {"image": a_i[:5], "text": a_t[:7]}
     mean_ref, cov_ref = dense_glm_moments(la, x)
-    mean, var = la.predictive_moments(x, method="glm")
+    mean, var = la.predictive_moments(x, pred_type="glm")
     torch.testing.assert_close(mean, mean_ref, **TOL)
     torch.testing.assert_close(var, cov_ref.diagonal(dim1=1, dim2=2), **TOL)
-    _, cov = la.predictive_moments(x, method="glm", diagonal_output=False)
+    _, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
     torch.testing.assert_close(cov, cov_ref, **TOL)
     # laplace's own hook returns the same full covariance
     torch.testing.assert_close(la._glm_predictive_distribution(x)[1], cov_ref, **TOL)
@@ -102,7 +102,7 @@ def test_probcosine_numerator_is_the_exact_variance_of_the_dot_product():
     z, t = _mc_embeddings(la, x)
     post_i, post_t = la.head_posteriors()
     z0, t0 = la.heads.embed_image(x["image"]), la.heads.embed_text(x["text"])
-    var_cos = la.predictive_moments(x, method="probcosine")[1] / la.heads.scale.square()
+    var_cos = la.predictive_moments(x, pred_type="probcosine")[1] / la.heads.scale.square()
     norm2 = (z0.square().sum(-1) + post_i.variance(x["image"]).sum(-1))[:, None] * (
         t0.square().sum(-1) + post_t.variance(x["text"]).sum(-1)
     )[None]
@@ -116,7 +116,7 @@ def test_probcosine_full_matches_monte_carlo_cosine(prior, temperature, tol):
     la, x = wide_problem(prior, temperature)
     z, t = _mc_embeddings(la, x)
     cos = torch.einsum("snd,scd->snc", F.normalize(z, dim=-1), F.normalize(t, dim=-1))
-    mean, var = la.predictive_moments(x, method="probcosine")
+    mean, var = la.predictive_moments(x, pred_type="probcosine")
     s = la.heads.scale
     assert _rel_err(var / s**2, cos.var(0)) < tol
     assert (mean / s - cos.mean(0)).abs().max() < 0.02
@@ -128,8 +128,8 @@ def test_full_probcosine_beats_diagonal_on_an_anisotropic_posterior():
     z, t = _mc_embeddings(la, x)
     mc_var = torch.einsum("snd,scd->snc", F.normalize(z, dim=-1), F.normalize(t, dim=-1)).var(0)
     s2 = la.heads.scale.square()
-    err_full = _rel_err(la.predictive_moments(x, method="probcosine")[1] / s2, mc_var)
-    err_diag = _rel_err(la.predictive_moments(x, method="probcosine_diag")[1] / s2, mc_var)
+    err_full = _rel_err(la.predictive_moments(x, pred_type="probcosine")[1] / s2, mc_var)
+    err_diag = _rel_err(la.predictive_moments(x, pred_type="probcosine_diag")[1] / s2, mc_var)
     # measured: full 0.145, diagonal 0.511
     assert err_full < 0.25 and err_diag > 2 * err_full, (err_full, err_diag)
 
@@ -140,7 +140,7 @@ def test_glm_variance_approaches_monte_carlo_as_the_posterior_concentrates():
         la, a_i, a_t = fitted(bias=False, temperature=temperature, prior=1.0)
         x = {"image": a_i[:4], "text": a_t[:5]}
         _, mc_var = _mc_cosine(la, x, 20_000, seed=1)
-        glm_var = la.predictive_moments(x, method="glm")[1] / la.heads.scale.square()
+        glm_var = la.predictive_moments(x, pred_type="glm")[1] / la.heads.scale.square()
         errors.append(((glm_var - mc_var).abs() / mc_var).mean().item())
     assert errors[-1] < 0.05 and errors[-1] < errors[0], errors
 
@@ -149,7 +149,7 @@ def test_joint_glm_samples_have_the_glm_covariance_with_more_classes_than_dims()
     la, a_i, a_t = fitted(bias=True, prior=2.0)
     x = {"image": a_i[:3], "text": a_t[:10]}  # C = 10 > D = 4: rank-deficient logit covariance
     f = la.functional_samples(x, "glm", 40_000, generator=torch.Generator().manual_seed(2))
-    mean, cov = la.predictive_moments(x, method="glm", diagonal_output=False)
+    mean, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
     emp = torch.einsum("snk,snl->nkl", f - mean, f - mean) / len(f)
     scale = cov.diagonal(dim1=1, dim2=2).max()
     assert (emp - cov).abs().max() < 0.03 * scale
@@ -196,21 +196,38 @@ def test_probcosine_diag_is_the_reference_formula():
     Ez, Et = mz.square().sum(1) + vz.sum(1), mt.square().sum(1) + vt.sum(1)
     norm = Ez[:, None] * Et[None]
     var_ref = ((mz**2 + vz) @ vt.T + vz @ (mt**2).T) / norm
-    mean, var = la.predictive_moments(x, method="probcosine_diag")
+    mean, var = la.predictive_moments(x, pred_type="probcosine_diag")
     s = la.heads.scale
     torch.testing.assert_close(mean, s * (mz @ mt.T) / norm.sqrt(), **TOL)
     torch.testing.assert_close(var, s**2 * var_ref, **TOL)
 
 
+def _laplace_bridge(mean, cov):
+    """Hobbhahn et al.'s Laplace bridge with laplace's zero-mean correction, written anew."""
+    total = cov.sum((1, 2))[:, None]
+    mean = mean - cov.sum(-1) * mean.sum(-1, keepdim=True) / total
+    cov = cov - cov.sum(-1)[:, :, None] * cov.sum(-2)[:, None, :] / total[..., None]
+    K = mean.shape[-1]
+    alpha = (1 - 2 / K + mean.exp() / K**2 * (-mean).exp().sum(1, keepdim=True))
+    alpha = alpha / torch.diagonal(cov, dim1=1, dim2=2)
+    return alpha / alpha.sum(1, keepdim=True)
+
+
 def test_links():
     la, a_i, a_t = fitted(bias=True, contrastive="siglip", prior=2.0)
     x = {"image": a_i[:4], "text": a_t[:5]}
-    mean, var = la.predictive_moments(x, method="glm")
-    kappa = 1 / torch.sqrt(1 + torch.pi / 8 * var)
-    torch.testing.assert_close(la(x, link="sigmoid"), torch.sigmoid(kappa * mean))
-    torch.testing.assert_close(la(x), torch.softmax(kappa * mean, -1))
-    for link_approx in ("bridge", "bridge_norm"):
-        torch.testing.assert_close(la(x, link_approx=link_approx).sum(-1), torch.ones(4))
+    for pred_type in ("glm", "probcosine"):
+        mean, var = la.predictive_moments(x, pred_type=pred_type)
+        kappa = 1 / torch.sqrt(1 + torch.pi / 8 * var)
+        probs = la(x, pred_type, link="sigmoid")
+        torch.testing.assert_close(probs, torch.sigmoid(kappa * mean))
+        torch.testing.assert_close(la(x, pred_type), torch.softmax(kappa * mean, -1))
+    torch.testing.assert_close(la(x), la(x, "probcosine"))  # the default
+    mean, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
+    torch.testing.assert_close(la(x, "glm", link_approx="bridge"), _laplace_bridge(mean, cov))
+    mean, var = la.predictive_moments(x, pred_type="probcosine")
+    bridge = _laplace_bridge(mean, torch.diag_embed(var))
+    torch.testing.assert_close(la(x, link_approx="bridge"), bridge)
     map_probs = torch.softmax(la.heads(x), -1)
     torch.testing.assert_close(la(x, pred_type="map"), map_probs)
     la.set_classes(a_t[:5])
@@ -221,12 +238,34 @@ def test_links():
         la(x, pred_type="laplace")
 
 
+@pytest.mark.parametrize("prior, temperature", [(0.05, 1.0), (5.0, 0.01)], ids=["wide", "narrow"])
+def test_default_prediction_is_closer_to_exact_monte_carlo_than_glm(prior, temperature):
+    """The default ``la(x)`` is probit(ProbCosine), and nearer exact MC than the linearisation.
+
+    Exact MC: joint weight samples through the normalisation (``pred_type='nn'``), 20,000
+    draws; its error is measured between two seeds.
+    """
+    la, a_i, a_t = fitted(prior=prior, temperature=temperature)
+    x = {"image": a_i[:12], "text": a_t[:6]}
+    exact = [la(x, "nn", link_approx="mc", n_samples=20_000,
+                generator=torch.Generator().manual_seed(seed)) for seed in (0, 1)]  # fmt: skip
+    mc_error = (exact[0] - exact[1]).abs().sum(-1).mean()
+    default = la(x)
+    torch.testing.assert_close(default, la(x, "probcosine", link_approx="probit"))
+    l1 = {p: (la(x, p) - exact[0]).abs().sum(-1).mean() for p in ("probcosine", "glm", "map")}
+    assert l1["glm"] <= l1["map"] + 1e-12, l1
+    if prior < 1:  # wide: the linearisation misses the spread, by far more than MC error
+        assert mc_error < 0.5 * (l1["glm"] - l1["probcosine"]), (mc_error, l1)
+    else:  # narrow: both are within the probit link's own error; the default is no worse
+        assert l1["probcosine"] <= l1["glm"] + mc_error, (mc_error, l1)
+
+
 def test_chunked_prediction_equals_one_pass():
     la, a_i, a_t = fitted(bias=True, prior=2.0)
     x = {"image": a_i, "text": a_t[:6]}
     for method in ("glm", "probcosine", "probcosine_diag"):
-        full = la.predictive_moments(x, method=method)
-        chunked = la.predictive_moments(x, method=method, chunk_size=5)
+        full = la.predictive_moments(x, pred_type=method)
+        chunked = la.predictive_moments(x, pred_type=method, chunk_size=5)
         for a, b in zip(full, chunked):
             torch.testing.assert_close(a, b, **TOL)
 

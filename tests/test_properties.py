@@ -64,10 +64,10 @@ def test_variances_are_finite_and_non_negative(p):
     with float64():
         la, x = build(p)
         for method in METHODS:
-            mean, var = la.predictive_moments(x, method=method)
+            mean, var = la.predictive_moments(x, pred_type=method)
             assert torch.isfinite(mean).all() and torch.isfinite(var).all(), method
             assert (var >= 0).all(), (method, var.min())
-        _, cov = la.predictive_moments(x, method="glm", diagonal_output=False)
+        _, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
         # a covariance over classes: symmetric positive semi-definite (up to rounding)
         torch.testing.assert_close(cov, cov.transpose(1, 2))
         eig = torch.linalg.eigvalsh(cov)
@@ -110,9 +110,9 @@ def more_precision(la, p: dict, factor: float, prior: bool):
 
 
 def assert_variance_shrinks(la, x, p, method: str, factor: float, prior: bool) -> None:
-    before = la.predictive_moments(x, method=method)[1]
+    before = la.predictive_moments(x, pred_type=method)[1]
     with more_precision(la, p, factor, prior):
-        after = la.predictive_moments(x, method=method)[1]
+        after = la.predictive_moments(x, pred_type=method)[1]
     # relative slack for rounding only: more precision never adds variance
     assert (after <= before * (1 + 1e-9) + 1e-15).all(), (method, p, (after - before).max())
     assert (after < before).any(), method  # and the change is visible

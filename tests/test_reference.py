@@ -67,7 +67,7 @@ def test_predictive_is_finite_and_sensible_at_vit_b_32_size():
     la = DualEncoderLaplace.from_bayesvlm(REFERENCE, **vit_b_32_heads(), pseudo_count=10.0)
     x = {"image": torch.randn(8, 768), "text": torch.randn(20, 512)}
     for method in ("glm", "probcosine", "probcosine_diag"):
-        mean, var = la.predictive_moments(x, method=method)
+        mean, var = la.predictive_moments(x, pred_type=method)
         assert torch.isfinite(mean).all() and (var > 0).all()
     probs = la(x, pred_type="probcosine")
     torch.testing.assert_close(probs.sum(-1), torch.ones(8))

@@ -35,7 +35,7 @@ def brute_force_order(scores: list[float]) -> list[int]:
 
 def test_rankings_match_brute_force_in_both_directions(la_and_data):
     la, _, _, images, texts = la_and_data
-    mean, var = la.predictive_moments({"image": images, "text": texts}, method="probcosine")
+    mean, var = la.predictive_moments({"image": images, "text": texts}, pred_type="probcosine")
     i2t = rank(la, images, texts, "image_to_text")
     t2i = rank(la, images, texts, "text_to_image")
     assert i2t.indices.shape == (7, 9) and t2i.indices.shape == (9, 7)

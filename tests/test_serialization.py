@@ -39,7 +39,7 @@ def test_save_load_round_trip_without_the_model(fitted, tmp_path):
     torch.testing.assert_close(loaded.prior_precision, la.prior_precision)
     for method in ("glm", "probcosine"):
         for a, b in zip(
-            loaded.predictive_moments(x, method=method), la.predictive_moments(x, method=method)
+            loaded.predictive_moments(x, pred_type=method), la.predictive_moments(x, pred_type=method)
         ):
             torch.testing.assert_close(a, b)
     torch.testing.assert_close(loaded.log_marginal_likelihood(), la.log_marginal_likelihood())

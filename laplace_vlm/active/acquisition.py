@@ -19,9 +19,17 @@ with seeded random tie-breaking.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from laplace_vlm.predictive.links import as_generator
+from laplace_vlm.predictive.uncertainty import (
+    bald,
+    bald_from_samples,
+    epig_from_samples,
+    logit_variance,
+    map_entropy,
+    predictive_entropy,
+)
 
 STRATEGIES: tuple[str, ...] = (
     "random",
@@ -31,188 +39,6 @@ STRATEGIES: tuple[str, ...] = (
     "epig",
     "logit_variance",
 )
-
-
-def _generator(generator: torch.Generator | int | None) -> torch.Generator:
-    """A ``torch.Generator``: the given one, or a new one seeded with the int (default 0)."""
-    if isinstance(generator, torch.Generator):
-        return generator
-    seed = 0 if generator is None else int(generator)
-    return torch.Generator().manual_seed(seed)
-
-
-def _check_moments(mean: torch.Tensor, var: torch.Tensor | None = None) -> None:
-    if mean.dim() != 2:
-        raise ValueError(f"mean must be (N, C), got shape {tuple(mean.shape)}.")
-    if var is None:
-        return
-    if var.shape != mean.shape:
-        raise ValueError(
-            f"var must have the shape of mean {tuple(mean.shape)}, got {tuple(var.shape)}."
-        )
-    if (var < 0).any():
-        raise ValueError("var must be non-negative.")
-
-
-def _check_samples(samples: torch.Tensor, name: str = "samples") -> None:
-    if samples.dim() != 3:
-        raise ValueError(f"{name} must be (S, N, C), got shape {tuple(samples.shape)}.")
-
-
-def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy (nats) of categorical ``probs`` along ``dim``, with ``0 log 0 = 0``."""
-    return -torch.special.xlogy(probs, probs).sum(dim)
-
-
-def probit_probs(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Probit-approximate predictive ``softmax(mean / sqrt(1 + pi/8 var))``, `(N, C)`."""
-    return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
-
-
-def sample_logits(
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    n_samples: int = 200,
-    generator: torch.Generator | int | None = None,
-) -> torch.Tensor:
-    """Independent Gaussian logit samples ``mean + sqrt(var) eps``.
-
-    Parameters
-    ----------
-    mean, var : torch.Tensor
-        `(N, C)` logit moments.
-    n_samples : int
-        S.
-    generator : torch.Generator or int, optional
-        randomness (an int is a seed; None means seed 0).
-
-    Returns
-    -------
-    samples : torch.Tensor
-        `(S, N, C)`; independent across inputs and classes.
-    """
-    _check_moments(mean, var)
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
-    eps = torch.randn(
-        (n_samples, *mean.shape), generator=_generator(generator), dtype=mean.dtype
-    ).to(mean.device)
-    return mean + var.sqrt() * eps
-
-
-def map_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the deterministic (MAP) softmax ``softmax(logits)``, `(N,)`."""
-    _check_moments(logits)
-    return entropy(torch.softmax(logits, dim=-1))
-
-
-def predictive_entropy(
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    method: str = "probit",
-    n_samples: int = 200,
-    generator: torch.Generator | int | None = None,
-) -> torch.Tensor:
-    """Entropy of the Bayesian predictive ``E[softmax(f)]``, `(N,)`.
-
-    ``method="probit"`` uses the closed-form probit approximation, ``"mc"`` averages the
-    softmax over ``n_samples`` independent logit samples.
-    """
-    _check_moments(mean, var)
-    if method == "probit":
-        return entropy(probit_probs(mean, var))
-    if method == "mc":
-        return entropy(torch.softmax(sample_logits(mean, var, n_samples, generator), -1).mean(0))
-    raise ValueError(f"method must be 'probit' or 'mc', got {method!r}.")
-
-
-def logit_variance(var: torch.Tensor) -> torch.Tensor:
-    """Mean logit variance over the classes, `(N,)`."""
-    _check_moments(var, var)
-    return var.mean(-1)
-
-
-def bald_from_samples(samples: torch.Tensor) -> torch.Tensor:
-    """BALD ``I(y; theta | x) = H[E_s p_s] - E_s H[p_s]`` from logit samples.
-
-    Parameters
-    ----------
-    samples : torch.Tensor
-        `(S, N, C)` logit samples.
-
-    Returns
-    -------
-    scores : torch.Tensor
-        `(N,)`, non-negative up to round-off.
-    """
-    _check_samples(samples)
-    probs = torch.softmax(samples, dim=-1)
-    total = entropy(probs.mean(0))
-    expected = entropy(probs).mean(0)
-    return (total - expected).clamp_min(0.0)
-
-
-def bald(
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    n_samples: int = 200,
-    generator: torch.Generator | int | None = None,
-) -> torch.Tensor:
-    """BALD from diagonal Gaussian logit moments, by seeded Monte Carlo, `(N,)`.
-
-    No closed form exists for the softmax; the class correlations are ignored (use
-    :func:`bald_from_samples` on joint functional samples to keep them).
-    """
-    return bald_from_samples(sample_logits(mean, var, n_samples, generator))
-
-
-def epig_from_samples(
-    pool_samples: torch.Tensor,
-    target_samples: torch.Tensor,
-    max_elements: int = 2**24,
-) -> torch.Tensor:
-    """EPIG (Bickford-Smith et al., 2023) from joint logit samples of pool and targets.
-
-    ``EPIG(x) = E_{x*} I(y; y* | x, x*)`` with ``p(y, y*) = E_theta[p(y|x,theta) p(y*|x*,theta)]``,
-    estimated by averaging over the S weight samples (sample ``s`` of the pool and of the
-    targets must come from the *same* weight sample). Chunked over the pool so that the
-    `(chunk, N*, C, C)` joint never exceeds ``max_elements``.
-
-    Parameters
-    ----------
-    pool_samples : torch.Tensor
-        `(S, N, C)` logit samples of the pool.
-    target_samples : torch.Tensor
-        `(S, N*, C*)` logit samples of the target inputs, from the same weight samples.
-    max_elements : int
-        memory bound on the joint probability tensor.
-
-    Returns
-    -------
-    scores : torch.Tensor
-        `(N,)` expected information gain about a target label, in nats.
-    """
-    _check_samples(pool_samples, "pool_samples")
-    _check_samples(target_samples, "target_samples")
-    if pool_samples.shape[0] != target_samples.shape[0]:
-        raise ValueError(
-            "pool_samples and target_samples must share the sample axis, got "
-            f"{pool_samples.shape[0]} and {target_samples.shape[0]} samples."
-        )
-    n_samples = pool_samples.shape[0]
-    p_pool = torch.softmax(pool_samples, -1).transpose(0, 1)  # (N, S, C)
-    p_targ = torch.softmax(target_samples, -1).transpose(0, 1)  # (N*, S, C*)
-    marg_targ = p_targ.mean(1)  # (N*, C*)
-    per_pool = p_targ.shape[0] * p_pool.shape[-1] * p_targ.shape[-1]
-    chunk = max(1, max_elements // max(per_pool, 1))
-    scores = []
-    for start in range(0, p_pool.shape[0], chunk):
-        pp = p_pool[start : start + chunk]
-        joint = torch.einsum("psc,tsd->ptcd", pp, p_targ) / n_samples
-        indep = pp.mean(1)[:, None, :, None] * marg_targ[None, :, None, :]
-        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, indep)).sum((-2, -1))
-        scores.append(mi.mean(-1))
-    return torch.cat(scores).clamp_min(0.0)
 
 
 def acquisition_scores(
@@ -270,7 +96,7 @@ def acquisition_scores(
         raise ValueError(f"strategy {strategy!r} needs mean (and var).")
     if strategy == "random":
         n = ref.shape[-2]
-        return torch.rand(n, generator=_generator(generator), dtype=torch.float64)
+        return torch.rand(n, generator=as_generator(generator), dtype=torch.float64)
     if mean is None or var is None:
         raise ValueError(f"strategy {strategy!r} needs mean and var.")
     if strategy == "entropy":
@@ -329,7 +155,7 @@ def select_top(
     keep = torch.ones(n, dtype=torch.bool)
     if exclude is not None:
         keep[exclude.to(torch.long) if exclude.dtype != torch.bool else exclude] = False
-    perm = torch.randperm(n, generator=_generator(generator))
+    perm = torch.randperm(n, generator=as_generator(generator))
     perm = perm[keep[perm]]
     s = scores.detach().cpu().to(torch.float64)[perm]
     order = perm[torch.sort(s, descending=True, stable=True).indices]

@@ -167,9 +167,9 @@ class ActiveLearningConfig:
 
 
 def _probs(la, x: dict, predictive: str) -> torch.Tensor:
-    from laplace_vlm.predictive.moments import probit_softmax
+    from laplace_vlm.predictive.links import probit_softmax
 
-    mean, var = la.predictive_moments(x, method=predictive)
+    mean, var = la.predictive_moments(x, pred_type=predictive)
     return probit_softmax(mean, var)
 
 
@@ -222,7 +222,7 @@ def select_batch(
         return idx[torch.randperm(len(idx), generator=generator)[: config.budget]]
     cand = candidates(la, problem, labelled, config)
     x = {"image": problem.pool[cand], "text": problem.class_text}
-    mean, var = la.predictive_moments(x, method=config.predictive)
+    mean, var = la.predictive_moments(x, pred_type=config.predictive)
     kwargs: dict[str, Any] = {}
     with torch.no_grad():
         if strategy == "map_entropy":

@@ -288,7 +288,7 @@ class DualEncoderAdapter:
         """Device of the model's image head (where inputs should go)."""
         return self._towers["image"].param.device
 
-    def encode_image(self, images: Any) -> Features:
+    def encode_image(self, images: Any, grad: bool = False) -> Features:
         """Encode a batch of images.
 
         Parameters
@@ -296,15 +296,17 @@ class DualEncoderAdapter:
         images : torch.Tensor or Mapping
             `(N, C, H, W)` pixels (or the processor's mapping for Hugging Face models), on the
             model's device; floating tensors are cast to the tower's dtype.
+        grad : bool, default=False
+            build the autograd graph through the tower (test-time adaptation, prompt tuning).
 
         Returns
         -------
         Features
             `(N, d)` activations, `(N, D)` embeddings (and residual), float32 or float64.
         """
-        return self._encode(self._towers["image"], images)
+        return self._encode(self._towers["image"], images, grad)
 
-    def encode_text(self, tokens: Any) -> Features:
+    def encode_text(self, tokens: Any, grad: bool = False) -> Features:
         """Encode a batch of tokenised texts.
 
         Parameters
@@ -312,17 +314,19 @@ class DualEncoderAdapter:
         tokens : torch.Tensor or Mapping
             `(N, L)` token ids (open_clip), or a tokenizer's mapping / ``input_ids`` tensor
             (Hugging Face), on the model's device.
+        grad : bool, default=False
+            build the autograd graph through the tower.
 
         Returns
         -------
         Features
             `(N, d)` activations and `(N, D)` embeddings, float32 or float64.
         """
-        return self._encode(self._towers["text"], tokens)
+        return self._encode(self._towers["text"], tokens, grad)
 
-    def _encode(self, tower: Tower, inputs: Any) -> Features:
+    def _encode(self, tower: Tower, inputs: Any, grad: bool = False) -> Features:
         inputs = cast_floating(inputs, tower.param.dtype)
-        with torch.no_grad(), _eval_mode(self.model):
+        with torch.set_grad_enabled(grad), _eval_mode(self.model):
             pre, emb, res = tower.capture(lambda: unwrap(tower.encode(inputs)))
             if tower.name not in self._verified:
                 self._verify(tower, pre, emb, res, unwrap(tower.encode(inputs)))

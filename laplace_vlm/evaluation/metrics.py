@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import BinaryAUROC, MulticlassCalibrationError
 
-from laplace_vlm.active.acquisition import entropy
+from laplace_vlm.predictive.uncertainty import entropy
 
 ECE_BINS = 20
 _EPS = torch.finfo(torch.float64).tiny

@@ -65,7 +65,7 @@ def save_laplace(la: DualEncoderLaplace, path: str | os.PathLike, overwrite: boo
         "version": VERSION,
         "contrastive": la.contrastive,
         "curvature": la.curvature,
-        "damping": json.dumps(bool(la.damping)),
+        "damping": json.dumps(state["damping"]),
         "temperature": json.dumps(float(la.temperature)),
         "n_data": json.dumps(int(la.n_data)),
         "fingerprint": state["fingerprint"],

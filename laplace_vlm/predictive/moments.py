@@ -16,15 +16,11 @@ preallocated outputs (:func:`chunk_moments`): no `(N, C)` temporaries besides GE
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from laplace_vlm.enums import PredType
 from laplace_vlm.posterior.head_posterior import CovTerm, HeadPosterior
 from laplace_vlm.validation import check_matrix
-
-PREDICTIVE_METHODS: tuple[str, ...] = ("glm", "probcosine", "probcosine_diag")
-
 
 def probcosine(
     mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor
@@ -90,36 +86,19 @@ def glm_covariance(
     return cov
 
 
-def probit_scale(var: torch.Tensor) -> torch.Tensor:
-    """MacKay's probit factor ``1 / sqrt(1 + pi/8 var)``."""
-    return torch.rsqrt(1.0 + math.pi / 8.0 * var)
-
-
-def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Probit approximation of ``E[softmax(f)]`` per row, `(N, C)`."""
-    return torch.softmax(mean * probit_scale(var), dim=-1)
-
-
-def probit_sigmoid(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Probit approximation of ``E[sigmoid(f)]`` per pair (SigLIP), `(N, C)`."""
-    return torch.sigmoid(mean * probit_scale(var))
-
-
-def link_function(link: str):
-    """``softmax`` over classes or SigLIP's per-pair ``sigmoid``, applied to logits."""
-    if link == "softmax":
-        return lambda f: torch.softmax(f, dim=-1)
-    if link == "sigmoid":
-        return torch.sigmoid
-    raise ValueError(f"link must be 'softmax' or 'sigmoid', got {link!r}.")
-
-
 def _bases(post: HeadPosterior) -> list[torch.Tensor]:
     """Output-side eigenbases of a head's covariance terms (weight, [bias])."""
     return [post.out_basis] + ([post.bias_basis] if post.bias_basis is not None else [])
 
 
-def class_operands(method: str, post_i, post_t, a_t, t, s) -> dict:
+def class_operands(
+    pred_type: PredType,
+    post_i: HeadPosterior,
+    post_t: HeadPosterior,
+    a_t: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+) -> dict:
     """Right-hand GEMM operands `(C, K)` shared by all image chunks, with ``s``/``s^2`` in.
 
     ``probcosine_diag``: ``mean = (z / sqrt(E|z|^2)) (s t / sqrt(E|t|^2))^T`` and
@@ -129,7 +108,7 @@ def class_operands(method: str, post_i, post_t, a_t, t, s) -> dict:
     ``A``, ``B`` GEMMs and ``g``, ``h`` the per-image and per-class diagonal parts.
     """
     s2 = s.square()
-    if method == "probcosine_diag":
+    if pred_type is PredType.PROBCOSINE_DIAG:
         var_t = post_t.variance(a_t)
         tt = t.square().sum(-1) + var_t.sum(-1)
         return dict(
@@ -139,7 +118,7 @@ def class_operands(method: str, post_i, post_t, a_t, t, s) -> dict:
             @ post_i.out_basis.square().T,  # diag Cov[z] = (a Q2)^2 @ var_op
         )
     terms_t = post_t.terms(a_t)
-    if method == "probcosine":
+    if pred_type is PredType.PROBCOSINE:
         tt = t.square().sum(-1) + sum(e.sum(-1) for _, e in terms_t)
         cols = [e for _, e in terms_t]  # with (mu_z R)^2: mu_z^T C_t mu_z
         for Q in _bases(post_i):  # with c: mu_t^T C_z mu_t + tr(C_z C_t)
@@ -169,49 +148,71 @@ def class_operands(method: str, post_i, post_t, a_t, t, s) -> dict:
                 text_bases=[R for R, _ in terms_t])  # fmt: skip
 
 
-def chunk_moments(method, z, a, post_i, ops, mean_out, var_out, s) -> None:
-    """Write the logit mean (without logit bias) and variance of one image chunk.
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b``, into ``out`` when given (the preallocated, no-autograd fast path)."""
+    return a @ b if out is None else torch.mm(a, b, out=out)
+
+
+def chunk_moments(
+    pred_type: PredType,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    post_i: HeadPosterior,
+    ops: dict,
+    s: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logit mean (without logit bias) and variance of one image chunk, `(n, C)` each.
 
     Parameters
     ----------
+    pred_type : PredType
+        ``probcosine``, ``probcosine_diag`` or ``glm``.
     z : torch.Tensor
-        `(n, D)` un-normalised image embeddings; ``a`` `(n, d)` their activations.
+        `(n, D)` un-normalised image embeddings.
+    a : torch.Tensor
+        `(n, d)` their activations.
+    post_i : HeadPosterior
+        the image head's posterior.
     ops : dict
         :func:`class_operands` of the classes.
-    mean_out, var_out : torch.Tensor
-        `(n, C)` views of the preallocated outputs.
+    s : torch.Tensor
+        the linear logit scale.
+    out : tuple of torch.Tensor, optional
+        `(n, C)` views of preallocated outputs to write into.
     """
-    if method == "probcosine_diag":
+    mean_out, var_out = (None, None) if out is None else out
+    if pred_type is PredType.PROBCOSINE_DIAG:
         var_z = (a @ post_i.in_basis).square() @ ops["var_op"]
         if post_i.bias_basis is not None:
             var_z = var_z + post_i.bias_basis.square() @ post_i.bias_inv_eig
         inv = 1.0 / (z.square().sum(-1) + var_z.sum(-1))
-        torch.mm(z * inv.sqrt()[:, None], ops["mean_r"].T, out=mean_out)
+        mean = _mm(z * inv.sqrt()[:, None], ops["mean_r"].T, mean_out)
         left = torch.cat([z.square() + var_z, var_z], dim=1) * inv[:, None]
-        torch.mm(left, ops["var_r"].T, out=var_out)
-    elif method == "probcosine":
+        return mean, _mm(left, ops["var_r"].T, var_out)
+    if pred_type is PredType.PROBCOSINE:
         terms_z = post_i.terms(a)
         inv = 1.0 / (z.square().sum(-1) + sum(c.sum(-1) for _, c in terms_z))
-        torch.mm(z * inv.sqrt()[:, None], ops["mean_r"].T, out=mean_out)
+        mean = _mm(z * inv.sqrt()[:, None], ops["mean_r"].T, mean_out)
         cols = [(z @ R).square() for R in ops["text_bases"]] + [c for _, c in terms_z]
-        torch.mm(torch.cat(cols, 1) * inv[:, None], ops["var_r"].T, out=var_out)
-    else:
-        nz = z.norm(dim=-1)
-        U = z / nz[:, None]
-        inv2 = (1.0 / nz.square())[:, None]
-        A_cols, B_cols, g = [], [], 0.0
-        for Q, c in post_i.terms(a):
-            Ur = U @ Q
-            A_cols.append(c * inv2)
-            B_cols.append(c * Ur * inv2)
-            g = g + (c * Ur.square()).sum(-1) * inv2[:, 0]
-        for R in ops["text_bases"]:
-            Ur = U @ R
-            A_cols.append(Ur.square())
-            B_cols.append(Ur)
-        cos = U @ ops["V"].T
-        B = torch.cat(B_cols, 1) @ ops["B_r"].T
-        torch.mm(torch.cat(A_cols, 1), ops["A_r"].T, out=var_out)
-        B.mul_(-2.0).addcmul_(cos, (g * s.square())[:, None]).addcmul_(cos, ops["h"][None])
-        var_out.addcmul_(cos, B)
-        torch.mul(cos, s, out=mean_out)
+        return mean, _mm(torch.cat(cols, 1) * inv[:, None], ops["var_r"].T, var_out)
+    nz = z.norm(dim=-1)
+    U = z / nz[:, None]
+    inv2 = (1.0 / nz.square())[:, None]
+    A_cols, B_cols, g = [], [], 0.0
+    for Q, c in post_i.terms(a):
+        Ur = U @ Q
+        A_cols.append(c * inv2)
+        B_cols.append(c * Ur * inv2)
+        g = g + (c * Ur.square()).sum(-1) * inv2[:, 0]
+    for R in ops["text_bases"]:
+        Ur = U @ R
+        A_cols.append(Ur.square())
+        B_cols.append(Ur)
+    cos = U @ ops["V"].T
+    B = torch.cat(B_cols, 1) @ ops["B_r"].T
+    var = _mm(torch.cat(A_cols, 1), ops["A_r"].T, var_out)
+    B.mul_(-2.0).addcmul_(cos, (g * s.square())[:, None]).addcmul_(cos, ops["h"][None])
+    var.addcmul_(cos, B)
+    mean = cos * s if mean_out is None else torch.mul(cos, s, out=mean_out)
+    return mean, var

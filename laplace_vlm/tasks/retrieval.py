@@ -45,7 +45,7 @@ def rank(
     image: torch.Tensor,
     text: torch.Tensor,
     direction: str = "image_to_text",
-    method: str = "probcosine",
+    pred_type: str = "probcosine",
 ) -> Ranking:
     """Rank texts for every image (or images for every text) by expected similarity.
 
@@ -59,7 +59,7 @@ def rank(
         `(M, ...)` text inputs likewise.
     direction : {'image_to_text', 'text_to_image'}
         queries are the images (gallery = texts) or the texts (gallery = images).
-    method : {'probcosine', 'probcosine_diag', 'glm'}
+    pred_type : {'probcosine', 'probcosine_diag', 'glm'}
         the predictive moments; ``glm``'s mean is the MAP similarity.
 
     Returns
@@ -69,7 +69,7 @@ def rank(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
-    mean, var = la.predictive_moments({"image": image, "text": text}, method=method)
+    mean, var = la.predictive_moments({"image": image, "text": text}, pred_type=pred_type)
     if direction == "text_to_image":
         mean, var = mean.T, var.T
     return rank_scores(mean, var)

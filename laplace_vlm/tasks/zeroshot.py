@@ -21,11 +21,11 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from laplace_vlm.active.acquisition import bald_from_samples, entropy, sample_logits
-from laplace_vlm.predictive.moments import probit_softmax
+from laplace_vlm.enums import PredType, parse_option
+from laplace_vlm.predictive.links import sample_logits
+from laplace_vlm.predictive.uncertainty import bald_from_samples, entropy
 
 Template = str | Callable[[str], str]
-PRED_TYPES: tuple[str, ...] = ("map", "glm", "probcosine", "probcosine_diag")
 
 
 def format_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[str]:
@@ -228,30 +228,28 @@ class ZeroShotClassifier:
             the mutual information comes from the same samples as the probabilities for
             ``mc`` and from independent samples of the logit moments otherwise.
         """
-        if pred_type not in PRED_TYPES:
-            raise ValueError(f"pred_type must be one of {PRED_TYPES}, got {pred_type!r}.")
+        pred_type = parse_option(PredType, pred_type, "pred_type")
+        if pred_type is PredType.NN:
+            raise ValueError("pred_type='nn' has no logit moments: use 'probcosine' or 'glm'.")
         generator = torch.Generator().manual_seed(0) if generator is None else generator
         x = self.inputs(image_activations, image_residual)
         with torch.no_grad():
-            if pred_type == "map":
+            if pred_type is PredType.MAP:
                 mean = self.la.model(x)
                 var = torch.zeros_like(mean)
                 probs, mi = torch.softmax(mean, dim=-1), mean.new_zeros(len(mean))
                 return ZeroShotPrediction(probs, mean, var, entropy(probs), mi)
-            mean, var = self.la.predictive_moments(x, method=pred_type)
+            mean, var = self.la.predictive_moments(x, pred_type=pred_type)
             if link_approx == "mc":
                 samples = self._logit_samples(x, pred_type, mean, var, n_samples, generator)
                 probs, mi = torch.softmax(samples, -1).mean(0), bald_from_samples(samples)
             else:
-                if link_approx == "probit":
-                    probs = probit_softmax(mean, var)
-                else:
-                    probs = self.la(x, pred_type=pred_type, link_approx=link_approx)
+                probs = self.la(x, pred_type=pred_type, link_approx=link_approx)
                 mi = bald_from_samples(sample_logits(mean, var, n_samples, generator))
         return ZeroShotPrediction(probs, mean, var, entropy(probs), mi)
 
     def _logit_samples(self, x, pred_type, mean, var, n_samples, generator) -> torch.Tensor:
         """`(S, N, C)` logit samples: joint weight-space samples for ``glm``."""
-        if pred_type == "glm":
+        if pred_type is PredType.GLM:
             return self.la.functional_samples(x, "glm", n_samples, generator=generator)
         return sample_logits(mean, var, n_samples, generator)

@@ -1,0 +1,108 @@
+"""Valid options, as str-Enums in the style of ``laplace.utils.enums``.
+
+Each option is accepted as the Enum member or as its plain string (``PredType.PROBCOSINE`` or
+``"probcosine"``); objects store the plain string, so state dicts keep loading under
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=Enum)
+
+
+class PredType(str, Enum):
+    """Valid options for ``pred_type``: how the posterior reaches the similarity logits."""
+
+    PROBCOSINE = "probcosine"
+    """Moment matching of the cosine with the full embedding covariances (the default)."""
+
+    PROBCOSINE_DIAG = "probcosine_diag"
+    """The paper's ProbCosine with diagonal embedding covariances."""
+
+    GLM = "glm"
+    """laplace's linearised predictive (the logit linearised in the head weights)."""
+
+    NN = "nn"
+    """Weight samples pushed through the exact normalisation (needs ``link_approx='mc'``)."""
+
+    MAP = "map"
+    """The deterministic model at the posterior mean."""
+
+
+MOMENT_PRED_TYPES = (PredType.PROBCOSINE, PredType.PROBCOSINE_DIAG, PredType.GLM)
+"""The pred types with analytic logit moments (``predictive_moments``)."""
+
+
+class LinkApprox(str, Enum):
+    """Valid options for ``link_approx``: how the logit distribution reaches probabilities."""
+
+    PROBIT = "probit"
+    """MacKay's probit approximation on the logit moments."""
+
+    MC = "mc"
+    """Monte Carlo over joint weight samples (or Gaussian logit samples for ProbCosine)."""
+
+    BRIDGE = "bridge"
+    """laplace's Laplace bridge."""
+
+    BRIDGE_NORM = "bridge_norm"
+    """laplace's normalised Laplace bridge."""
+
+
+class Link(str, Enum):
+    """Valid options for ``link``: a distribution over classes or per-pair probabilities."""
+
+    SOFTMAX = "softmax"
+    """One distribution over the classes of each image (CLIP's zero-shot classifier)."""
+
+    SIGMOID = "sigmoid"
+    """SigLIP's independent probability of each image-text pair."""
+
+
+class Contrastive(str, Enum):
+    """Valid options for ``contrastive``: the pair likelihood behind the curvature."""
+
+    CLIP = "clip"
+    """InfoNCE: a softmax over the other modality's items of the class batch."""
+
+    SIGLIP = "siglip"
+    """Pairwise sigmoid with a logit bias."""
+
+
+class PosteriorForm(str, Enum):
+    """Valid options for ``damping``: how the prior enters a Kronecker-factored precision."""
+
+    EXACT = "exact"
+    """``damping=False``: ``h (F0 x F1) + delta I`` in the eigenbasis (exact prior)."""
+
+    DAMPED = "damped"
+    """``damping=True``: laplace's ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)``
+    on its factor split ``[sum B, sum a a^T / N]``."""
+
+    SYMMETRIC = "symmetric"
+    """``damping="symmetric"``: the reference implementation's
+    ``(sqrt(n) A + sqrt(delta) I) x (sqrt(n) B + sqrt(delta) I)`` on the split
+    ``[sum B / sqrt(N), sum a a^T / sqrt(N)]``."""
+
+
+def parse_option(enum: type[E], value: object, name: str) -> E:
+    """``value`` as a member of ``enum``, or a ``ValueError`` naming ``name`` and the options.
+
+    Parameters
+    ----------
+    enum : type of str-Enum
+        the valid options.
+    value : Enum member or str
+        what the user passed.
+    name : str
+        the argument's name, for the error message.
+    """
+    if isinstance(value, enum):
+        return value
+    options = tuple(m.value for m in enum)
+    if isinstance(value, str) and value in options:
+        return enum(value)
+    raise ValueError(f"{name} must be one of {options}, got {value!r}.")

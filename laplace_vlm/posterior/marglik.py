@@ -1,0 +1,244 @@
+"""Type-II maximum likelihood of the prior precision: the optimum of laplace's evidence.
+
+laplace's ``optimize_prior_precision(method="marglik")`` takes 100 Adam steps of size 0.1 in
+``log lambda`` from ``lambda = 1``: at most ``exp(10)`` of travel, and Adam's momentum needs
+many more steps than that to settle, so an optimum in the thousands is left about 20% short.
+
+Here the same objective, ``la.log_marginal_likelihood(prior_precision)``, is maximised to
+convergence with a safeguarded Newton iteration in ``t = log lambda``:
+
+* For a Kronecker posterior the evidence is *separable*: each prior parameter (one for all
+  layers, one per head or one per layer) scales a disjoint set of layers, and the log-likelihood,
+  the log-determinants and the scatter are sums over layers. So the Hessian in ``t`` is
+  diagonal and one extra backward pass of the summed gradient gives it exactly.
+* Each coordinate is *concave* in ``t``, for the exact prior
+  (``sum log(l1 l2 + lambda) - n log lambda + lambda |theta|^2``) and for the damped one
+  (``sum log(l1 + sqrt(lambda)) (l2 + sqrt(lambda))``): the gradient is monotone, its sign
+  brackets the optimum, and Newton converges quadratically once near it.
+* Far from the optimum Newton steps in ``log lambda`` can be tiny (above the optimum the
+  scatter term gives a step of about ``-1`` per iteration) or huge (below it the curvature
+  vanishes), so until the gradient changes sign the step at least doubles and at most is
+  ``max_step``; once bracketed, a Newton step that leaves the bracket is replaced by bisection.
+  Only gradients are compared, never evidence values, which in float32 carry rounding errors
+  of several nats when ``n log lambda`` is large.
+
+One iteration is one evidence evaluation with two backward passes, whatever the number of
+prior parameters; an optimum anywhere in ``1e-2 .. 1e5`` from ``lambda = 1`` takes about 10.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import tqdm
+
+STRUCTURES = ("scalar", "head", "layerwise", "diag")
+
+
+def maximize_marglik(
+    la: Any,
+    prior_structure: str = "scalar",
+    init_prior_prec: float | torch.Tensor = 1.0,
+    max_iter: int = 100,
+    rtol: float = 1e-6,
+    max_step: float = 8.0,
+    verbose: bool = False,
+    progress_bar: bool = False,
+) -> torch.Tensor:
+    """Set ``la.prior_precision`` to the maximiser of ``la.log_marginal_likelihood``.
+
+    Parameters
+    ----------
+    la : laplace.KronLaplace
+        a fitted Kronecker Laplace (a ``DualEncoderLaplace`` for ``prior_structure='head'``).
+    prior_structure : {'scalar', 'head', 'layerwise', 'diag'}, default='scalar'
+        laplace's names: one precision for all parameters, or one per layer (per weight and
+        bias tensor); 'head' is one per projection head (expanded to the head's weight and
+        bias by ``DualEncoderLaplace``). 'diag' (per parameter) cannot be held by a Kronecker
+        posterior and is refused. Used only when ``init_prior_prec`` is a single value, as in
+        laplace; otherwise the structure of ``init_prior_prec`` is kept.
+    init_prior_prec : float or torch.Tensor, default=1.0
+        the starting precision (laplace's meaning): a single value, broadcast to
+        ``prior_structure``, or a tensor of 1, 2 (per head) or ``la.n_layers`` positive values.
+    max_iter : int, default=100
+        the most evidence evaluations; about 10 are typical, 30 for an optimum ``1e10`` away.
+    rtol : float, default=1e-6
+        convergence: the Newton step in ``log lambda`` (the log-space gradient over its
+        curvature, i.e. the predicted relative distance of ``lambda`` to the optimum), or the
+        width of the bracket in ``log lambda``, below ``rtol`` for every prior parameter.
+    max_step : float, default=8.0
+        the largest change of ``log lambda`` in one iteration (``exp(8)``, about 3000-fold).
+    verbose : bool, default=False
+        print the optimised precision, as laplace does.
+    progress_bar : bool, default=False
+        a tqdm bar over the iterations.
+
+    Returns
+    -------
+    prior_precision : torch.Tensor
+        the optimised free values, shape `(k,)`: 1 (scalar), 2 (per head) or ``n_layers``.
+        ``la.prior_precision`` holds them expanded to laplace's per-layer form.
+
+    Raises
+    ------
+    ValueError
+        for an unknown or infeasible structure, a bad ``init_prior_prec``, ``max_iter`` or
+        ``rtol``, or when the optimum is not reached within ``max_iter`` evaluations (the
+        evidence keeps increasing towards ``lambda = 0`` or infinity, e.g. for a layer whose
+        weights are all zero).
+    """
+    if getattr(la, "H", None) is None or getattr(la, "H_facs", None) is None:
+        raise ValueError("la is not fitted: call la.fit(...) before maximize_marglik.")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be a float in (0, 1), got {rtol!r}.")
+    if not (isinstance(max_step, (int, float)) and max_step > 0):
+        raise ValueError(f"max_step must be a positive float, got {max_step!r}.")
+    original = la.prior_precision.clone()  # restored if no optimum is found
+    init = _initial_precision(la, prior_structure, init_prior_prec)
+    finfo = torch.finfo(la._dtype)
+    # lambda * |theta|^2 and log(lambda) must stay finite in la's dtype
+    t_min, t_max = 0.5 * math.log(finfo.tiny), 0.5 * math.log(finfo.max)
+    # the iterate lives in float64 whatever la's dtype: in float32, log lambda ~ 10 has a
+    # spacing of 1e-6, too coarse for the bracket to shrink below rtol
+    like = dict(dtype=torch.float64, device=init.device)
+    t = init.to(**like).log()
+    lo = torch.full_like(t, -math.inf)  # the gradient is > 0 at lo ...
+    hi = torch.full_like(t, math.inf)  # ... and < 0 at hi
+    done = torch.zeros(len(t), dtype=torch.bool, device=t.device)
+    # the last two step lengths: a bracketed Newton step must at least halve the one before
+    # last, else bisect (as in Numerical Recipes' rtsafe), so rounding noise in the gradient
+    # near the optimum cannot stall the bracket
+    step1, step2 = torch.full_like(t, 0.5), torch.full_like(t, math.inf)
+    t_good = t.clone()  # the last point with a finite gradient, per coordinate
+    grad = torch.zeros_like(t)
+    diverging = torch.zeros_like(done)
+    pbar = tqdm.trange(max_iter, disable=not progress_bar, desc="[Maximising marglik]")
+    for _ in pbar:
+        grad, curv = _gradient_and_curvature(la, t)
+        ok = torch.isfinite(grad) & torch.isfinite(curv) & ~done
+        # a vanishing gradient with no curvature is not an optimum but a flat evidence: lambda
+        # has run so far that it no longer changes anything in la's dtype
+        flat = ok & (grad == 0) & (curv >= 0)
+        if bool(flat.any()):
+            diverging = flat
+            break
+        # a non-finite evidence (e.g. the log of a slightly negative eigenvalue plus a tiny
+        # lambda) is a wall: go half way back to the last good point
+        bad = ~done & ~ok
+        t_next = torch.where(bad, 0.5 * (t + t_good), t)
+        t_good = torch.where(ok, t, t_good)
+        lo = torch.where(ok & (grad >= 0), torch.maximum(lo, t), lo)
+        hi = torch.where(ok & (grad <= 0), torch.minimum(hi, t), hi)
+        # Newton step of the coordinate's concave 1-D evidence; where rounding makes the
+        # curvature non-negative, a full step along the gradient
+        concave = curv < 0
+        newton = torch.where(
+            concave, -grad / torch.where(concave, curv, -1.0), grad.sign() * max_step
+        )
+        newton = torch.where(ok, newton, torch.zeros_like(newton))
+        converged = ok & ((newton.abs() <= rtol) | (hi - lo <= rtol))
+        # the final Newton step is below rtol (or inside a bracket narrower than rtol): take it
+        final = torch.minimum(torch.maximum(t + newton, lo), hi)
+        t_next = torch.where(converged, final, t_next)
+        done |= converged
+        active = ok & ~converged
+        bracketed = torch.isfinite(lo) & torch.isfinite(hi)
+        # unbracketed, Newton may crawl (about -1 a step above the optimum): at least double
+        # the previous step until the gradient changes sign, at most max_step
+        grow = newton.sign() * torch.maximum(newton.abs(), 2 * step1)
+        free = torch.where(bracketed, newton, grow).clamp(-max_step, max_step)
+        proposal = t + free
+        bisect = bracketed & ((proposal <= lo) | (proposal >= hi) | (2 * newton.abs() > step2))
+        proposal = torch.where(bisect, 0.5 * (lo + hi), proposal).clamp(t_min, t_max)
+        # unbracketed and already at the dtype's limit: the evidence increases without bound
+        diverging = active & ~bracketed & (proposal == t)
+        t_next = torch.where(active, proposal, t_next)
+        step2 = torch.where(active, step1, step2)
+        step1 = torch.where(active, (proposal - t).abs(), step1)
+        t = t_next
+        if progress_bar:
+            pbar.set_description(f"[Maximising marglik | lambda {_short(t.exp())}]")
+        if bool(done.all()) or bool(diverging.any()):
+            break
+    if not bool(done.all()):
+        la.prior_precision = original
+        where = (
+            f"prior_structure={prior_structure!r}, init_prior_prec={_short(init)}: last prior "
+            f"precision {_short(t.exp())}, log-space gradient {_short(grad)}"
+        )
+        if bool(diverging.any()):
+            raise ValueError(
+                "maximize_marglik: the evidence has no maximum in the prior precision(s) "
+                f"{diverging.nonzero().flatten().tolist()} ({where}); it keeps increasing "
+                "towards 0 or infinity, as for a tensor whose weights are all zero (no scatter) "
+                "or that has no curvature: tie it to others with prior_structure='head' or "
+                "'scalar'."
+            )
+        raise ValueError(
+            f"maximize_marglik did not converge in max_iter={max_iter} evidence evaluations "
+            f"(rtol={rtol}, {where}): raise max_iter or rtol."
+        )
+    prior = t.exp().to(dtype=la._dtype)
+    la.prior_precision = prior
+    if verbose:
+        print(f"Optimized prior precision is {la.prior_precision}.")
+    return prior
+
+
+def _gradient_and_curvature(la: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient and Hessian diagonal of the evidence in ``t = log lambda``.
+
+    The evidence is a sum of terms each depending on one coordinate (see the module
+    docstring), so the derivative of the summed gradient is the Hessian's diagonal.
+    """
+    t = t.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        lml = la.log_marginal_likelihood(prior_precision=t.exp())
+        (grad,) = torch.autograd.grad(lml, t, create_graph=True)
+        (curv,) = torch.autograd.grad(grad.sum(), t)
+    la.prior_precision = t.detach().exp()  # no graph left behind in la
+    return grad.detach(), curv.detach()
+
+
+def _initial_precision(
+    la: Any, prior_structure: Any, init_prior_prec: float | torch.Tensor
+) -> torch.Tensor:
+    """laplace's ``init_prior_prec`` and ``prior_structure`` as a `(k,)` tensor of values."""
+    structure = str(getattr(prior_structure, "value", prior_structure))
+    if structure not in STRUCTURES:
+        raise ValueError(f"prior_structure must be one of {STRUCTURES}, got {prior_structure!r}.")
+    init = torch.as_tensor(init_prior_prec, dtype=la._dtype).detach().reshape(-1).to(la._device)
+    if init.numel() == 0 or not bool(torch.isfinite(init).all() & (init > 0).all()):
+        raise ValueError(f"init_prior_prec must hold positive finite values, got {_short(init)}.")
+    sizes = {1: "scalar", 2: "head", la.n_layers: "layerwise"}
+    if init.numel() == 1:
+        if structure == "diag":
+            raise ValueError(
+                "prior_structure='diag' (one precision per parameter) cannot be held by a "
+                "Kronecker posterior, whose prior is one value per layer at most: use "
+                "prior_structure='layerwise', 'head' or 'scalar'."
+            )
+        size = {"scalar": 1, "head": 2, "layerwise": la.n_layers}[structure]
+        init = init.expand(size).clone()
+    elif init.numel() not in sizes:
+        raise ValueError(
+            f"init_prior_prec must have 1, 2 (per head) or n_layers={la.n_layers} values for a "
+            f"Kronecker posterior, got {init.numel()}."
+        )
+    try:
+        la.prior_precision = init  # checks the structure (a 2-tensor needs per-head support)
+    except ValueError as err:
+        raise ValueError(
+            f"init_prior_prec with {init.numel()} values ({sizes.get(init.numel())}) is not a "
+            f"prior structure of {type(la).__name__}: {err}"
+        ) from err
+    return init
+
+
+def _short(tensor: torch.Tensor) -> str:
+    values = tensor.detach().flatten().tolist()
+    return "[" + ", ".join(f"{v:.4g}" for v in values[:8]) + (", ...]" if len(values) > 8 else "]")

@@ -1,0 +1,88 @@
+"""From logit distributions to probabilities: the probit links and the Gaussian logit sampler."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from laplace_vlm.enums import Link, parse_option
+
+
+def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """A ``torch.Generator``: the given one, or a new one seeded with the int (default 0)."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    seed = 0 if generator is None else int(generator)
+    return torch.Generator().manual_seed(seed)
+
+
+def check_moments(mean: torch.Tensor, var: torch.Tensor | None = None) -> None:
+    """Raise a ``ValueError`` unless ``mean`` is `(N, C)` and ``var`` a matching non-negative one."""
+    if mean.dim() != 2:
+        raise ValueError(f"mean must be (N, C), got shape {tuple(mean.shape)}.")
+    if var is None:
+        return
+    if var.shape != mean.shape:
+        raise ValueError(
+            f"var must have the shape of mean {tuple(mean.shape)}, got {tuple(var.shape)}."
+        )
+    if (var < 0).any():
+        raise ValueError("var must be non-negative.")
+
+
+def probit_scale(var: torch.Tensor) -> torch.Tensor:
+    """MacKay's probit factor ``1 / sqrt(1 + pi/8 var)``."""
+    return torch.rsqrt(1.0 + math.pi / 8.0 * var)
+
+
+def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Probit approximation of ``E[softmax(f)]`` per row, `(N, C)`."""
+    return torch.softmax(mean * probit_scale(var), dim=-1)
+
+
+def probit_sigmoid(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Probit approximation of ``E[sigmoid(f)]`` per pair (SigLIP), `(N, C)`."""
+    return torch.sigmoid(mean * probit_scale(var))
+
+
+def link_function(link: str | Link) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``softmax`` over classes or SigLIP's per-pair ``sigmoid``, applied to logits."""
+    if parse_option(Link, link, "link") is Link.SOFTMAX:
+        return lambda f: torch.softmax(f, dim=-1)
+    return torch.sigmoid
+
+
+def probit_link(link: str | Link) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The probit approximation of ``E[link(f)]`` for ``f ~ N(mean, var)``."""
+    return probit_softmax if parse_option(Link, link, "link") is Link.SOFTMAX else probit_sigmoid
+
+
+def sample_logits(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    n_samples: int = 200,
+    generator: torch.Generator | int | None = None,
+) -> torch.Tensor:
+    """Independent Gaussian logit samples ``mean + sqrt(var) eps``.
+
+    Parameters
+    ----------
+    mean, var : torch.Tensor
+        `(N, C)` logit moments.
+    n_samples : int, default=200
+        S.
+    generator : torch.Generator or int, optional
+        randomness (an int is a seed; None means seed 0).
+
+    Returns
+    -------
+    samples : torch.Tensor
+        `(S, N, C)`; independent across inputs and classes.
+    """
+    check_moments(mean, var)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    eps = torch.randn((n_samples, *mean.shape), generator=as_generator(generator), dtype=mean.dtype)
+    return mean + var.sqrt() * eps.to(mean.device)

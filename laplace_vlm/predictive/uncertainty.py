@@ -1,0 +1,141 @@
+"""Uncertainty measures of the predictive: entropy, mutual information (BALD), EPIG.
+
+Inputs are either diagonal Gaussian logit moments ``mean, var`` `(N, C)` or joint logit samples
+`(S, N, C)` drawn from the posterior over the *weights*
+(``DualEncoderLaplace.functional_samples``), so that the samples of different inputs and
+classes are correlated. BALD keeps the class correlations with joint samples, and EPIG *needs*
+them: with independent pool and target samples the mutual information between a pool label
+and a target label is zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from laplace_vlm.predictive.links import check_moments, probit_softmax, sample_logits
+
+
+def check_samples(samples: torch.Tensor, name: str = "samples") -> None:
+    """Raise a ``ValueError`` unless ``samples`` is `(S, N, C)`."""
+    if samples.dim() != 3:
+        raise ValueError(f"{name} must be (S, N, C), got shape {tuple(samples.shape)}.")
+
+
+def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy (nats) of categorical ``probs`` along ``dim``, with ``0 log 0 = 0``."""
+    return -torch.special.xlogy(probs, probs).sum(dim)
+
+
+def map_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the deterministic (MAP) softmax ``softmax(logits)``, `(N,)`."""
+    check_moments(logits)
+    return entropy(torch.softmax(logits, dim=-1))
+
+
+def predictive_entropy(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    link_approx: str = "probit",
+    n_samples: int = 200,
+    generator: torch.Generator | int | None = None,
+) -> torch.Tensor:
+    """Entropy of the Bayesian predictive ``E[softmax(f)]``, `(N,)`.
+
+    ``link_approx="probit"`` uses the closed-form probit approximation, ``"mc"`` averages the
+    softmax over ``n_samples`` independent logit samples.
+    """
+    check_moments(mean, var)
+    if link_approx == "probit":
+        return entropy(probit_softmax(mean, var))
+    if link_approx == "mc":
+        return entropy(torch.softmax(sample_logits(mean, var, n_samples, generator), -1).mean(0))
+    raise ValueError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}.")
+
+
+def logit_variance(var: torch.Tensor) -> torch.Tensor:
+    """Mean logit variance over the classes, `(N,)`."""
+    check_moments(var, var)
+    return var.mean(-1)
+
+
+def bald_from_samples(samples: torch.Tensor) -> torch.Tensor:
+    """BALD ``I(y; theta | x) = H[E_s p_s] - E_s H[p_s]`` from logit samples.
+
+    Parameters
+    ----------
+    samples : torch.Tensor
+        `(S, N, C)` logit samples.
+
+    Returns
+    -------
+    scores : torch.Tensor
+        `(N,)`, non-negative up to round-off.
+    """
+    check_samples(samples)
+    probs = torch.softmax(samples, dim=-1)
+    total = entropy(probs.mean(0))
+    expected = entropy(probs).mean(0)
+    return (total - expected).clamp_min(0.0)
+
+
+def bald(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    n_samples: int = 200,
+    generator: torch.Generator | int | None = None,
+) -> torch.Tensor:
+    """BALD from diagonal Gaussian logit moments, by seeded Monte Carlo, `(N,)`.
+
+    No closed form exists for the softmax; the class correlations are ignored (use
+    :func:`bald_from_samples` on joint functional samples to keep them).
+    """
+    return bald_from_samples(sample_logits(mean, var, n_samples, generator))
+
+
+def epig_from_samples(
+    pool_samples: torch.Tensor,
+    target_samples: torch.Tensor,
+    max_elements: int = 2**24,
+) -> torch.Tensor:
+    """EPIG (Bickford-Smith et al., 2023) from joint logit samples of pool and targets.
+
+    ``EPIG(x) = E_{x*} I(y; y* | x, x*)`` with ``p(y, y*) = E_theta[p(y|x,theta) p(y*|x*,theta)]``,
+    estimated by averaging over the S weight samples (sample ``s`` of the pool and of the
+    targets must come from the *same* weight sample). Chunked over the pool so that the
+    `(chunk, N*, C, C)` joint never exceeds ``max_elements``.
+
+    Parameters
+    ----------
+    pool_samples : torch.Tensor
+        `(S, N, C)` logit samples of the pool.
+    target_samples : torch.Tensor
+        `(S, N*, C*)` logit samples of the target inputs, from the same weight samples.
+    max_elements : int
+        memory bound on the joint probability tensor.
+
+    Returns
+    -------
+    scores : torch.Tensor
+        `(N,)` expected information gain about a target label, in nats.
+    """
+    check_samples(pool_samples, "pool_samples")
+    check_samples(target_samples, "target_samples")
+    if pool_samples.shape[0] != target_samples.shape[0]:
+        raise ValueError(
+            "pool_samples and target_samples must share the sample axis, got "
+            f"{pool_samples.shape[0]} and {target_samples.shape[0]} samples."
+        )
+    n_samples = pool_samples.shape[0]
+    p_pool = torch.softmax(pool_samples, -1).transpose(0, 1)  # (N, S, C)
+    p_targ = torch.softmax(target_samples, -1).transpose(0, 1)  # (N*, S, C*)
+    marg_targ = p_targ.mean(1)  # (N*, C*)
+    per_pool = p_targ.shape[0] * p_pool.shape[-1] * p_targ.shape[-1]
+    chunk = max(1, max_elements // max(per_pool, 1))
+    scores = []
+    for start in range(0, p_pool.shape[0], chunk):
+        pp = p_pool[start : start + chunk]
+        joint = torch.einsum("psc,tsd->ptcd", pp, p_targ) / n_samples
+        indep = pp.mean(1)[:, None, :, None] * marg_targ[None, :, None, :]
+        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, indep)).sum((-2, -1))
+        scores.append(mi.mean(-1))
+    return torch.cat(scores).clamp_min(0.0)
