@@ -13,7 +13,6 @@ from laplace_vlm.predictive.links import sample_logits
 from laplace_vlm.predictive.uncertainty import (
     bald,
     bald_from_samples,
-    entropy,
     epig_from_samples,
     map_entropy,
     predictive_entropy,
