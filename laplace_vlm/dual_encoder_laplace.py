@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -20,14 +21,9 @@ from laplace_vlm.curvature.likelihoods import check_contrastive, pair_loss
 from laplace_vlm.enums import MOMENT_PRED_TYPES, LinkApprox, PosteriorForm, PredType, parse_option
 from laplace_vlm.heads import DualHead, build_heads
 from laplace_vlm.inputs import InputEncoder
-from laplace_vlm.io.bayesvlm import load_bayesvlm
+from laplace_vlm.io.bayesvlm import REFERENCE_N_DATA, read_bayesvlm_factors, read_bayesvlm_prior
 from laplace_vlm.io.fit_checkpoint import FitCheckpoint, checkpoint_key
-from laplace_vlm.io.posterior_file import (
-    check_compatible,
-    heads_fingerprint,
-    load_laplace,
-    save_laplace,
-)
+from laplace_vlm.io.posterior_file import check_state, heads_fingerprint, read_state, save_state
 from laplace_vlm.posterior.head_posterior import HeadPosterior
 from laplace_vlm.posterior.marglik import maximize_marglik
 from laplace_vlm.predictive.chunks import (
@@ -351,7 +347,8 @@ class DualEncoderLaplace(KronLaplace):
         if checkpoint is not None:
             key = checkpoint_key(heads_fingerprint(self.heads), self.contrastive, self.curvature)
             ckpt = FitCheckpoint(checkpoint, checkpoint_every, key)
-            sums, done = ckpt.resume(sums)
+            saved, done = ckpt.resume(sums.tensors())
+            sums = FactorSums(**saved)
         self.model.eval()
         pbar = tqdm.tqdm(train_loader, disable=not progress_bar, desc="[KFAC]")
         seen = 0
@@ -361,7 +358,7 @@ class DualEncoderLaplace(KronLaplace):
                     continue
                 sums += self._batch_sums(batch)
                 if ckpt is not None:
-                    ckpt.maybe_save(sums, seen)
+                    ckpt.maybe_save(sums.tensors(), seen)
             if seen < done:
                 raise ValueError(
                     f"checkpoint {checkpoint} counted {done} batches but train_loader yielded "
@@ -660,36 +657,172 @@ class DualEncoderLaplace(KronLaplace):
         return mean, torch.diag_embed(var)
 
     def state_dict(self) -> dict[str, Any]:
-        """laplace's state dict plus the contrastive type and a fingerprint of the heads.
+        """laplace's state dict plus what rebuilds this posterior without the model.
 
-        Only tensors, plain strings and numbers: loads under ``torch.load(weights_only=True)``.
+        Adds the contrastive type, the posterior form, the curvature backend, the heads'
+        tensors and their fingerprint. Only tensors, plain strings and numbers: loads under
+        ``torch.load(weights_only=True)``, and :meth:`save` writes exactly this.
         """
         state = super().state_dict()
         state["likelihood"] = _plain(self.likelihood)
+        heads = {k: v for k, v in self.heads.state_dict().items()
+                 if v is not None and not k.startswith("class_")}  # fmt: skip
         state.update(
             contrastive=self.contrastive,
             damping=_damping_value(self.posterior_form),
+            curvature=self.curvature,
             fingerprint=heads_fingerprint(self.heads),
+            heads=heads,
         )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        check_compatible(self, state_dict)
+        """Load a :meth:`state_dict`, after checking it belongs to these heads and likelihood.
+
+        Parameters
+        ----------
+        state_dict : dict
+            from :meth:`state_dict` (or ``torch.load(..., weights_only=True)`` of one).
+
+        Raises
+        ------
+        ValueError
+            for another class, contrastive type, posterior form or heads, or a malformed state.
+        """
+        check_state(state_dict)
+        self._check_compatible(state_dict)
         super().load_state_dict(state_dict)
 
-    def save(self, path: str, overwrite: bool = False) -> None:
-        """Save the fitted posterior (factors, prior, heads) to a safetensors file."""
-        save_laplace(self, path, overwrite=overwrite)
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        if state.get("cls_name") != type(self).__name__:
+            raise ValueError(
+                f"this state is not a {type(self).__name__} (cls_name={state.get('cls_name')!r})."
+            )
+        if state["contrastive"] != self.contrastive:
+            raise ValueError(
+                f"saved for contrastive={state['contrastive']!r}, this posterior is "
+                f"{self.contrastive!r}."
+            )
+        fingerprint = heads_fingerprint(self.heads)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(
+                "the saved posterior was fitted for other projection heads (fingerprint "
+                f"{state['fingerprint']} != {fingerprint}): load it with the model it was "
+                "fitted on."
+            )
+        if _posterior_form(state["damping"]) is not self.posterior_form:
+            raise ValueError(
+                f"saved with damping={state['damping']!r}, this posterior has "
+                f"damping={_damping_value(self.posterior_form)!r}."
+            )
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write :meth:`state_dict` to a safetensors file (atomic; never pickle).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            the file.
+        overwrite : bool, default=False
+            replace an existing file; otherwise a ``FileExistsError``.
+        """
+        save_state(path, self.state_dict(), overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str, model: nn.Module | None = None, **kwargs: Any) -> DualEncoderLaplace:
-        """Load a posterior saved with :meth:`save`, for ``model`` (or the saved heads)."""
-        return load_laplace(cls, path, model, **kwargs)
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module | None = None, **kwargs: Any
+    ) -> DualEncoderLaplace:
+        """Construct a posterior and load a file written by :meth:`save`.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            the file (laplace-vlm 0.1 files load too).
+        model : nn.Module, optional
+            the model it was fitted for; without, the saved heads (feature mode).
+        **kwargs
+            constructor arguments; ``contrastive``, ``damping``, ``temperature``,
+            ``curvature`` and ``enable_backprop`` default to the saved ones.
+        """
+        state = read_state(path)
+        check_state(state, source=os.fspath(path))
+        for key in ("contrastive", "damping", "temperature", "curvature", "enable_backprop"):
+            if key in state:
+                kwargs.setdefault(key, state[key])
+        if model is None:
+            heads = state["heads"]
+            kwargs.update(image_projection=_head(heads, "image"), text_projection=_head(heads, "text"),
+                          logit_scale=heads["logit_scale"], logit_bias=heads.get("logit_bias"))  # fmt: skip
+        la = cls(model, **kwargs)
+        la.load_state_dict(state)
+        return la
 
     @classmethod
-    def from_bayesvlm(cls, directory: str, model: nn.Module | None = None, **kwargs: Any):
-        """Posterior from the curvature files released with the paper's reference code."""
-        return load_bayesvlm(cls, directory, model, **kwargs)
+    def from_bayesvlm(
+        cls,
+        directory: str | os.PathLike,
+        model: nn.Module | None = None,
+        *,
+        n_data: int = REFERENCE_N_DATA,
+        pseudo_count: float = 10.0,
+        prior_precision: str | float | torch.Tensor = "released",
+        damping: bool | str = "symmetric",
+        **kwargs: Any,
+    ) -> DualEncoderLaplace:
+        """A fitted posterior from the curvature files released with the paper's code.
+
+        Parameters
+        ----------
+        directory : str or os.PathLike
+            folder with ``{A,B}_{img,txt}_analytic.pt`` and ``prior_precision_analytic.json``.
+        model : nn.Module, optional
+            the matching model (open_clip ViT-B-32 laion2b_s34b_b79k); else give the heads as
+            in feature mode (``image_projection=``, ``text_projection=``, ``logit_scale=``).
+        n_data : int, default=327,680
+            the pairs behind the released factors.
+        pseudo_count : float, default=10
+            the paper's ``n``: ``temperature = 1 / n``.
+        prior_precision : 'released' or float or torch.Tensor, default='released'
+            'released' takes ``(lambda_img, lambda_txt)`` from the JSON (found at ``n = 1``
+            with the reference's evidence objective: re-optimise for another ``n``).
+        damping : {'symmetric', False, True}, default='symmetric'
+            the reference's posterior form by default, so that the predictive reproduces the
+            reference pipeline; ``False`` is the exact-prior form ``fit`` uses.
+        **kwargs
+            other constructor arguments.
+        """
+        factors = read_bayesvlm_factors(directory)
+        if isinstance(prior_precision, str):
+            if prior_precision != "released":
+                raise ValueError(
+                    f"prior_precision must be 'released' or numbers, got {prior_precision!r}."
+                )
+            prior_precision = read_bayesvlm_prior(directory)
+        la = cls(model, temperature=1.0 / pseudo_count, prior_precision=prior_precision,
+                 damping=damping, **kwargs)  # fmt: skip
+        if any(la._has_bias):
+            raise ValueError("the released CLIP factors are for heads without bias.")
+        D_i, d_i, D_t, d_t = la._dims
+        for name, dim in {"A_img": d_i, "B_img": D_i, "A_txt": d_t, "B_txt": D_t}.items():
+            if factors[name].shape[0] != dim:
+                raise ValueError(
+                    f"{name} is {tuple(factors[name].shape)} but the model's head needs "
+                    f"({dim}, {dim}): these factors belong to another model."
+                )
+        like = la.heads.image_projection.weight
+        la._set_factors(FactorSums.from_bayesvlm(factors, n_data, like))
+        return la
+
+
+def _head(heads: dict[str, torch.Tensor], side: str) -> nn.Linear:
+    """A saved head as an ``nn.Linear`` (the constructor copies it)."""
+    weight, bias = heads[f"{side}_projection.weight"], heads.get(f"{side}_projection.bias")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 def _plain(value: Any) -> str:

@@ -78,7 +78,7 @@ def test_foreign_safetensors_file_is_rejected(tmp_path: Path) -> None:
 def test_other_version_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "features.safetensors"
     save_file(
-        {"labels": torch.zeros(2)}, str(path), {"format": "laplace_vlm.adapters.features", "version": "99"}
+        {"labels": torch.zeros(2)}, str(path), {"format": "laplace_vlm.features", "version": "99"}
     )
     with pytest.raises(ValueError, match="version '99' is not supported"):
         FeatureSet.load(path)
@@ -86,7 +86,7 @@ def test_other_version_is_rejected(tmp_path: Path) -> None:
 
 def test_unexpected_tensors_are_rejected(tmp_path: Path) -> None:
     path = tmp_path / "features.safetensors"
-    meta = {"format": "laplace_vlm.adapters.features", "version": "1"}
+    meta = {"format": "laplace_vlm.features", "version": "1"}
     save_file({"image.embeddings": torch.zeros(2, 3)}, str(path), meta)
     with pytest.raises(ValueError, match="lack activations"):
         FeatureSet.load(path)
@@ -110,7 +110,7 @@ def test_garbage_and_pickles_are_rejected(tmp_path: Path) -> None:
     torch.save({"image": torch.zeros(2)}, path)  # a pickle: must never be unpickled
     with pytest.raises(ValueError):
         FeatureSet.load(path)
-    header = json.dumps({"__metadata__": {"format": "laplace_vlm.adapters.features"}}).encode()
+    header = json.dumps({"__metadata__": {"format": "laplace_vlm.features"}}).encode()
     path.write_bytes(struct.pack("<Q", len(header) + 100) + header)  # header claims more bytes
     with pytest.raises(ValueError):
         FeatureSet.load(path)

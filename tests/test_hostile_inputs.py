@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -341,26 +342,27 @@ def test_save_refuses_to_overwrite(saved, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no temp file left
 
 
-def _tampered(saved_path, tmp_path, tensors=None, metadata=None):
+def _tampered(saved_path, tmp_path, tensors=None, state=None):
     with safe_open(str(saved_path), framework="pt") as f:
         meta, tens = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     tens.update(tensors or {})
     tens = {k: v for k, v in tens.items() if v is not None}
-    meta.update(metadata or {})
-    meta = {k: v for k, v in meta.items() if v is not None}
+    structure = json.loads(meta["state"])
+    structure.update(state or {})
+    meta["state"] = json.dumps({k: v for k, v in structure.items() if v is not None})
     path = tmp_path / "tampered.safetensors"
     save_file(tens, str(path), metadata=meta)
     return path
 
 
 @pytest.mark.parametrize(
-    "tensors, metadata, match",
+    "tensors, state, match",
     [
         ({"H.0.0": torch.full((D, D), NAN)}, None, "NaN or inf"),
         ({"H.0.1": None}, None, "H.0.1"),
         ({"H.0.0": torch.eye(D + 1)}, None, "shape"),
         ({"prior_precision": torch.tensor([-1.0])}, None, "prior_precision"),
-        (None, {"kron_layout": None}, "kron_layout"),
+        (None, {"H": None}, r"lacks \['H'\]"),
         (None, {"n_data": "many"}, "n_data"),
     ],
     ids=[
@@ -372,7 +374,7 @@ def _tampered(saved_path, tmp_path, tensors=None, metadata=None):
         "bad_n_data",
     ],  # fmt: skip
 )
-def test_tampered_posterior_files_are_refused(saved, tmp_path, tensors, metadata, match):
+def test_tampered_posterior_files_are_refused(saved, tmp_path, tensors, state, match):
     _, path = saved
-    bad = _tampered(path, tmp_path, tensors, metadata)
+    bad = _tampered(path, tmp_path, tensors, state)
     raises_value_error(lambda: DualEncoderLaplace.load(str(bad)), match)

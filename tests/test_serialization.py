@@ -81,3 +81,58 @@ def test_files_that_are_not_ours(fitted, tmp_path, kind):
         path.write_bytes(b"\x80\x04not a safetensors file at all")
     with pytest.raises(ValueError):
         DualEncoderLaplace.load(path)
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "H":
+            for block_a, block_b in zip(a[key], b[key]):
+                for x, y in zip(block_a, block_b):
+                    torch.testing.assert_close(x, y, rtol=0, atol=0)
+        elif key == "heads":
+            assert a[key].keys() == b[key].keys()
+            for k in a[key]:
+                torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0)
+        elif isinstance(a[key], torch.Tensor):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        else:
+            assert a[key] == b[key], key
+
+
+def test_the_file_holds_exactly_the_state_dict(fitted, tmp_path):
+    from laplace_vlm.io.posterior_file import read_state
+
+    la, _, _ = fitted
+    la.save(tmp_path / "la.safetensors")
+    _assert_same_state(read_state(tmp_path / "la.safetensors"), la.state_dict())
+
+
+def _write_v1_file(la, path):
+    """A file in laplace-vlm 0.1's format, written the way 0.1's ``save`` wrote it."""
+    import json
+
+    state = la.state_dict()
+    tensors = {f"H.{i}.{j}": F for i, block in enumerate(state["H"]) for j, F in enumerate(block)}
+    tensors.update({f"heads.{k}": v for k, v in state["heads"].items()})
+    tensors.update(mean=state["mean"], prior_precision=state["prior_precision"],
+                   prior_mean=torch.as_tensor(state["prior_mean"]).reshape(-1),
+                   loss=torch.as_tensor(state["loss"]).reshape(()))  # fmt: skip
+    metadata = {
+        "format": "laplace_vlm.dual_encoder_laplace", "version": "1",
+        "contrastive": la.contrastive, "curvature": la.curvature,
+        "damping": json.dumps(bool(la.damping)), "temperature": json.dumps(la.temperature),
+        "n_data": json.dumps(la.n_data), "fingerprint": state["fingerprint"],
+        "kron_layout": json.dumps([len(b) for b in state["H"]]),
+        "head_shapes": json.dumps({k: list(v.shape) for k, v in state["heads"].items()}),
+    }  # fmt: skip
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def test_files_of_version_0_1_still_load(fitted, tmp_path):
+    la, _, x = fitted
+    _write_v1_file(la, tmp_path / "old.safetensors")
+    loaded = DualEncoderLaplace.load(tmp_path / "old.safetensors")
+    assert loaded.posterior_form == "damped" and loaded.temperature == 0.5
+    for a, b in zip(loaded.predictive_moments(x), la.predictive_moments(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

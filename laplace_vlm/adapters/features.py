@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from laplace_vlm.adapters import DualEncoderAdapter, Features, get_adapter
-from laplace_vlm.io.safetensors_file import write_safetensors
+from laplace_vlm.io.safetensors_file import read_safetensors, write_safetensors
 
-FORMAT = "laplace_vlm.adapters.features"
+FORMAT = "laplace_vlm.features"  # the tag of files written before the package moved: kept
 VERSION = "1"
 _TOWERS = ("image", "text")
 _BATCH_KEYS = ("image", "text", "label")
@@ -66,15 +65,12 @@ class FeatureSet:
             if the file is not a laplace_vlm feature file, is truncated or is inconsistent.
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no feature file at {path}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                _check_format(path, metadata)
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}).") from err
+        tensors, metadata = read_safetensors(path, FORMAT, "laplace_vlm feature file")
+        if metadata.get("version") != VERSION:
+            raise ValueError(
+                f"{path}: feature file version {metadata.get('version')!r} is not supported "
+                f"(this laplace_vlm reads version {VERSION!r})."
+            )
         return cls._from_tensors(path, tensors, metadata)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -108,19 +104,6 @@ class FeatureSet:
                 towers[tower] = Features(**parts)
         extra = {k: v for k, v in metadata.items() if k not in ("format", "version")}
         return cls(towers["image"], towers["text"], tensors.get("labels"), extra)
-
-
-def _check_format(path: Path, metadata: dict[str, str]) -> None:
-    if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is a safetensors file but not a laplace_vlm feature file "
-            f"(metadata format={metadata.get('format')!r}, expected {FORMAT!r})."
-        )
-    if metadata.get("version") != VERSION:
-        raise ValueError(
-            f"{path}: feature file version {metadata.get('version')!r} is not supported "
-            f"(this laplace_vlm reads version {VERSION!r})."
-        )
 
 
 def extract_features(

@@ -65,3 +65,23 @@ class FactorSums:
             torch.as_tensor(loss, dtype=like.dtype, device=like.device).clone(),
             torch.tensor(n, dtype=torch.int64, device=like.device),
         )
+
+    @classmethod
+    def from_bayesvlm(
+        cls, factors: dict[str, torch.Tensor], n: int, like: torch.Tensor
+    ) -> FactorSums:
+        """The sums behind the reference's released factors ``A = sum a a^T / sqrt(N)``,
+        ``B = sum H / sqrt(N)`` (keys ``A_img``, ``B_img``, ``A_txt``, ``B_txt``); no loss.
+
+        ``like`` gives the dtype and device.
+        """
+        root = float(n) ** 0.5
+        unscaled = {k: (v * root).to(like) for k, v in factors.items()}
+        return cls(
+            unscaled["B_img"],
+            unscaled["A_img"],
+            unscaled["B_txt"],
+            unscaled["A_txt"],
+            torch.zeros((), dtype=like.dtype, device=like.device),
+            torch.tensor(n, dtype=torch.int64, device=like.device),
+        )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 
-from safetensors import SafetensorError, safe_open
+import torch
 
-from laplace_vlm.io.safetensors_file import write_safetensors
-from laplace_vlm.curvature.factor_sums import FactorSums
+from laplace_vlm.io.safetensors_file import read_safetensors, write_safetensors
 from laplace_vlm.validation import check_finite
 
-FORMAT = "laplace_vlm.io.fit_checkpoint"
+FORMAT = "laplace_vlm.fit_checkpoint"
+Sums = dict[str, torch.Tensor]
 
 
 class FitCheckpoint:
@@ -27,18 +27,22 @@ class FitCheckpoint:
             raise ValueError(f"checkpoint_every must be a positive integer, got {every}.")
         self.path, self.every, self.key = os.fspath(path), every, key
 
-    def resume(self, like: FactorSums) -> tuple[FactorSums, int]:
-        """The saved sums and the number of batches they cover, or ``(like, 0)``."""
+    def resume(self, like: Sums) -> tuple[Sums, int]:
+        """The saved sums and the number of batches they cover, or ``(like, 0)``.
+
+        Parameters
+        ----------
+        like : dict of str to torch.Tensor
+            empty sums: their names, shapes, dtypes and device are what the file must hold.
+        """
         if not os.path.exists(self.path):
             return like, 0
+        device = str(next(iter(like.values())).device)
         try:
-            with safe_open(self.path, framework="pt", device=str(like.B_image.device)) as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"checkpoint {self.path} is unreadable ({err}).") from err
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not a laplace-vlm fit checkpoint.")
+            tensors, meta = read_safetensors(self.path, FORMAT, "laplace-vlm fit checkpoint",
+                                             device)  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"checkpoint {self.path} is unreadable: {err}") from err
         if meta.get("key") != self.key:
             raise ValueError(
                 f"checkpoint {self.path} belongs to another fit (heads, likelihood, rank or "
@@ -46,9 +50,9 @@ class FitCheckpoint:
             )
         return self._validated(like, tensors, meta), int(meta["batches"])
 
-    def _validated(self, like: FactorSums, tensors: dict, meta: dict) -> FactorSums:
+    def _validated(self, like: Sums, tensors: Sums, meta: dict) -> Sums:
         """The saved sums, refused with a clear error if a hand-edited file is incomplete."""
-        expected = like.tensors()
+        expected = like
         if set(tensors) != set(expected) or not str(meta.get("batches", "")).isdigit():
             raise ValueError(
                 f"checkpoint {self.path} is incomplete (tensors {sorted(tensors)}, batches "
@@ -61,7 +65,7 @@ class FitCheckpoint:
                     f"expected {tuple(expected[name].shape)}."
                 )
             check_finite(f"checkpoint {self.path}: {name}", value)
-        return FactorSums(**{k: v.to(expected[k].dtype) for k, v in tensors.items()})
+        return {k: v.to(expected[k].dtype) for k, v in tensors.items()}
 
     def finish(self) -> None:
         """Delete the file once the fit has completed and its sums are in the posterior.
@@ -72,14 +76,15 @@ class FitCheckpoint:
         if os.path.exists(self.path):
             os.remove(self.path)
 
-    def maybe_save(self, sums: FactorSums, batches: int) -> None:
+    def maybe_save(self, sums: Sums, batches: int) -> None:
         """Save after every ``every``-th batch (write to a temporary file, then rename)."""
         if batches % self.every == 0:
             self.save(sums, batches)
 
-    def save(self, sums: FactorSums, batches: int) -> None:
+    def save(self, sums: Sums, batches: int) -> None:
+        """Write ``sums`` and the number of batches they cover (atomically, replacing)."""
         meta = {"format": FORMAT, "key": self.key, "batches": str(batches)}
-        write_safetensors(self.path, sums.tensors(), meta, overwrite=True)
+        write_safetensors(self.path, sums, meta, overwrite=True)
 
 
 def checkpoint_key(fingerprint: str, contrastive: str, curvature: str) -> str:

@@ -1,25 +1,30 @@
-"""Saving a fitted ``DualEncoderLaplace``: safetensors with metadata, never pickle."""
+"""Posterior files: a ``state_dict`` as safetensors, the tensors as tensors, the rest as metadata.
+
+``save_state`` walks any laplace-style state dict (tensors, nested lists and dicts of them,
+numbers, strings) and writes the tensors under their path (``H.0.1``, ``heads.logit_scale``)
+and the structure as JSON metadata; ``read_state`` rebuilds the same dict. Nothing is ever
+unpickled, and a key that laplace adds to its state in a later release is saved and loaded
+without a change here. ``check_state`` validates a state before anything reaches laplace
+(a NaN factor would reach its ``symeig`` and its ``exit()``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from laplace_vlm.io.safetensors_file import write_safetensors
-from laplace_vlm.validation import check_saved_posterior
-
-if TYPE_CHECKING:
-    from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
+from laplace_vlm.io.safetensors_file import read_safetensors, write_safetensors
+from laplace_vlm.validation import check_finite
 
 FORMAT = "laplace_vlm.dual_encoder_laplace"
-VERSION = "1"
+VERSION = "2"
+_TENSOR = "$tensor"  # marks a tensor leaf in the JSON structure
 
 
 def heads_fingerprint(heads: nn.Module) -> str:
@@ -33,115 +38,182 @@ def heads_fingerprint(heads: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_compatible(la: DualEncoderLaplace, state: dict[str, Any]) -> None:
-    """Raise a clear error when ``state`` was saved for other heads or another likelihood."""
-    if state.get("cls_name") != type(la).__name__:
-        raise ValueError(
-            f"this state is not a {type(la).__name__} (cls_name={state.get('cls_name')!r})."
-        )
-    if state.get("contrastive") != la.contrastive:
-        raise ValueError(
-            f"saved for contrastive={state.get('contrastive')!r}, this posterior is {la.contrastive!r}."
-        )
-    fingerprint = heads_fingerprint(la.heads)
-    if state.get("fingerprint") != fingerprint:
-        raise ValueError(
-            "the saved posterior was fitted for other projection heads (fingerprint "
-            f"{state.get('fingerprint')} != {fingerprint}): load it with the model it was fitted on."
-        )
+def save_state(path: str | os.PathLike, state: dict[str, Any], overwrite: bool = False) -> None:
+    """Write a state dict atomically; refuse to replace an existing file unless ``overwrite``.
 
-
-def save_laplace(la: DualEncoderLaplace, path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write factors, prior, MAP heads and metadata; atomic, refuses to overwrite by default."""
-    state = la.state_dict()
-    tensors = {f"H.{i}.{j}": F for i, block in enumerate(state["H"]) for j, F in enumerate(block)}
-    tensors.update({f"heads.{k}": v for k, v in la.heads.state_dict().items() if v is not None})
-    tensors["mean"] = state["mean"]
-    tensors["prior_precision"] = state["prior_precision"]
-    tensors["prior_mean"] = torch.as_tensor(state["prior_mean"]).reshape(-1)
-    tensors["loss"] = torch.as_tensor(state["loss"]).reshape(())
-    metadata = {
-        "format": FORMAT,
-        "version": VERSION,
-        "contrastive": la.contrastive,
-        "curvature": la.curvature,
-        "damping": json.dumps(state["damping"]),
-        "temperature": json.dumps(float(la.temperature)),
-        "n_data": json.dumps(int(la.n_data)),
-        "fingerprint": state["fingerprint"],
-        "kron_layout": json.dumps([len(block) for block in state["H"]]),
-        "head_shapes": json.dumps(
-            {k: list(v.shape) for k, v in la.heads.state_dict().items() if v is not None}
-        ),  # fmt: skip
-    }
+    Parameters
+    ----------
+    path : str or os.PathLike
+        the ``.safetensors`` file.
+    state : dict
+        tensors, nested lists/tuples/dicts of them, ``None``, bools, numbers and strings.
+    overwrite : bool, default=False
+        replace an existing ``path``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, "", tensors)
+    metadata = {"format": FORMAT, "version": VERSION, "state": json.dumps(structure)}
     write_safetensors(path, tensors, metadata, overwrite=overwrite)
 
 
-def read_laplace_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a file written by :func:`save_laplace`, or a clear error."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The state dict of a file written by :func:`save_state` (or by laplace-vlm 0.1)."""
+    tensors, metadata = read_safetensors(path, FORMAT, "laplace-vlm posterior")
+    version = metadata.get("version")
+    if version == "1":
+        return _state_from_v1(path, tensors, metadata)
+    if version != VERSION:
+        raise ValueError(f"{path} has version {version!r}, expected {VERSION} (or 1).")
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}).") from err
-    if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not a laplace-vlm posterior (format={metadata.get('format')!r})."
-        )
-    if metadata.get("version") != VERSION:
-        raise ValueError(f"{path} has version {metadata.get('version')!r}, expected {VERSION}.")
-    check_saved_posterior(path, tensors, metadata)  # before anything reaches laplace's symeig
-    return tensors, metadata
+        return _decode(json.loads(metadata["state"]), tensors)
+    except (KeyError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid laplace-vlm posterior: {err!r}.") from err
 
 
-def load_laplace(
-    cls: type[DualEncoderLaplace], path: str | os.PathLike, model: nn.Module | None, **kwargs: Any
-) -> DualEncoderLaplace:
-    """Rebuild a posterior from :func:`save_laplace` output (for ``model`` or the saved heads)."""
-    tensors, meta = read_laplace_file(path)
-    kwargs.setdefault("contrastive", meta["contrastive"])
-    kwargs.setdefault("damping", json.loads(meta["damping"]))
-    kwargs.setdefault("temperature", json.loads(meta["temperature"]))
-    kwargs.setdefault("curvature", meta.get("curvature", "closed_form"))
-    if model is None:
+def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value
+        return {_TENSOR: key}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _encode(v, f"{key}.{k}" if key else k, tensors) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"state entry {key!r} of type {type(value).__name__} cannot be saved.")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and set(value) == {_TENSOR}:
+        return tensors[value[_TENSOR]]
+    if isinstance(value, dict):
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
+def _state_from_v1(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict:
+    """A state dict from the 0.1 format (tensors by name, scalars as JSON metadata)."""
+    try:
+        layout = json.loads(meta["kron_layout"])
         heads = {k[len("heads.") :]: v for k, v in tensors.items() if k.startswith("heads.")}
-        la = cls(None, **_heads_kwargs(heads), **kwargs)
-    else:
-        la = cls(model, **kwargs)
-    layout = json.loads(meta["kron_layout"])
-    state = {
-        "H": [[tensors[f"H.{i}.{j}"] for j in range(n)] for i, n in enumerate(layout)],
-        "mean": tensors["mean"],
-        "loss": tensors["loss"],
-        "prior_mean": tensors["prior_mean"]
-        if tensors["prior_mean"].numel() > 1
-        else tensors["prior_mean"].reshape(()),
-        "prior_precision": tensors["prior_precision"],
-        "sigma_noise": torch.tensor(1.0),
-        "n_data": json.loads(meta["n_data"]),
-        "n_outputs": la._dims[0],
-        "likelihood": "classification",
-        "temperature": la.temperature,
-        "enable_backprop": la.enable_backprop,
-        "cls_name": cls.__name__,
-        "contrastive": meta["contrastive"],
-        "fingerprint": meta["fingerprint"],
-    }
-    la.load_state_dict(state)
-    return la
+        prior_mean = tensors["prior_mean"]
+        return {
+            "H": [[tensors[f"H.{i}.{j}"] for j in range(n)] for i, n in enumerate(layout)],
+            "mean": tensors["mean"],
+            "loss": tensors["loss"],
+            "prior_mean": prior_mean if prior_mean.numel() > 1 else prior_mean.reshape(()),
+            "prior_precision": tensors["prior_precision"],
+            "sigma_noise": torch.tensor(1.0),
+            "n_data": json.loads(meta["n_data"]),
+            "n_outputs": heads["image_projection.weight"].shape[0],
+            "likelihood": "classification",
+            "temperature": json.loads(meta["temperature"]),
+            "enable_backprop": False,
+            "cls_name": "DualEncoderLaplace",
+            "contrastive": meta["contrastive"],
+            "damping": json.loads(meta["damping"]),
+            "curvature": meta.get("curvature", "closed_form"),
+            "fingerprint": meta["fingerprint"],
+            "heads": heads,
+        }
+    except (KeyError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid laplace-vlm posterior: lacks {err}.") from err
 
 
-def _heads_kwargs(heads: dict[str, torch.Tensor]) -> dict[str, Any]:
-    def head(prefix: str) -> SimpleNamespace:
-        return SimpleNamespace(weight=heads[f"{prefix}.weight"], bias=heads.get(f"{prefix}.bias"))
+def check_state(state: dict[str, Any], source: str = "state_dict") -> None:
+    """Structure and values of a ``DualEncoderLaplace`` state dict, before laplace sees it.
 
-    return dict(
-        image_projection=head("image_projection"),
-        text_projection=head("text_projection"),
-        logit_scale=heads["logit_scale"],
-        logit_bias=heads.get("logit_bias"),
-    )
+    Every entry ``load_state_dict`` reads must be there, every factor must have the shape the
+    saved heads imply, every tensor must be finite, and prior and temperature positive.
+
+    Parameters
+    ----------
+    state : dict
+        what ``DualEncoderLaplace.state_dict`` returns (or a file held).
+    source : str
+        where it came from, for the messages.
+
+    Raises
+    ------
+    ValueError
+        naming the first entry that is missing or wrong.
+    """
+
+    def fail(what: str) -> ValueError:
+        return ValueError(f"{source} is not a valid laplace-vlm posterior: {what}.")
+
+    def tensor(name: str, value: Any) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise fail(f"{name} must be a tensor, got {type(value).__name__}")
+        if value.is_floating_point():
+            try:
+                check_finite(name, value)
+            except ValueError as err:
+                raise fail(str(err).rstrip(".")) from err
+        return value
+
+    def shaped(name: str, value: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        value = tensor(name, value)
+        if tuple(value.shape) != shape:
+            raise fail(f"{name} has shape {tuple(value.shape)}, expected {shape}")
+        return value
+
+    required = ("H", "mean", "loss", "prior_mean", "prior_precision", "n_data", "temperature",
+                "contrastive", "damping", "fingerprint", "heads")  # fmt: skip
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise fail(f"it lacks {missing}")
+    n_data, temperature, damping = state["n_data"], state["temperature"], state["damping"]
+    if not isinstance(n_data, int) or isinstance(n_data, bool) or n_data < 1:
+        raise fail(f"n_data must be a positive integer, got {n_data!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or (
+        temperature <= 0
+    ):
+        raise fail(f"temperature must be positive and finite, got {temperature!r}")
+    if not isinstance(damping, bool) and damping != "symmetric":
+        raise fail(f"damping must be true, false or 'symmetric', got {damping!r}")
+    blocks, n_params = _expected_blocks(state["heads"], tensor, shaped, fail)
+    H = state["H"]
+    if not isinstance(H, (list, tuple)) or [len(b) for b in H] != [len(b) for b in blocks]:
+        layout = [len(b) for b in H] if isinstance(H, (list, tuple)) else H
+        raise fail(f"H has layout {layout}, the heads need {[len(b) for b in blocks]}")
+    for i, (block, shapes) in enumerate(zip(H, blocks)):
+        for j, (factor, shape) in enumerate(zip(block, shapes)):
+            shaped(f"H.{i}.{j}", factor, shape)
+    shaped("mean", state["mean"], (n_params,))
+    tensor("loss", state["loss"])
+    prior = tensor("prior_precision", state["prior_precision"])
+    if prior.numel() not in (1, len(blocks), n_params) or not bool((prior > 0).all()):
+        raise fail(f"prior_precision must hold 1, {len(blocks)} or {n_params} positive values")
+    if tensor("prior_mean", state["prior_mean"]).numel() not in (1, n_params):
+        raise fail(f"prior_mean must hold 1 or {n_params} values")
+
+
+def _expected_blocks(heads: Any, tensor, shaped, fail) -> tuple[list, int]:
+    """Kron factor shapes per block and the parameter count the saved heads imply."""
+    if not isinstance(heads, dict):
+        raise fail("heads must be a dict of tensors")
+    blocks, n_params = [], 0
+    for side in ("image", "text"):
+        name = f"{side}_projection.weight"
+        if name not in heads:
+            raise fail(f"heads.{name} is missing")
+        weight = tensor(f"heads.{name}", heads[name])
+        if weight.ndim != 2:
+            raise fail(f"heads.{name} must be 2-D, got {tuple(weight.shape)}")
+        D, d = weight.shape
+        blocks.append([(D, D), (d, d)])
+        n_params += D * d
+        bias = f"{side}_projection.bias"
+        if bias in heads:
+            shaped(f"heads.{bias}", heads[bias], (D,))
+            blocks.append([(D, D)])
+            n_params += D
+    if "logit_scale" not in heads:
+        raise fail("heads.logit_scale is missing")
+    shaped("heads.logit_scale", heads["logit_scale"], ())
+    if heads.get("logit_bias") is not None:
+        shaped("heads.logit_bias", heads["logit_bias"], ())
+    return blocks, n_params

@@ -1,0 +1,217 @@
+"""Score-based detection metrics (AUROC, FPR at a TPR) and out-of-distribution scores.
+
+Conventions
+-----------
+* The detection metrics take scores of a *positive* and a *negative* group and treat a higher
+  score as evidence for the positive group. For OOD detection the in-distribution (ID) inputs are
+  the positives, as in the OOD literature (OpenOOD, Yang et al. 2022: FPR at 95% TPR with ID as
+  positive), so :func:`fpr_at_tpr` is the fraction of OOD inputs still accepted when 95% of the
+  ID inputs are.
+* Each OOD score is returned in its natural direction, stated in its docstring and in
+  :data:`HIGHER_IS_IN`: :func:`msp` and :func:`mcm` are ID confidences (higher = more
+  in-distribution), :func:`expected_logit_variance` is an uncertainty (higher = more OOD). Pass
+  ``higher_is_in=HIGHER_IS_IN[name]`` to :func:`ood_metrics`.
+* Ties in a score count half in the AUROC (the Mann-Whitney convention) and enter a ROC curve
+  together (a threshold accepts all tied inputs or none).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.classification import BinaryAUROC, BinaryROC
+
+#: Direction of each OOD score in this module: True when a higher score means more in-distribution.
+HIGHER_IS_IN = {"msp": True, "mcm": True, "expected_logit_variance": False}
+
+
+def _check_scores(score: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(score, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(score).__name__}.")
+    if score.ndim != 1:
+        raise ValueError(
+            f"{name} must be 1-D (one score per input), got shape {tuple(score.shape)}."
+        )
+    if score.numel() == 0:
+        raise ValueError(f"{name} must hold at least one score, got an empty tensor.")
+    if score.dtype == torch.bool or score.is_complex():
+        raise ValueError(f"{name} must be real-valued, got dtype {score.dtype}.")
+    score = score.detach().double()
+    if not torch.isfinite(score).all():
+        raise ValueError(f"{name} must be finite, got NaN or infinite values.")
+    return score
+
+
+def _binary_inputs(
+    score_pos: torch.Tensor, score_neg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranked predictions in ``[0, 1]`` and 0/1 targets for torchmetrics.
+
+    torchmetrics applies a sigmoid to predictions outside ``[0, 1]``; in floating point that
+    saturates large scores into ties and changes the answer. Dense ranks scaled to ``[0, 1]``
+    keep the order and the ties exactly, and ROC metrics depend on nothing else.
+    """
+    pos = _check_scores(score_pos, "score_pos")
+    neg = _check_scores(score_neg, "score_neg").to(pos.device)
+    scores = torch.cat([pos, neg])
+    _, rank = torch.unique(scores, sorted=True, return_inverse=True)
+    preds = rank.double() / max(int(rank.max()), 1)
+    target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).long()
+    return preds, target
+
+
+def detection_auroc(score_pos: torch.Tensor, score_neg: torch.Tensor) -> float:
+    """Area under the ROC curve of telling positives from negatives by a score.
+
+    Equals ``P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)`` over all positive-negative pairs.
+
+    Parameters
+    ----------
+    score_pos : torch.Tensor
+        `(P,)` scores of the positive inputs (higher = more likely positive), ``P >= 1``.
+    score_neg : torch.Tensor
+        `(M,)` scores of the negative inputs, ``M >= 1``.
+
+    Returns
+    -------
+    float
+        AUROC in ``[0, 1]``; 0.5 is chance, 1 perfect separation.
+    """
+    preds, target = _binary_inputs(score_pos, score_neg)
+    metric = BinaryAUROC(thresholds=None).to(preds.device)
+    return float(metric(preds, target))
+
+
+def fpr_at_tpr(score_pos: torch.Tensor, score_neg: torch.Tensor, tpr: float = 0.95) -> float:
+    """False-positive rate at the first threshold whose true-positive rate reaches ``tpr``.
+
+    Thresholds accept inputs with ``score >= threshold``; among all thresholds with
+    ``TPR >= tpr`` the smallest FPR is returned (no interpolation between ROC points).
+
+    Parameters
+    ----------
+    score_pos : torch.Tensor
+        `(P,)` scores of the positive inputs (higher = more likely positive), ``P >= 1``.
+    score_neg : torch.Tensor
+        `(M,)` scores of the negative inputs, ``M >= 1``.
+    tpr : float
+        Target true-positive rate in ``(0, 1]``; 0.95 gives the usual FPR95.
+
+    Returns
+    -------
+    float
+        FPR in ``[0, 1]``; lower is better.
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr}.")
+    preds, target = _binary_inputs(score_pos, score_neg)
+    fpr_curve, tpr_curve, _ = BinaryROC(thresholds=None).to(preds.device)(preds, target)
+    # torchmetrics returns float32 rates; recover the integer counts and compare in float64
+    # so that e.g. 19/20 >= 0.95 is decided exactly as in float64 arithmetic.
+    n_pos, n_neg = int(target.sum()), int((1 - target).sum())
+    tps = (tpr_curve.double() * n_pos).round()
+    fps = (fpr_curve.double() * n_neg).round()
+    reached = tps / n_pos >= tpr
+    return float((fps[reached] / n_neg).min())
+
+
+def _check_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be (N, C) with C >= 1, got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got dtype {x.dtype}.")
+    x = x.detach().double()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} must be finite, got NaN or infinite values.")
+    return x
+
+
+def msp(probs: torch.Tensor) -> torch.Tensor:
+    """Maximum softmax probability (Hendrycks & Gimpel 2017), an ID confidence.
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        `(N, C)` predictive class probabilities.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)` float64, ``max_c probs[:, c]``; higher = more in-distribution.
+    """
+    return _check_matrix(probs, "probs").amax(dim=1)
+
+
+def mcm(cosine: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Maximum Concept Matching score (Ming et al. 2022), an ID confidence.
+
+    ``max_c softmax(cosine / temperature)_c``: the zero-shot CLIP OOD baseline. Note the limits:
+    as ``temperature -> 0`` it ranks inputs by the margin between the two largest cosines, and as
+    ``temperature -> inf`` by ``max_c cosine - mean_c cosine``; neither is the raw max cosine.
+
+    Parameters
+    ----------
+    cosine : torch.Tensor
+        `(N, C)` cosine similarities between image and class-prompt embeddings (not scaled by
+        CLIP's logit scale).
+    temperature : float
+        Softmax temperature, ``> 0``; 1 as in the MCM paper.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)` float64 in ``[1/C, 1]``; higher = more in-distribution.
+    """
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    cosine = _check_matrix(cosine, "cosine")
+    return torch.softmax(cosine / temperature, dim=1).amax(dim=1)
+
+
+def expected_logit_variance(var: torch.Tensor) -> torch.Tensor:
+    """Mean over classes of the predictive logit variance, an uncertainty.
+
+    Parameters
+    ----------
+    var : torch.Tensor
+        `(N, C)` variances of the logits (e.g. the diagonal of the Laplace logit covariance).
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)` float64; higher = more out-of-distribution (use ``higher_is_in=False``).
+    """
+    var = _check_matrix(var, "var")
+    if (var < 0).any():
+        raise ValueError("var must be non-negative (variances), got negative values.")
+    return var.mean(dim=1)
+
+
+def ood_metrics(
+    score_in: torch.Tensor, score_out: torch.Tensor, higher_is_in: bool = True
+) -> dict[str, float]:
+    """AUROC and FPR at 95% TPR of separating ID from OOD inputs, ID as the positive class.
+
+    Parameters
+    ----------
+    score_in : torch.Tensor
+        `(N_in,)` scores of in-distribution inputs.
+    score_out : torch.Tensor
+        `(N_out,)` scores of out-of-distribution inputs.
+    higher_is_in : bool
+        True for an ID confidence (:func:`msp`, :func:`mcm`), False for an uncertainty
+        (:func:`expected_logit_variance`, entropy), which is then negated.
+
+    Returns
+    -------
+    dict[str, float]
+        ``{"auroc": ..., "fpr95": ...}``; FPR95 is the fraction of OOD inputs accepted when 95%
+        of the ID inputs are.
+    """
+    if not isinstance(higher_is_in, bool):
+        raise ValueError(f"higher_is_in must be a bool, got {higher_is_in!r}.")
+    sign = 1.0 if higher_is_in else -1.0
+    pos = sign * _check_scores(score_in, "score_in")
+    neg = sign * _check_scores(score_out, "score_out")
+    return {"auroc": detection_auroc(pos, neg), "fpr95": fpr_at_tpr(pos, neg, 0.95)}
