@@ -301,3 +301,14 @@ def test_data_without_pairs_is_a_one_line_error(tmp_path, tiny_checkpoint, capsy
     )
     err = capsys.readouterr().err
     assert code == 2 and "--data" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--pseudo-count", "-1"),
+                                         ("--max-pairs", "many")])  # fmt: skip
+def test_numeric_options_are_validated_by_argparse(tmp_path, capsys, flag, value):
+    args = ["fit", "--data", str(tmp_path), "--output", str(tmp_path / "p.safetensors")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and ("must be positive" in err or "expected an integer" in err), err

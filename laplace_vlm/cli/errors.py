@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -16,6 +18,24 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise CliError(f"--output: folder {path.parent} does not exist")
 
 
-def check_positive(flag: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise CliError(f"{flag} must be positive, got {value}")
+def positive(kind: type) -> Callable[[str], float]:
+    """An argparse ``type=``: ``kind(text)`` if it is positive, else argparse's own error.
+
+    Parameters
+    ----------
+    kind : type
+        ``int`` or ``float``.
+    """
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import tarfile
+import tarfile  # only to tell a tar file from a typo before the model loads
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 
-from laplace_vlm.cli.errors import CliError, check_output, check_positive
+from laplace_vlm.cli.errors import CliError, check_output, positive
 from laplace_vlm.cli.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_open_clip
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -44,11 +44,13 @@ def add_parser(sub) -> None:
         choices=("clip", "siglip"),
         help="likelihood (default: siglip for models with a logit bias, else clip)",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="pairs per class batch")
-    p.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
+    p.add_argument("--batch-size", type=positive(int), default=256, help="pairs per class batch")
+    p.add_argument(
+        "--max-pairs", type=positive(int), default=None, help="use at most this many pairs"
+    )
     p.add_argument(
         "--pseudo-count",
-        type=float,
+        type=positive(float),
         default=1.0,
         help="pseudo-data count n (temperature 1/n) the prior is optimised at",
     )
@@ -61,9 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 
     check_output(args.output, args.overwrite)
-    check_positive("--batch-size", args.batch_size)
-    check_positive("--max-pairs", args.max_pairs)
-    check_positive("--pseudo-count", args.pseudo_count)
     pairs = image_caption_pairs(args.data, args.captions)
     model, preprocess, tokenizer = load_open_clip(args.model, args.pretrained, args.device)
     has_bias = getattr(model, "logit_bias", None) is not None
@@ -125,36 +124,31 @@ def folder_pairs(folder: Path, rows: Iterable[tuple[str, str]]) -> Iterator[tupl
 
 
 def tar_pairs(shards: Iterable[Path]) -> Iterator[tuple]:
-    """Pairs of webdataset shards, read with ``tarfile`` + PIL (no extra dependency).
+    """``(PIL image, caption)`` pairs of webdataset tar shards (LAION's format), in order.
 
-    A sample is the files sharing a key (the path up to the first dot of the file name, as
-    webdataset groups them); it needs one image and one ``.txt`` / ``.caption`` file.
+    A sample is the files sharing a key; it needs one image and one ``.txt`` / ``.caption``
+    file, and samples without both are skipped (webdataset's grouping and decoding).
     """
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            key, sample = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = Path(member.name)
-                member_key = str(name.parent / name.name.split(".", 1)[0])
-                if member_key != key:
-                    yield from _complete(sample)
-                    key, sample = member_key, {}
-                sample["." + name.name.split(".", 1)[-1].lower()] = tar.extractfile(member).read()
-            yield from _complete(sample)
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise CliError(
+            "--data: reading tar shards needs webdataset: pip install 'laplace-vlm[webdataset]'"
+        ) from None
+    images = ";".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+    captions = ";".join(s.lstrip(".") for s in CAPTION_SUFFIXES)
+    dataset = (
+        wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False)
+        .select(lambda sample: _has(sample, IMAGE_SUFFIXES) and _has(sample, CAPTION_SUFFIXES))
+        .decode("pil")
+        .to_tuple(images, captions)
+    )
+    for image, caption in dataset:
+        yield image.convert("RGB"), caption.strip()
 
 
-def _complete(sample: dict[str, bytes]) -> Iterator[tuple]:
-    import io
-
-    from PIL import Image
-
-    image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
-    caption = next((sample[s] for s in CAPTION_SUFFIXES if s in sample), None)
-    if image is not None and caption is not None:
-        with Image.open(io.BytesIO(image)) as img:
-            yield img.convert("RGB"), caption.decode("utf-8").strip()
+def _has(sample: dict, suffixes: tuple[str, ...]) -> bool:
+    return any(s.lstrip(".") in sample for s in suffixes)
 
 
 def pair_batches(pairs: Iterable[tuple], preprocess, tokenizer, batch_size: int) -> Iterator[tuple]:

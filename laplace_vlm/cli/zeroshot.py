@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from laplace_vlm.cli.errors import CliError, check_output, check_positive
+from laplace_vlm.cli.errors import CliError, check_output, positive
 from laplace_vlm.cli.fit import IMAGE_SUFFIXES, add_model_args
 from laplace_vlm.cli.models import load_open_clip
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
         "--pred-type", choices=("probcosine", "probcosine_diag", "glm", "map"), default="probcosine"
     )
     p.add_argument("--link-approx", choices=("probit", "mc"), default="probit")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive(int), default=64)
     p.add_argument("--output", type=Path, help="CSV file (default: standard output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=run)
@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output is not None:
         check_output(args.output, args.overwrite)
-    check_positive("--batch-size", args.batch_size)
     classnames = read_classnames(args.classnames, args.classnames_file)
     try:
         format_prompts(classnames, args.templates)
