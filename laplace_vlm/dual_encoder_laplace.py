@@ -19,7 +19,7 @@ from laplace_vlm.curvature.distributed import all_reduce_sums, failures_shared_a
 from laplace_vlm.curvature.factor_sums import FactorSums
 from laplace_vlm.curvature.likelihoods import check_contrastive, pair_loss
 from laplace_vlm.enums import MOMENT_PRED_TYPES, LinkApprox, PosteriorForm, PredType, parse_option
-from laplace_vlm.heads import DualHead, build_heads
+from laplace_vlm.heads import DualHead, build_heads, unfold_bias
 from laplace_vlm.inputs import InputEncoder
 from laplace_vlm.io.bayesvlm import REFERENCE_N_DATA, read_bayesvlm_factors, read_bayesvlm_prior
 from laplace_vlm.io.fit_checkpoint import FitCheckpoint, checkpoint_key
@@ -84,6 +84,11 @@ class DualEncoderLaplace(KronLaplace):
         ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)`` on its split
         ``[sum B, sum a a^T / N]``; ``'symmetric'``, the reference implementation's same form
         on the split ``[sum B / sqrt(N), sum a a^T / sqrt(N)]``.
+    joint_bias : bool, default=True
+        a head with a bias (SigLIP's) gets one Kronecker factor over ``[W | b]``, the
+        activations with a trailing 1, as the reference does: the weight-bias
+        cross-covariance is kept. ``False`` gives laplace's separate bias block. The head
+        then appears in ``self.heads`` as one bias-free ``nn.Linear`` of ``d + 1`` inputs.
     enable_backprop : bool, default=False
         laplace's flag: predictions are differentiable in the inputs (activations, or through
         the encoders in model mode). Otherwise no autograd graph is built.
@@ -109,6 +114,7 @@ class DualEncoderLaplace(KronLaplace):
         chunk_size: int | None = None,
         backend: type | None = None,
         damping: bool | str = False,
+        joint_bias: bool = True,
         **kwargs: Any,
     ) -> None:
         for name, default in _UNSUPPORTED_LAPLACE_ARGS.items():
@@ -138,7 +144,9 @@ class DualEncoderLaplace(KronLaplace):
             image_projection, text_projection = self.adapter.image_head, self.adapter.text_head
             logit_scale = self.adapter.logit_scale if logit_scale is None else logit_scale
             logit_bias = self.adapter.logit_bias if logit_bias is None else logit_bias
-        heads = build_heads(image_projection, text_projection, logit_scale, logit_bias)
+        if not isinstance(joint_bias, bool):
+            raise ValueError(f"joint_bias must be True or False, got {joint_bias!r}.")
+        heads = build_heads(image_projection, text_projection, logit_scale, logit_bias, joint_bias)
         self.posterior_form = _posterior_form(damping)
         # laplace's KronDecomposed reads a bool; the symmetric form is damped on rescaled factors
         damped = self.posterior_form is not PosteriorForm.EXACT
@@ -451,9 +459,9 @@ class DualEncoderLaplace(KronLaplace):
         ----------
         x : dict or torch.Tensor
             ``{"image": (N, ...), "text": (C, ...)}`` or images scored against ``set_classes``.
-        pred_type : {'probcosine', 'probcosine_diag', 'glm'}, default='probcosine'
-            moment matching of the cosine with full or diagonal embedding covariances, or
-            laplace's linearised predictive.
+        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'map'}, default='probcosine'
+            moment matching of the cosine with full or diagonal embedding covariances,
+            laplace's linearised predictive, or the deterministic logits (variance 0).
         diagonal_output : bool, default=True
             ``False`` returns the `(N, C, C)` covariance over classes (``glm`` only).
         chunk_size : int, optional
@@ -467,8 +475,14 @@ class DualEncoderLaplace(KronLaplace):
             `(N, C)`, or `(N, C, C)` with ``diagonal_output=False``.
         """
         pred_type = parse_option(PredType, pred_type, "pred_type")
+        if pred_type is PredType.MAP and diagonal_output:  # the deterministic logits
+            with torch.set_grad_enabled(self.enable_backprop):
+                a_i, r_i, a_t, r_t = self.inputs.predict(x)
+                logits = self.heads({"image": a_i, "text": a_t, "image_residual": r_i,
+                                     "text_residual": r_t})  # fmt: skip
+            return logits, torch.zeros_like(logits)
         if pred_type not in MOMENT_PRED_TYPES:
-            options = tuple(p.value for p in MOMENT_PRED_TYPES)
+            options = tuple(p.value for p in (*MOMENT_PRED_TYPES, PredType.MAP))
             raise ValueError(f"pred_type must be one of {options} for moments, got {pred_type!r}.")
         if not diagonal_output and pred_type is not PredType.GLM:
             raise ValueError("diagonal_output=False (class covariances) needs pred_type='glm'.")
@@ -623,10 +637,7 @@ class DualEncoderLaplace(KronLaplace):
             raise ValueError("diagonal_output=True needs pred_type='glm' and link_approx='mc'.")
         apply_link = link_function(link)
         if pred_type is PredType.MAP:
-            with torch.set_grad_enabled(self.enable_backprop):
-                a_i, r_i, a_t, r_t = self.inputs.predict(x)
-                return apply_link(self.heads({"image": a_i, "text": a_t, "image_residual": r_i,
-                                              "text_residual": r_t}))  # fmt: skip
+            return apply_link(self.predictive_moments(x, PredType.MAP)[0])
         if pred_type is PredType.NN and link_approx is not LinkApprox.MC:
             raise ValueError("pred_type='nn' needs link_approx='mc'.")
         if link_approx is LinkApprox.MC:
@@ -668,6 +679,7 @@ class DualEncoderLaplace(KronLaplace):
         heads = {k: v for k, v in self.heads.state_dict().items()
                  if v is not None and not k.startswith("class_")}  # fmt: skip
         state.update(
+            joint_bias=[self.heads.joint["image"], self.heads.joint["text"]],
             contrastive=self.contrastive,
             damping=_damping_value(self.posterior_form),
             curvature=self.curvature,
@@ -749,9 +761,12 @@ class DualEncoderLaplace(KronLaplace):
         for key in ("contrastive", "damping", "temperature", "curvature", "enable_backprop"):
             if key in state:
                 kwargs.setdefault(key, state[key])
+        joint = state.get("joint_bias", [False, False])  # 0.1 files: separate bias blocks
+        kwargs.setdefault("joint_bias", any(joint))
         if model is None:
             heads = state["heads"]
-            kwargs.update(image_projection=_head(heads, "image"), text_projection=_head(heads, "text"),
+            kwargs.update(image_projection=_head(heads, "image", joint[0]),
+                          text_projection=_head(heads, "text", joint[1]),
                           logit_scale=heads["logit_scale"], logit_bias=heads.get("logit_bias"))  # fmt: skip
         la = cls(model, **kwargs)
         la.load_state_dict(state)
@@ -814,9 +829,11 @@ class DualEncoderLaplace(KronLaplace):
         return la
 
 
-def _head(heads: dict[str, torch.Tensor], side: str) -> nn.Linear:
-    """A saved head as an ``nn.Linear`` (the constructor copies it)."""
+def _head(heads: dict[str, torch.Tensor], side: str, folded: bool) -> nn.Linear:
+    """A saved head as an ``nn.Linear`` with its own bias (the constructor copies it)."""
     weight, bias = heads[f"{side}_projection.weight"], heads.get(f"{side}_projection.bias")
+    if folded:
+        weight, bias = unfold_bias(weight)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)

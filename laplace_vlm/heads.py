@@ -31,13 +31,64 @@ def as_linear(projection: Any, name: str, dtype: torch.dtype) -> nn.Linear:
         )
     if weight.ndim != 2:
         raise ValueError(f"{name} weight must have shape (D, d), got {tuple(weight.shape)}.")
+    return linear_copy(weight, bias, dtype)
+
+
+def linear_copy(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> nn.Linear:
+    """A fresh ``nn.Linear`` holding detached copies of ``weight`` `(D, d)` and ``bias`` `(D,)`.
+
+    The one way a head is copied: for the posterior, for fine-tuning, and for the curvature
+    backends, whose hooks must never touch the user's modules.
+    """
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    linear = linear.to(device=weight.device, dtype=dtype)
+    linear = linear.to(device=weight.device, dtype=dtype or weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight.detach())
         if bias is not None:
             linear.bias.copy_(bias.detach())
     return linear
+
+
+def fold_bias(linear: nn.Linear) -> nn.Linear:
+    """``[W | b]`` as one bias-free ``nn.Linear`` on activations with a trailing 1.
+
+    The weight and bias then share one Kronecker factor ``B x A`` with ``A`` over ``[a, 1]``,
+    as the reference implementation does, so their cross-covariance is kept; laplace sees one
+    parameter whose row-major layout is that of the factor.
+    """
+    return linear_copy(torch.cat([linear.weight, linear.bias[:, None]], dim=1))
+
+
+def unfold_bias(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W (D, d), b (D,))`` of a folded weight ``[W | b]`` `(D, d + 1)`."""
+    return weight[:, :-1], weight[:, -1]
+
+
+def similarity_logits(
+    u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits ``scale * u @ v.T (+ bias)`` of normalised embeddings: the one cosine logit.
+
+    Parameters
+    ----------
+    u : torch.Tensor
+        `(M, D)` normalised rows (the inputs).
+    v : torch.Tensor
+        `(K, D)` normalised rows (the classes).
+    scale : torch.Tensor
+        the *linear* logit scale, i.e. ``exp(logit_scale)``.
+    bias : torch.Tensor, optional
+        SigLIP's scalar logit bias.
+
+    Returns
+    -------
+    logits : torch.Tensor
+        `(M, K)`
+    """
+    logits = scale * (u @ v.T)
+    return logits if bias is None else logits + bias
 
 
 def posterior_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -51,10 +102,12 @@ class DualHead(nn.Module):
 
     Parameters, in the order laplace sees them: image weight, [image bias], text weight,
     [text bias]. ``logit_scale`` (log scale) and ``logit_bias`` are buffers: fixed at MAP.
+    A head whose bias is folded into its weight (:func:`fold_bias`, ``joint[modality]``)
+    takes *design* inputs ``[a, 1]`` (:meth:`design`); the others take activations as they are.
 
-    ``forward`` maps pre-projection activations to similarity logits: a dict
-    ``{"image": (N, d_img), "text": (C, d_txt)}`` gives `(N, C)`; a tensor of image
-    activations is scored against the classes set with :meth:`set_classes`.
+    ``forward`` maps design inputs to similarity logits: a dict
+    ``{"image": (N, d_img), "text": (C, d_txt)}`` gives `(N, C)`; a tensor of image inputs is
+    scored against the classes set with :meth:`set_classes`.
     """
 
     def __init__(
@@ -63,10 +116,12 @@ class DualHead(nn.Module):
         text_projection: nn.Linear,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        joint: tuple[bool, bool] = (False, False),
     ) -> None:
         super().__init__()
         self.image_projection = image_projection
         self.text_projection = text_projection
+        self.joint = {"image": bool(joint[0]), "text": bool(joint[1])}
         like = image_projection.weight
         self.register_buffer("logit_scale", torch.as_tensor(logit_scale).to(like).reshape(()))
         bias = None if logit_bias is None else torch.as_tensor(logit_bias).to(like).reshape(())
@@ -79,25 +134,36 @@ class DualHead(nn.Module):
         """The linear logit scale ``exp(logit_scale)``."""
         return self.logit_scale.exp()
 
+    def design(self, modality: str, activations: torch.Tensor) -> torch.Tensor:
+        """The head's inputs: ``activations`` `(N, d)`, with a trailing 1 if its bias is folded."""
+        if not self.joint[modality]:
+            return activations
+        return torch.cat([activations, activations.new_ones(len(activations), 1)], dim=1)
+
+    def in_features(self, modality: str) -> int:
+        """``d``: the pre-projection activation dim of a modality (without the folded 1)."""
+        linear = getattr(self, f"{modality}_projection")
+        return linear.in_features - self.joint[modality]
+
     def embed_image(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Un-normalised image embeddings `(N, D)`."""
+        """Un-normalised image embeddings `(N, D)` of design inputs `(N, d_img [+ 1])`."""
         z = self.image_projection(activations)
         return z if residual is None else z + residual
 
     def embed_text(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Un-normalised text embeddings `(C, D)`."""
+        """Un-normalised text embeddings `(C, D)` of design inputs `(C, d_txt [+ 1])`."""
         t = self.text_projection(activations)
         return t if residual is None else t + residual
 
     def set_classes(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Store class text activations `(C, d_txt)` so a bare image tensor can be scored."""
+        """Store class text design inputs `(C, d_txt [+ 1])` so bare images can be scored."""
         self.class_activations = activations
         self.class_residual = residual
 
     def logits(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Similarity logits `(N, C)` of un-normalised embeddings."""
-        logits = self.scale * F.normalize(z, dim=-1) @ F.normalize(t, dim=-1).T
-        return logits if self.logit_bias is None else logits + self.logit_bias
+        return similarity_logits(F.normalize(z, dim=-1), F.normalize(t, dim=-1), self.scale,
+                                 self.logit_bias)  # fmt: skip
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         if isinstance(x, torch.Tensor):
@@ -114,8 +180,12 @@ def build_heads(
     text_projection: Any,
     logit_scale: float | torch.Tensor | None,
     logit_bias: float | torch.Tensor | None = None,
+    joint_bias: bool = True,
 ) -> DualHead:
-    """Validated ``DualHead`` in fp32 (fp64 if a weight is fp64), whatever the model's dtype."""
+    """Validated ``DualHead`` in fp32 (fp64 if a weight is fp64), whatever the model's dtype.
+
+    With ``joint_bias`` a head's bias is folded into its weight (:func:`fold_bias`).
+    """
     missing = [
         name
         for name, value in (
@@ -141,4 +211,6 @@ def build_heads(
         raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}.")
     if logit_bias is not None:
         check_finite("logit_bias", torch.as_tensor(logit_bias, dtype=dtype))
-    return DualHead(image, text, scale, logit_bias)
+    joint = (joint_bias and image.bias is not None, joint_bias and text.bias is not None)
+    image, text = (fold_bias(h) if j else h for h, j in zip((image, text), joint))
+    return DualHead(image, text, scale, logit_bias, joint)

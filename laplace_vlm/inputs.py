@@ -67,8 +67,13 @@ class InputEncoder:
         return self.heads.class_activations, self.heads.class_residual
 
     def features(self, modality: str, value: Any, residual: torch.Tensor | None):
-        """Activations `(N, d)` (and residual `(N, D)`) of one modality."""
+        """The head's design inputs `(N, d [+ 1])` (and residual `(N, D)`) of one modality.
+
+        ``value`` is activations `(N, d)` or, in model mode, raw images / tokens; a head with
+        a folded bias gets a trailing 1 (:meth:`DualHead.design`).
+        """
         weight = getattr(self.heads, f"{modality}_projection").weight
+        d = self.heads.in_features(modality)
         if not _is_activation(value) and self.adapter is not None:
             encode = getattr(self.adapter, f"encode_{modality}")
             value = value.to(weight.device) if isinstance(value, torch.Tensor) else value
@@ -78,17 +83,17 @@ class InputEncoder:
         name = f"x[{modality!r}]"
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim != 2:
             raise ValueError(
-                f"{name} must be pre-projection activations of shape (N, {weight.shape[1]})"
+                f"{name} must be pre-projection activations of shape (N, {d})"
                 + ("" if self.adapter else " (feature mode: no model to encode raw inputs)")
                 + f", got shape {tuple(value.shape)}."
             )
-        value = check_matrix(name, value, weight.shape[1]).to(weight.device, weight.dtype)
+        value = check_matrix(name, value, d).to(weight.device, weight.dtype)
         if residual is not None:
             residual = check_matrix(f"{name} residual", residual, weight.shape[0])
             if len(residual) != len(value):
                 raise ValueError(f"{name} residual must have {len(value)} rows.")
             residual = residual.to(weight.device, weight.dtype)
-        return value, residual
+        return self.heads.design(modality, value), residual
 
 
 def _is_activation(value: Any) -> bool:

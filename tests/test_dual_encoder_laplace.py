@@ -26,7 +26,12 @@ def float64():
     torch.set_default_dtype(previous)
 
 
-def make_problem(bias: bool, seed: int = 0, n: int = 24, contrastive: str = "clip"):
+def make_problem(
+    bias: bool, seed: int = 0, n: int = 24, contrastive: str = "clip", joint_bias: bool = False
+):
+    """Random heads and activations. With ``bias``, laplace's separate bias blocks by default:
+    the dense brute force here treats weight and bias as laplace's two tensors; the joint
+    (default) form is a bias-free head on ``[a, 1]``, tested in ``test_joint_bias.py``."""
     g = torch.Generator().manual_seed(seed)
     img, txt = nn.Linear(D_IMG, D, bias=bias), nn.Linear(D_TXT, D, bias=bias)
     with torch.no_grad():
@@ -34,6 +39,8 @@ def make_problem(bias: bool, seed: int = 0, n: int = 24, contrastive: str = "cli
             p.copy_(torch.randn(p.shape, generator=g))
     a_i, a_t = torch.randn(n, D_IMG, generator=g), torch.randn(n, D_TXT, generator=g)
     kw = dict(image_projection=img, text_projection=txt, logit_scale=0.7, contrastive=contrastive)
+    if bias:
+        kw["joint_bias"] = joint_bias
     if contrastive == "siglip":
         kw["logit_bias"] = -0.5
     return kw, a_i, a_t

@@ -42,7 +42,8 @@ def fitted(
     with torch.no_grad():
         for p in [*img.parameters(), *txt.parameters()]:
             p.copy_(c * torch.randn(p.shape, generator=g))
-    kw = dict(logit_scale=2.0, contrastive=contrastive, damping=damping)
+    # laplace's separate bias blocks: 4 prior tensors for 'layerwise'
+    kw = dict(logit_scale=2.0, contrastive=contrastive, damping=damping, joint_bias=False)
     if contrastive == "siglip":
         kw["logit_bias"] = -1.0
     la = DualEncoderLaplace(

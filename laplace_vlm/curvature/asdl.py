@@ -24,29 +24,20 @@ import torch
 from asdl.fisher import FisherConfig, get_fisher_maker
 from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE
 from asdl.matrices import FISHER_EXACT, SHAPE_KRON
-from torch import nn
 
+from laplace_vlm.curvature.head_module import CosineLogitHead
 from laplace_vlm.curvature.likelihoods import check_contrastive, hessian_weights
 
 
-class _InlineHead(nn.Module):
-    """``a, r -> s normalize(W a + b + r) T^T (+ logit_bias)``, whitened for SigLIP."""
+class _WhitenedHead(CosineLogitHead):
+    """The cosine logits, whitened for SigLIP: ``sqrt(w) l`` with ``w`` detached."""
 
-    def __init__(self, proj: nn.Linear, targets, scale, logit_bias, contrastive: str):
-        super().__init__()
-        self.proj = proj
-        self.register_buffer("targets", targets)
-        self.register_buffer("scale", scale)
-        self.register_buffer("logit_bias", logit_bias)
+    def __init__(self, weight, bias, targets, scale, logit_bias, contrastive: str):
+        super().__init__(weight, bias, targets, scale, logit_bias)
         self.contrastive = contrastive
 
     def forward(self, a: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-        z = self.proj(a)
-        if r is not None:
-            z = z + r
-        logits = self.scale * nn.functional.normalize(z, dim=-1) @ self.targets.T
-        if self.logit_bias is not None:
-            logits = logits + self.logit_bias
+        logits = self.logits(a, r)
         if self.contrastive == "siglip":
             # exact-MSE Fisher of sqrt(w) l == sigmoid GGN (w detached: it is Lambda, not graph)
             logits = hessian_weights(logits.detach(), "siglip").sqrt() * logits
@@ -79,21 +70,10 @@ def head_factors(
         rows per ASDL call; the factors are summed over chunks.
     """
     contrastive = check_contrastive(contrastive)
-    dtype, device = activations.dtype, activations.device
-
-    def as_buffer(x):
-        return None if x is None else torch.as_tensor(x).detach().to(device, dtype)
-
+    dtype = activations.dtype
     # fresh module on every call: ASDL's hooks must never touch the user's modules
-    proj = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    proj = proj.to(device, dtype)
-    with torch.no_grad():
-        proj.weight.copy_(weight)
-        if bias is not None:
-            proj.bias.copy_(bias)
-    head = _InlineHead(
-        proj, as_buffer(targets), as_buffer(scale), as_buffer(logit_bias), contrastive
-    )
+    head = _WhitenedHead(weight.to(dtype), bias, targets, scale, logit_bias, contrastive)
+    proj = head.proj
     loss_type = LOSS_CROSS_ENTROPY if contrastive == "clip" else LOSS_MSE
     config = FisherConfig(
         fisher_type=FISHER_EXACT, loss_type=loss_type, fisher_shapes=[SHAPE_KRON], data_size=1

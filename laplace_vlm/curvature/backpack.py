@@ -32,6 +32,7 @@ from backpack.utils.subsampling import subsample
 from torch import nn
 
 from laplace_vlm.curvature.likelihoods import check_contrastive
+from laplace_vlm.heads import linear_copy
 
 
 class Normalize(nn.Module):
@@ -125,15 +126,11 @@ def head_factors(
         labels = torch.arange(M, device=device) % K
 
     # fresh modules on every call (never hook the user's; ASDL may have touched them)
-    proj = nn.Linear(d, D, bias=bias is not None).to(device, dtype)
-    sims = nn.Linear(D, K, bias=logit_bias is not None).to(device, dtype)
-    with torch.no_grad():
-        proj.weight.copy_(weight)
-        if bias is not None:
-            proj.bias.copy_(bias)
-        sims.weight.copy_(torch.as_tensor(scale).to(device, dtype) * targets)
-        if logit_bias is not None:
-            sims.bias.copy_(torch.as_tensor(logit_bias).to(device, dtype).expand(K))
+    # the cosine logits as BackPACK's layers: s T u (+ bias) is a Linear on u = normalize(z)
+    proj = linear_copy(weight.to(dtype), bias)
+    sim_bias = None if logit_bias is None else torch.as_tensor(logit_bias).to(device, dtype)
+    sims = linear_copy(torch.as_tensor(scale).to(device, dtype) * targets.to(dtype),
+                       None if sim_bias is None else sim_bias.expand(K))  # fmt: skip
     sims.requires_grad_(False)
     if contrastive == "clip":
         lossfunc = extend(nn.CrossEntropyLoss(reduction="sum"))

@@ -15,25 +15,15 @@ import torch
 from curvlinops import FisherType, KFACLinearOperator
 from torch import nn
 
+from laplace_vlm.curvature.head_module import CosineLogitHead
 from laplace_vlm.curvature.likelihoods import check_contrastive
 
 
-class _InlineHead(nn.Module):
-    """``{'a': a, 'r': r} -> s normalize(W a + b + r) T^T (+ logit_bias)``."""
-
-    def __init__(self, proj: nn.Linear, targets, scale, logit_bias):
-        super().__init__()
-        self.proj = proj
-        self.register_buffer("targets", targets)
-        self.register_buffer("scale", scale)
-        self.register_buffer("logit_bias", logit_bias)
+class _DictInputHead(CosineLogitHead):
+    """The cosine logits of curvlinops' dict inputs ``{'a': a, 'r': r}``."""
 
     def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
-        z = self.proj(x["a"])
-        if "r" in x:
-            z = z + x["r"]
-        logits = self.scale * nn.functional.normalize(z, dim=-1) @ self.targets.T
-        return logits if self.logit_bias is None else logits + self.logit_bias
+        return self.logits(x["a"], x.get("r"))
 
 
 def head_factors(
@@ -70,16 +60,9 @@ def head_factors(
     if labels is None:
         labels = torch.arange(M, device=device) % K
 
-    def as_buffer(x):
-        return None if x is None else torch.as_tensor(x).detach().to(device, dtype)
-
     # fresh module on every call: curvlinops' hooks must never touch the user's modules
-    proj = nn.Linear(d, D, bias=bias is not None).to(device, dtype)
-    with torch.no_grad():
-        proj.weight.copy_(weight)
-        if bias is not None:
-            proj.bias.copy_(bias)
-    head = _InlineHead(proj, as_buffer(targets), as_buffer(scale), as_buffer(logit_bias))
+    head = _DictInputHead(weight.to(dtype), bias, targets, scale, logit_bias)
+    proj = head.proj
     if contrastive == "clip":
         lossfunc = nn.CrossEntropyLoss(reduction="sum")
         y_all = labels

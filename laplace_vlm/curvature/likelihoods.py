@@ -21,31 +21,6 @@ def check_contrastive(contrastive: str) -> str:
     return value
 
 
-def similarity_logits(
-    u: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Logits ``scale * u @ v.T (+ bias)`` of normalised embeddings.
-
-    Parameters
-    ----------
-    u : torch.Tensor
-        `(M, D)` normalised rows (the inputs).
-    v : torch.Tensor
-        `(K, D)` normalised rows (the classes).
-    scale : torch.Tensor
-        the *linear* logit scale, i.e. ``exp(logit_scale)``.
-    bias : torch.Tensor, optional
-        SigLIP's scalar logit bias.
-
-    Returns
-    -------
-    logits : torch.Tensor
-        `(M, K)`
-    """
-    logits = scale * (u @ v.T)
-    return logits if bias is None else logits + bias
-
-
 def hessian_weights(logits: torch.Tensor, contrastive: str) -> torch.Tensor:
     """Per-logit weights ``w`` of the loss Hessian with respect to the logits.
 

@@ -63,7 +63,8 @@ def maximize_marglik(
         the starting precision (laplace's meaning): a single value, broadcast to
         ``prior_structure``, or a tensor of 1, 2 (per head) or ``la.n_layers`` positive values.
     max_iter : int, default=100
-        the most evidence evaluations; about 10 are typical, 30 for an optimum ``1e10`` away.
+        the most evidence evaluations; 6 to 12 from ``lambda = 1`` to an optimum in
+        ``1e-2 .. 1e5``, at most 14 from starts ten decades away (measured).
     rtol : float, default=1e-6
         convergence: the Newton step in ``log lambda`` (the log-space gradient over its
         curvature, i.e. the predicted relative distance of ``lambda`` to the optimum), or the

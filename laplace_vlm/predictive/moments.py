@@ -22,6 +22,7 @@ from laplace_vlm.enums import PredType
 from laplace_vlm.posterior.head_posterior import CovTerm, HeadPosterior
 from laplace_vlm.validation import check_matrix
 
+
 def probcosine(
     mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -235,7 +235,7 @@ class ZeroShotClassifier:
         x = self.inputs(image_activations, image_residual)
         with torch.no_grad():
             if pred_type is PredType.MAP:
-                mean = self.la.model(x)
+                mean = self.la.predictive_moments(x, pred_type=PredType.MAP)[0]
                 var = torch.zeros_like(mean)
                 probs, mi = torch.softmax(mean, dim=-1), mean.new_zeros(len(mean))
                 return ZeroShotPrediction(probs, mean, var, entropy(probs), mi)
