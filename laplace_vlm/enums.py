@@ -106,3 +106,22 @@ def parse_option(enum: type[E], value: object, name: str) -> E:
     if isinstance(value, str) and value in options:
         return enum(value)
     raise ValueError(f"{name} must be one of {options}, got {value!r}.")
+
+
+def plain(value: object) -> str:
+    """A str-Enum member (ours or laplace's, e.g. ``laplace.PredType.GLM``) as its plain value."""
+    return str(getattr(value, "value", value))
+
+
+def posterior_form(damping: object) -> PosteriorForm:
+    """The ``damping`` argument (False, True or 'symmetric') as a :class:`PosteriorForm`."""
+    if isinstance(damping, bool):
+        return PosteriorForm.DAMPED if damping else PosteriorForm.EXACT
+    if damping == PosteriorForm.SYMMETRIC:
+        return PosteriorForm.SYMMETRIC
+    raise ValueError(f"damping must be False, True or 'symmetric', got {damping!r}.")
+
+
+def damping_argument(form: PosteriorForm) -> bool | str:
+    """The ``damping`` argument that builds ``form``: a plain bool or string, for state dicts."""
+    return form.value if form is PosteriorForm.SYMMETRIC else form is PosteriorForm.DAMPED

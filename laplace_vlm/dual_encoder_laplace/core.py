@@ -1,0 +1,315 @@
+"""``DualEncoderLaplace``: construction, the posterior and its prior.
+
+Fitting (:mod:`.fitting`), prediction (:mod:`.prediction`) and persistence
+(:mod:`.persistence`) are mixins of their own modules, combined with laplace's
+``KronLaplace`` here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from laplace import KronLaplace
+from laplace.utils.matrix import KronDecomposed
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from laplace_vlm.curvature import curvature_name, get_curvature_backend
+from laplace_vlm.curvature.likelihoods import check_contrastive
+from laplace_vlm.dual_encoder_laplace.fitting import FitMixin
+from laplace_vlm.dual_encoder_laplace.persistence import PersistenceMixin
+from laplace_vlm.dual_encoder_laplace.prediction import PredictionMixin
+from laplace_vlm.enums import PosteriorForm, plain, posterior_form
+from laplace_vlm.heads import DualHead, build_heads
+from laplace_vlm.inputs import InputEncoder
+from laplace_vlm.posterior.head_posterior import HeadPosterior
+from laplace_vlm.posterior.marglik import maximize_marglik
+from laplace_vlm.validation import check_positive
+
+# laplace arguments that have no meaning for two projection heads fed dicts of activations
+_UNSUPPORTED_LAPLACE_ARGS = {
+    "dict_key_x": "input_ids",
+    "dict_key_y": "labels",
+    "backend_kwargs": None,
+    "asdl_fisher_kwargs": None,
+}
+
+
+class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplace):
+    """Laplace approximation over the image and text projection heads of CLIP or SigLIP.
+
+    The image head's curvature treats each image as a classification over the texts of
+    its class batch (and the text head the reverse); each head's KFAC GGN is computed with
+    the other tower at its MAP value. The posterior is laplace's ``KronDecomposed``, and the
+    predictive of the similarity logits is analytic (see :mod:`laplace_vlm.predictive.moments`).
+
+    Parameters
+    ----------
+    model : nn.Module, optional
+        an open_clip (or Hugging Face) dual encoder; its heads and logit scale/bias are read
+        through :func:`laplace_vlm.adapters.get_adapter`. ``None`` for feature mode.
+    likelihood : {'classification'}
+        laplace's likelihood; the contrastive type is ``contrastive``.
+    image_projection, text_projection : nn.Linear or torch.Tensor, optional
+        feature mode: the heads, as ``nn.Linear`` or weight `(D, d)`.
+    logit_scale : float or torch.Tensor, optional
+        feature mode: the *log* logit scale (as open_clip stores it).
+    logit_bias : float or torch.Tensor, optional
+        SigLIP's logit bias.
+    contrastive : {'clip', 'siglip'}, default='clip'
+        InfoNCE (softmax over the other modality) or pairwise sigmoid.
+    curvature : str, default='closed_form'
+        a backend of :mod:`laplace_vlm.curvature` ('closed_form', 'asdl', 'backpack',
+        'curvlinops'); laplace's ``backend=AsdlGGN|BackPackGGN|CurvlinopsGGN`` is mapped to it.
+    chunk_size : int, optional
+        rows per chunk in fit and predict; bounds memory with the same result.
+    backend : type, optional
+        laplace's curvature class (``AsdlGGN``, ``BackPackGGN``, ``CurvlinopsGGN``), mapped to
+        ``curvature``; give one of the two.
+    temperature : float, default=1
+        ``1 / n`` for the paper's pseudo-data count ``n``.
+    damping : {False, True, 'symmetric'}, default=False
+        how the prior enters each Kronecker block (:class:`laplace_vlm.enums.PosteriorForm`):
+        ``False``, the exact prior ``h F0 x F1 + delta I``; ``True``, laplace's
+        ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)`` on its split
+        ``[sum B, sum a a^T / N]``; ``'symmetric'``, the reference implementation's same form
+        on the split ``[sum B / sqrt(N), sum a a^T / sqrt(N)]``.
+    joint_bias : bool, default=True
+        a head with a bias (SigLIP's) gets one Kronecker factor over ``[W | b]``, the
+        activations with a trailing 1, as the reference does: the weight-bias
+        cross-covariance is kept. ``False`` gives laplace's separate bias block. The head
+        then appears in ``self.heads`` as one bias-free ``nn.Linear`` of ``d + 1`` inputs.
+    enable_backprop : bool, default=False
+        laplace's flag: predictions are differentiable in the inputs (activations, or through
+        the encoders in model mode). Otherwise no autograd graph is built.
+    **kwargs
+        laplace's ``prior_precision``, ``prior_mean``, ``sigma_noise`` (must stay 1 for
+        classification). ``dict_key_x``, ``dict_key_y``, ``backend_kwargs`` and
+        ``asdl_fisher_kwargs`` have no meaning here and raise.
+    """
+
+    _key = ("dual_encoder", "kron")
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        likelihood: str = "classification",
+        *,
+        image_projection: nn.Linear | torch.Tensor | None = None,
+        text_projection: nn.Linear | torch.Tensor | None = None,
+        logit_scale: float | torch.Tensor | None = None,
+        logit_bias: float | torch.Tensor | None = None,
+        contrastive: str = "clip",
+        curvature: str = "closed_form",
+        chunk_size: int | None = None,
+        backend: type | None = None,
+        damping: bool | str = False,
+        joint_bias: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        for name, default in _UNSUPPORTED_LAPLACE_ARGS.items():
+            if name in kwargs and kwargs.pop(name) != default:
+                raise ValueError(
+                    f"{name} is not supported by DualEncoderLaplace: inputs are dicts "
+                    "{'image', 'text'} of activations or raw inputs, and the curvature backends "
+                    "take no options (choose one with curvature=...)."
+                )
+        likelihood = plain(likelihood)
+        if likelihood != "classification":
+            raise ValueError(
+                "DualEncoderLaplace needs likelihood='classification' (set the contrastive "
+                f"type with contrastive='clip'|'siglip'), got {likelihood!r}."
+            )
+        self.contrastive: str = check_contrastive(contrastive)
+        self.curvature: str = curvature_name(curvature, backend)
+        get_curvature_backend(self.curvature)  # fail early on an unknown name
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        self.chunk_size = chunk_size
+        self.adapter = None
+        if model is not None:
+            from laplace_vlm.adapters import get_adapter
+
+            self.adapter = get_adapter(model)
+            image_projection, text_projection = self.adapter.image_head, self.adapter.text_head
+            logit_scale = self.adapter.logit_scale if logit_scale is None else logit_scale
+            logit_bias = self.adapter.logit_bias if logit_bias is None else logit_bias
+        if not isinstance(joint_bias, bool):
+            raise ValueError(f"joint_bias must be True or False, got {joint_bias!r}.")
+        heads = build_heads(image_projection, text_projection, logit_scale, logit_bias, joint_bias)
+        self.posterior_form = posterior_form(damping)
+        # laplace's KronDecomposed reads a bool; the symmetric form is damped on rescaled factors
+        damped = self.posterior_form is not PosteriorForm.EXACT
+        super().__init__(heads, likelihood, backend=None, damping=damped, **kwargs)
+        self.mean = parameters_to_vector(self.params).detach()
+        self.inputs = InputEncoder(heads, self.adapter)
+
+    @property
+    def heads(self) -> DualHead:
+        """The projection heads (``self.model``)."""
+        return self.model
+
+    @property
+    def _dims(self) -> tuple[int, int, int, int]:
+        """``(D_img, d_img, D_txt, d_txt)``"""
+        return (*self.heads.image_projection.weight.shape, *self.heads.text_projection.weight.shape)
+
+    @property
+    def _has_bias(self) -> tuple[bool, bool]:
+        return tuple(
+            h.bias is not None for h in (self.heads.image_projection, self.heads.text_projection)
+        )
+
+    @KronLaplace.prior_precision.setter
+    def prior_precision(self, prior_precision: float | torch.Tensor) -> None:
+        # one value per head expands to that head's weight (and bias) tensors
+        if isinstance(prior_precision, torch.Tensor) and prior_precision.numel() == 2:
+            if self.n_layers != 2:
+                img, txt = prior_precision.flatten()
+                repeats = [1 + b for b in self._has_bias]
+                prior_precision = torch.stack([img] * repeats[0] + [txt] * repeats[1])
+        check_positive("prior_precision", prior_precision)
+        KronLaplace.prior_precision.fset(self, prior_precision)
+
+    @property
+    def temperature(self) -> float:
+        """``1 / n`` for the paper's pseudo-data count ``n``."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = float(check_positive("temperature", value))
+
+    @property
+    def posterior_precision(self) -> KronDecomposed:
+        """Posterior precision in the form ``damping`` names.
+
+        Upstream drops ``damping`` when adding the prior: it is kept here. The symmetric form
+        moves ``sqrt(N)`` from the input to the output factor of every weight block, so the
+        data term is unchanged and laplace's damped algebra gives the reference's precision.
+        """
+        self._check_H_init()
+        H = self.H * self._H_factor
+        if self.posterior_form is PosteriorForm.SYMMETRIC:
+            root = float(self.n_data) ** 0.5
+            eigenvalues = [[ls[0] / root, ls[1] * root] if len(ls) == 2 else ls
+                           for ls in H.eigenvalues]  # fmt: skip
+            H = KronDecomposed(H.eigenvectors, eigenvalues, H.deltas)
+        P = H + self.prior_precision
+        P.damping = self.damping
+        return P
+
+    def head_posteriors(self) -> tuple[HeadPosterior, HeadPosterior]:
+        """Posterior of the image head and of the text head, in their eigenbases."""
+        P = self.posterior_precision
+        img_bias, txt_bias = self._has_bias
+        image = HeadPosterior.from_kron(P, 0, img_bias)
+        text = HeadPosterior.from_kron(P, 1 + img_bias, txt_bias)
+        return image, text
+
+    def refresh_mean(self) -> None:
+        """Take the heads' current weights as the posterior mean (after fine-tuning them)."""
+        self.mean = parameters_to_vector(self.params).detach()
+
+    def optimize_prior_precision(
+        self,
+        pred_type: Any = "glm",
+        method: Any = "marglik",
+        n_steps: int | None = None,
+        lr: float | None = None,
+        init_prior_prec: float | torch.Tensor = 1.0,
+        prior_structure: Any = "scalar",
+        val_loader: Any = None,
+        loss: Any = None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx: Any = "probit",
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+    ) -> None:
+        """Tune the prior precision: the evidence optimum (marglik) or laplace's gridsearch.
+
+        laplace's signature and defaults. ``method='marglik'`` maximises
+        :meth:`log_marginal_likelihood` to convergence with
+        :func:`laplace_vlm.posterior.marglik.maximize_marglik` (safeguarded Newton in
+        ``log lambda``) instead of laplace's 100 Adam steps of 0.1 from ``init_prior_prec``,
+        which stop well short of optima far from it. ``method='gridsearch'`` is laplace's,
+        without its reminder about ``link_approx`` (it passes ``link_approx`` on to
+        :meth:`__call__`).
+
+        Parameters
+        ----------
+        pred_type, link_approx, n_samples
+            the predictive that gridsearch scores (unused by marglik, as in laplace).
+        val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
+            gridsearch's validation data and grid; given with marglik they are ignored with a
+            warning (as laplace does for ``val_loader``).
+        method : {'marglik', 'gridsearch'}, default='marglik'
+        n_steps : int, optional
+            marglik: the most evidence evaluations (``max_iter``, default 100; about 10 are
+            typical); gridsearch: unused, as in laplace.
+        lr : float, optional
+            the step of laplace's Adam loop: the Newton iteration has none, so marglik refuses
+            it.
+        init_prior_prec : float or torch.Tensor, default=1.0
+            the start: one value (broadcast to ``prior_structure``), one per head (2 values) or
+            one per tensor (``n_layers``).
+        prior_structure : {'scalar', 'head', 'layerwise'}, default='scalar'
+            laplace's 'scalar' and 'layerwise' (one per weight and bias tensor), or one value
+            per head; laplace's 'diag' cannot be held by a Kronecker posterior.
+        verbose, progress_bar : bool, default=False
+        """
+        method = str(getattr(method, "value", method))
+        if method == "gridsearch":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+                super().optimize_prior_precision(
+                    pred_type, method, 100 if n_steps is None else n_steps,
+                    1e-1 if lr is None else lr, init_prior_prec, prior_structure, val_loader,
+                    loss, log_prior_prec_min, log_prior_prec_max, grid_size, link_approx,
+                    n_samples, verbose, progress_bar, log_prior_prec_base=log_prior_prec_base,
+                )  # fmt: skip
+            return
+        if method != "marglik":
+            raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}.")
+        if lr is not None:
+            raise ValueError(
+                f"lr={lr} is the step size of laplace's Adam loop; method='marglik' here runs a "
+                "Newton iteration in log prior precision, which has none: drop lr (n_steps "
+                "bounds the iterations)."
+            )
+        if val_loader is not None:
+            warnings.warn(
+                "`val_loader` will be ignored when `method` == 'marglik'. "
+                "Do you mean to set `method = 'gridsearch'`?"
+            )
+        ignored = [name for name, given in (
+            ("loss", loss is not None), ("log_prior_prec_min", log_prior_prec_min != -4),
+            ("log_prior_prec_max", log_prior_prec_max != 4), ("grid_size", grid_size != 100),
+            ("log_prior_prec_base", log_prior_prec_base != 10.0)) if given]  # fmt: skip
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} only apply to method='gridsearch': ignored.")
+        try:
+            maximize_marglik(
+                self,
+                prior_structure,
+                init_prior_prec,
+                max_iter=100 if n_steps is None else n_steps,
+                verbose=verbose,
+                progress_bar=progress_bar,
+            )
+        except ValueError as err:
+            if n_steps is None or "max_iter" not in str(err):
+                raise
+            raise ValueError(f"optimize_prior_precision(n_steps={n_steps}): {err}") from err
+
+    def set_classes(self, text: Any, residual: torch.Tensor | None = None) -> None:
+        """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works."""
+        with torch.set_grad_enabled(self.enable_backprop):
+            a_t, r_t = self.inputs.features("text", text, residual)
+        self.heads.set_classes(a_t, r_t)

@@ -1,0 +1,276 @@
+"""Prediction of :class:`~laplace_vlm.DualEncoderLaplace`: the one dispatch of ``pred_type``.
+
+Moments (:meth:`PredictionMixin.predictive_moments`), samples and probabilities
+(``__call__``) in laplace's API; zero-shot, retrieval, active learning and the demos call
+these, never the formulas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from laplace import KronLaplace
+
+from laplace_vlm.enums import MOMENT_PRED_TYPES, LinkApprox, PredType, parse_option
+from laplace_vlm.predictive.chunks import (
+    glm_covariance_chunks,
+    logit_sample_chunks,
+    moment_chunks,
+)
+from laplace_vlm.predictive.links import link_function, probit_link, sample_logits
+
+# Monte Carlo predictive without chunk_size: images per chunk keep S x chunk x C below this
+_MC_MAX_ELEMENTS = 2**22
+
+
+class PredictionMixin:
+    """The predictive methods; they need ``inputs``, ``heads``, ``head_posteriors()``."""
+
+    def _predict_inputs(self, x: Any):
+        """Validated head inputs and the two posteriors, under laplace's ``enable_backprop``."""
+        return self.inputs.predict(x), self.head_posteriors()
+
+    def embedding_moments(
+        self, x: Any, full: bool = False
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Mean and variance (or covariance) of both embeddings under the posterior.
+
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            ``{"image": (N, ...), "text": (C, ...)}`` or images scored against ``set_classes``.
+        full : bool, default=False
+            the full `(N, D, D)` covariances instead of the `(N, D)` variances.
+
+        Returns
+        -------
+        moments : dict
+            ``{"image": (mean (N, D), var (N, D) or cov (N, D, D)), "text": (mean (C, D), ...)}``
+        """
+        with torch.set_grad_enabled(self.enable_backprop):
+            (a_i, r_i, a_t, r_t), (post_i, post_t) = self._predict_inputs(x)
+            z, t = self.heads.embed_image(a_i, r_i), self.heads.embed_text(a_t, r_t)
+            spread = (lambda p, a: p.covariance(a)) if full else (lambda p, a: p.variance(a))
+            return {"image": (z, spread(post_i, a_i)), "text": (t, spread(post_t, a_t))}
+
+    def predictive_moments(
+        self,
+        x: Any,
+        pred_type: str | PredType = PredType.PROBCOSINE,
+        diagonal_output: bool = True,
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of the similarity logits, `(N, C)` each.
+
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            ``{"image": (N, ...), "text": (C, ...)}`` or images scored against ``set_classes``.
+        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'map'}, default='probcosine'
+            moment matching of the cosine with full or diagonal embedding covariances,
+            laplace's linearised predictive, or the deterministic logits (variance 0).
+        diagonal_output : bool, default=True
+            ``False`` returns the `(N, C, C)` covariance over classes (``glm`` only).
+        chunk_size : int, optional
+            images per chunk (defaults to the constructor's); peak memory independent of N.
+
+        Returns
+        -------
+        mean : torch.Tensor
+            `(N, C)`.
+        var : torch.Tensor
+            `(N, C)`, or `(N, C, C)` with ``diagonal_output=False``.
+        """
+        pred_type = parse_option(PredType, pred_type, "pred_type")
+        if pred_type is PredType.MAP and diagonal_output:  # the deterministic logits
+            with torch.set_grad_enabled(self.enable_backprop):
+                a_i, r_i, a_t, r_t = self.inputs.predict(x)
+                logits = self.heads({"image": a_i, "text": a_t, "image_residual": r_i,
+                                     "text_residual": r_t})  # fmt: skip
+            return logits, torch.zeros_like(logits)
+        if pred_type not in MOMENT_PRED_TYPES:
+            options = tuple(p.value for p in (*MOMENT_PRED_TYPES, PredType.MAP))
+            raise ValueError(f"pred_type must be one of {options} for moments, got {pred_type!r}.")
+        if not diagonal_output and pred_type is not PredType.GLM:
+            raise ValueError("diagonal_output=False (class covariances) needs pred_type='glm'.")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        with torch.set_grad_enabled(self.enable_backprop):
+            inputs, posteriors = self._predict_inputs(x)
+            step = chunk_size or self.chunk_size or len(inputs[0])
+            if not diagonal_output:
+                return glm_covariance_chunks(self.heads, posteriors, inputs, step)
+            if self.enable_backprop:  # new tensors per chunk keep the graph
+                chunks = list(moment_chunks(self.heads, posteriors, inputs, pred_type, step))
+                return torch.cat([m for m, _ in chunks]), torch.cat([v for _, v in chunks])
+            # preallocated outputs: peak memory is N x C plus one chunk's working set
+            mean = inputs[0].new_empty(len(inputs[0]), len(inputs[2]))
+            var = torch.empty_like(mean)
+            for _ in moment_chunks(self.heads, posteriors, inputs, pred_type, step, (mean, var)):
+                pass
+            return mean, var
+
+    def functional_samples(
+        self,
+        x: Any,
+        pred_type: str | PredType = PredType.NN,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Samples of the logits of all images and classes, `(S, N, C)`.
+
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            as for :meth:`predictive_moments`.
+        pred_type : {'nn', 'glm', 'probcosine', 'probcosine_diag'}, default='nn'
+            ``nn``: weights sampled from the posterior of both heads (one draw shared by all
+            inputs) through the exact normalisation, the faithful joint samples; ``glm``: the
+            same draws through the linearisation; the ProbCosine types: independent Gaussian
+            samples of their logit moments.
+        n_samples : int, default=100
+            S.
+        diagonal_output : bool, default=False
+            ``glm`` only: independent samples of the diagonal of its logit covariance, as in
+            laplace.
+        generator : torch.Generator, optional
+            randomness of the draws.
+        """
+        pred_type = parse_option(PredType, pred_type, "pred_type")
+        if pred_type is PredType.MAP:
+            raise ValueError("pred_type='map' has no samples: it is the deterministic model.")
+        if diagonal_output and pred_type is not PredType.GLM:
+            raise ValueError("diagonal_output=True needs pred_type='glm'.")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
+        if pred_type is not PredType.NN and (diagonal_output or pred_type is not PredType.GLM):
+            mean, var = self.predictive_moments(x, pred_type)
+            return sample_logits(mean, var, n_samples, generator)
+        with torch.set_grad_enabled(self.enable_backprop):
+            inputs, posteriors = self._predict_inputs(x)
+            chunks = logit_sample_chunks(self.heads, posteriors, inputs, pred_type, n_samples,
+                                         generator, len(inputs[0]))  # fmt: skip
+            return torch.cat(list(chunks), 1)
+
+    def _mc_probabilities(self, x, pred_type, n_samples, generator, apply_link) -> torch.Tensor:
+        """Monte Carlo probabilities `(N, C)`, averaged chunk by chunk (memory bounded)."""
+        generator = torch.default_generator if generator is None else generator
+        with torch.set_grad_enabled(self.enable_backprop):
+            inputs, posteriors = self._predict_inputs(x)
+            step = self.chunk_size or max(1, _MC_MAX_ELEMENTS // (n_samples * len(inputs[2])))
+            if pred_type in (PredType.GLM, PredType.NN):  # joint weight-space samples
+                chunks = logit_sample_chunks(self.heads, posteriors, inputs, pred_type, n_samples,
+                                             generator, step)  # fmt: skip
+            else:  # independent Gaussian logits with the ProbCosine moments
+                moments = moment_chunks(self.heads, posteriors, inputs, pred_type, step)
+                chunks = (sample_logits(m, v, n_samples, generator) for m, v in moments)
+            return torch.cat([apply_link(f).mean(0) for f in chunks])
+
+    def predictive_samples(
+        self,
+        x: Any,
+        pred_type: str | PredType = PredType.NN,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        link: str = "softmax",
+    ) -> torch.Tensor:
+        """Samples of the class probabilities, `(S, N, C)`.
+
+        Parameters are those of :meth:`functional_samples`, and ``link`` ('softmax' over
+        classes or SigLIP's per-pair 'sigmoid') applied to each logit sample.
+        """
+        f = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        return link_function(link)(f)
+
+    def __call__(
+        self,
+        x: Any,
+        pred_type: str | PredType = PredType.PROBCOSINE,
+        joint: bool = False,
+        link_approx: str | LinkApprox = LinkApprox.PROBIT,
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+        link: str = "softmax",
+        **model_kwargs: Any,
+    ) -> torch.Tensor:
+        """Predictive class probabilities, `(N, C)`.
+
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            ``{"image": (N, ...), "text": (C, ...)}`` (activations, or images and tokens in
+            model mode, optionally with ``"image_residual"``/``"text_residual"``), or images
+            scored against the classes of :meth:`set_classes`.
+        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'nn', 'map'}, default='probcosine'
+            the logit moments (see :meth:`predictive_moments`), weight sampling through the
+            exact normalisation (``nn``, needs ``link_approx='mc'``), or the MAP model.
+        joint : bool, default=False
+            laplace's joint regression predictive; must be False (classification).
+        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
+            the probit approximation on the moments, Monte Carlo (see
+            :meth:`functional_samples`), or laplace's Laplace bridge (full class covariance for
+            ``glm``, diagonal for the ProbCosine types).
+        n_samples : int, default=100
+            Monte Carlo samples for ``link_approx='mc'``.
+        diagonal_output : bool, default=False
+            with ``pred_type='glm', link_approx='mc'``: sample the diagonal of the class
+            covariance only, as in laplace.
+        generator : torch.Generator, optional
+            randomness for ``link_approx='mc'``.
+        fitting : bool, default=False
+            laplace's reward-modelling switch (its gridsearch passes True); no effect for
+            classification, as upstream.
+        link : {'softmax', 'sigmoid'}, default='softmax'
+            a distribution over classes, or SigLIP's independent per-pair probabilities.
+        **model_kwargs
+            laplace passes these to the model's forward; the heads take none, so any raises.
+
+        Returns
+        -------
+        probs : torch.Tensor
+            `(N, C)`.
+        """
+        pred_type = parse_option(PredType, pred_type, "pred_type")
+        link_approx = parse_option(LinkApprox, link_approx, "link_approx")
+        if joint:
+            raise ValueError("joint=True is only defined for regression in laplace.")
+        if model_kwargs:
+            raise ValueError(f"unexpected arguments {sorted(model_kwargs)}: the heads take none.")
+        if diagonal_output and not (pred_type is PredType.GLM and link_approx is LinkApprox.MC):
+            raise ValueError("diagonal_output=True needs pred_type='glm' and link_approx='mc'.")
+        apply_link = link_function(link)
+        if pred_type is PredType.MAP:
+            return apply_link(self.predictive_moments(x, PredType.MAP)[0])
+        if pred_type is PredType.NN and link_approx is not LinkApprox.MC:
+            raise ValueError("pred_type='nn' needs link_approx='mc'.")
+        if link_approx is LinkApprox.MC:
+            if diagonal_output:
+                f = self.functional_samples(x, pred_type, n_samples, True, generator)
+                return apply_link(f).mean(0)
+            return self._mc_probabilities(x, pred_type, n_samples, generator, apply_link)
+        if link_approx is LinkApprox.PROBIT:
+            return probit_link(link)(*self.predictive_moments(x, pred_type))
+        if link != "softmax":
+            raise ValueError("the Laplace bridge is a softmax link: use link='softmax'.")
+        self._bridge_pred_type = pred_type
+        try:  # laplace's bridge code, reading our moments through its hook
+            return KronLaplace._glm_forward_call(self, x, "classification", link_approx=link_approx)
+        finally:
+            del self._bridge_pred_type
+
+    def _glm_predictive_distribution(self, X: Any, joint: bool = False, diagonal_output=False):
+        """laplace's hook: the logit mean `(N, C)` and covariance `(N, C, C)`.
+
+        The linearised (``glm``) class covariance; for a ProbCosine bridge (set by
+        :meth:`__call__`) the diagonal covariance of its moments.
+        """
+        pred_type = getattr(self, "_bridge_pred_type", PredType.GLM)
+        if pred_type is PredType.GLM:
+            return self.predictive_moments(X, PredType.GLM, diagonal_output=False)
+        mean, var = self.predictive_moments(X, pred_type)
+        return mean, torch.diag_embed(var)
