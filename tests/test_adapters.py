@@ -21,7 +21,8 @@ from laplace_vlm.adapters import (
     register_adapter,
 )
 from laplace_vlm.adapters import base as adapters_base
-from laplace_vlm.adapters.base import HookCapture, Tower
+from laplace_vlm.adapters.base import Tower
+from laplace_vlm.adapters.capture import HookCapture
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 

@@ -8,12 +8,7 @@ until a model of it is seen).
 from __future__ import annotations
 
 from laplace_vlm.adapters import hf, open_clip  # noqa: F401  (register the built-in families)
-from laplace_vlm.adapters.base import (
-    DualEncoderAdapter,
-    Features,
-    LinearHead,
-    get_adapter,
-    register_adapter,
-)
+from laplace_vlm.adapters.base import DualEncoderAdapter, Features, LinearHead
+from laplace_vlm.adapters.registry import get_adapter, register_adapter
 
 __all__ = ["DualEncoderAdapter", "Features", "LinearHead", "get_adapter", "register_adapter"]

@@ -1,14 +1,10 @@
-"""What an adapter hands to the Laplace code, how it captures it, and the adapter registry.
+"""What an adapter hands to the Laplace code: features, the head copy, towers, the base class.
 
 A dual encoder's tower ends in a linear map ``emb = W a + b (+ r)``. An adapter finds that
 map (the *head*), copies it, and reads the head's input ``a`` (the *activations*) and the
 tower's own embedding from one forward pass. Two capture strategies cover every family:
 
-- :class:`HookCapture`: forward pre-hooks on an ``nn.Linear`` that the tower calls as a module
-  (and on the module that receives a residual ``r``, SigLIP's MAP head).
-- :class:`SwapCapture`: for heads the tower never calls as a module (open_clip's bare
-  ``proj`` Parameters, ResNet's ``attnpool.c_proj`` used inside ``F.multi_head_attention_forward``),
-  replace the attribute for one call so the tower returns its pre-projection activations.
+hooks or a swapped attribute (:mod:`laplace_vlm.adapters.capture`).
 
 On the first batch per tower the adapter checks ``a @ W.T + b + r`` against an untouched forward
 of the model, so a layout that drifted in a new library release fails loudly, not silently.
@@ -95,104 +91,6 @@ class LinearHead:
         weight = self.weight.to(activations.device)
         bias = None if self.bias is None else self.bias.to(activations.device)
         return F.linear(activations.to(weight.dtype), weight, bias)
-
-
-def _pool(x: torch.Tensor | None, pool: str) -> torch.Tensor | None:
-    """Reduce `(N, L, d)` latent tokens the way the pooling head does; `(N, d)` passes."""
-    if x is None or x.dim() == 2:
-        return x
-    if pool == "token":
-        return x[:, 0]
-    if pool == "avg":
-        return x.mean(1)
-    raise ValueError(f"cannot pool captured activations of shape {tuple(x.shape)} with {pool!r}")
-
-
-class HookCapture:
-    """Capture the input of ``linear`` (and of ``residual_input``) with forward pre-hooks.
-
-    Parameters
-    ----------
-    path : str
-        the head's path, for error messages.
-    linear : nn.Module
-        the last linear layer; the tower must call it exactly once per forward.
-    residual_input : nn.Module, optional
-        the module whose input is the residual added after ``linear`` (SigLIP: the MAP head's
-        pre-MLP norm, since ``x = x + mlp(norm(x))``).
-    pool : {'token', 'avg'}
-        how a `(N, L, d)` capture is reduced to `(N, d)` (SigLIP's MAP head keeps latent 0).
-    """
-
-    def __init__(
-        self,
-        path: str,
-        linear: nn.Module,
-        residual_input: nn.Module | None = None,
-        pool: str = "token",
-    ) -> None:
-        self.path, self.linear, self.residual_input, self.pool = path, linear, residual_input, pool
-
-    def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
-        seen: dict[str, list[torch.Tensor]] = {"activations": [], "residual": []}
-        modules = {"activations": self.linear, "residual": self.residual_input}
-        handles = [
-            module.register_forward_pre_hook(lambda _m, args, key=key: seen[key].append(args[0]))
-            for key, module in modules.items()
-            if module is not None
-        ]
-        try:
-            embeddings = run()
-        finally:
-            for handle in handles:
-                handle.remove()
-        pre = self._single(seen["activations"])
-        res = self._single(seen["residual"]) if self.residual_input is not None else None
-        return _pool(pre, self.pool), embeddings, _pool(res, self.pool)
-
-    def _single(self, calls: list[torch.Tensor]) -> torch.Tensor:
-        if len(calls) != 1:
-            raise RuntimeError(
-                f"the head at {self.path!r} ran {len(calls)} times in one forward pass; "
-                "the adapter expects exactly one call."
-            )
-        return calls[0]
-
-
-class SwapCapture:
-    """Swap ``owner.name`` for one call so the tower returns its pre-projection activations.
-
-    Parameters
-    ----------
-    owner : nn.Module
-        the module holding the head attribute.
-    name : str
-        the attribute (``"proj"``, ``"text_projection"``, ``"c_proj"``).
-    replacement : callable
-        ``replacement(original)`` gives the stand-in: ``None`` for a Parameter used behind an
-        ``if proj is not None`` guard, an identity Linear for ResNet's ``c_proj``.
-    project : callable
-        ``project(activations)`` recomputes the tower's embedding with the live head, in the
-        model's dtype, exactly as the tower does.
-    """
-
-    def __init__(
-        self,
-        owner: nn.Module,
-        name: str,
-        replacement: Callable[[Any], Any],
-        project: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        self.owner, self.name, self.replacement, self.project = owner, name, replacement, project
-
-    def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
-        original = getattr(self.owner, self.name)
-        setattr(self.owner, self.name, self.replacement(original))
-        try:
-            activations = run()
-        finally:
-            setattr(self.owner, self.name, original)
-        return activations, self.project(activations), None
 
 
 @dataclass
@@ -378,42 +276,3 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-_ADAPTERS: list[type[DualEncoderAdapter]] = []
-
-
-def register_adapter(cls: type[DualEncoderAdapter]) -> type[DualEncoderAdapter]:
-    """Class decorator: make ``cls`` available to :func:`get_adapter` (first match wins)."""
-    if cls not in _ADAPTERS:
-        _ADAPTERS.append(cls)
-    return cls
-
-
-def get_adapter(model: Any) -> DualEncoderAdapter:
-    """The adapter of the first registered family that supports ``model``.
-
-    An adapter passes through unchanged.
-
-    Raises
-    ------
-    ValueError
-        if no registered adapter supports the model's class.
-    """
-    if isinstance(model, DualEncoderAdapter):
-        return model
-    for cls in _ADAPTERS:
-        if cls.supports(model):
-            return cls(model)
-    kind = type(model)
-    supported = ", ".join(family for cls in _ADAPTERS for family in cls.families)
-    raise ValueError(
-        f"No laplace_vlm adapter supports a {kind.__module__}.{kind.__qualname__}. "
-        f"Supported families: {supported}. To add one, subclass DualEncoderAdapter and "
-        "decorate it with @register_adapter."
-    )
-
-
-def is_instance_by_name(model: Any, module_prefix: str, names: set[str]) -> bool:
-    """``isinstance`` by class name, so that checking costs no import of the library."""
-    return any(
-        c.__module__.startswith(module_prefix) and c.__name__ in names for c in type(model).__mro__
-    )

@@ -18,12 +18,11 @@ from torch import nn
 
 from laplace_vlm.adapters.base import (
     DualEncoderAdapter,
-    HookCapture,
     LinearHead,
     Tower,
-    is_instance_by_name,
-    register_adapter,
 )
+from laplace_vlm.adapters.capture import HookCapture
+from laplace_vlm.adapters.registry import is_instance_by_name, register_adapter
 
 
 def _pooled(output: Any) -> torch.Tensor:

@@ -24,13 +24,11 @@ from torch import nn
 
 from laplace_vlm.adapters.base import (
     DualEncoderAdapter,
-    HookCapture,
     LinearHead,
-    SwapCapture,
     Tower,
-    is_instance_by_name,
-    register_adapter,
 )
+from laplace_vlm.adapters.capture import HookCapture, SwapCapture
+from laplace_vlm.adapters.registry import is_instance_by_name, register_adapter
 
 _MODELS = {"CLIP", "CustomTextCLIP", "CoCa"}
 

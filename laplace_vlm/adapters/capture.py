@@ -1,0 +1,116 @@
+"""How an adapter reads a head's input: forward pre-hooks, or swapping the head for one call.
+
+- :class:`HookCapture`: forward pre-hooks on an ``nn.Linear`` that the tower calls as a module
+  (and on the module that receives a residual ``r``, SigLIP's MAP head).
+- :class:`SwapCapture`: for heads the tower never calls as a module (open_clip's bare
+  ``proj`` Parameters, ResNet's ``attnpool.c_proj`` used inside ``F.multi_head_attention_forward``),
+  replace the attribute for one call so the tower returns its pre-projection activations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+Encode = Callable[[Any], torch.Tensor]
+Captured = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+def _pool(x: torch.Tensor | None, pool: str) -> torch.Tensor | None:
+    """Reduce `(N, L, d)` latent tokens the way the pooling head does; `(N, d)` passes."""
+    if x is None or x.dim() == 2:
+        return x
+    if pool == "token":
+        return x[:, 0]
+    if pool == "avg":
+        return x.mean(1)
+    raise ValueError(f"cannot pool captured activations of shape {tuple(x.shape)} with {pool!r}")
+
+
+class HookCapture:
+    """Capture the input of ``linear`` (and of ``residual_input``) with forward pre-hooks.
+
+    Parameters
+    ----------
+    path : str
+        the head's path, for error messages.
+    linear : nn.Module
+        the last linear layer; the tower must call it exactly once per forward.
+    residual_input : nn.Module, optional
+        the module whose input is the residual added after ``linear`` (SigLIP: the MAP head's
+        pre-MLP norm, since ``x = x + mlp(norm(x))``).
+    pool : {'token', 'avg'}
+        how a `(N, L, d)` capture is reduced to `(N, d)` (SigLIP's MAP head keeps latent 0).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        linear: nn.Module,
+        residual_input: nn.Module | None = None,
+        pool: str = "token",
+    ) -> None:
+        self.path, self.linear, self.residual_input, self.pool = path, linear, residual_input, pool
+
+    def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
+        seen: dict[str, list[torch.Tensor]] = {"activations": [], "residual": []}
+        modules = {"activations": self.linear, "residual": self.residual_input}
+        handles = [
+            module.register_forward_pre_hook(lambda _m, args, key=key: seen[key].append(args[0]))
+            for key, module in modules.items()
+            if module is not None
+        ]
+        try:
+            embeddings = run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        pre = self._single(seen["activations"])
+        res = self._single(seen["residual"]) if self.residual_input is not None else None
+        return _pool(pre, self.pool), embeddings, _pool(res, self.pool)
+
+    def _single(self, calls: list[torch.Tensor]) -> torch.Tensor:
+        if len(calls) != 1:
+            raise RuntimeError(
+                f"the head at {self.path!r} ran {len(calls)} times in one forward pass; "
+                "the adapter expects exactly one call."
+            )
+        return calls[0]
+
+
+class SwapCapture:
+    """Swap ``owner.name`` for one call so the tower returns its pre-projection activations.
+
+    Parameters
+    ----------
+    owner : nn.Module
+        the module holding the head attribute.
+    name : str
+        the attribute (``"proj"``, ``"text_projection"``, ``"c_proj"``).
+    replacement : callable
+        ``replacement(original)`` gives the stand-in: ``None`` for a Parameter used behind an
+        ``if proj is not None`` guard, an identity Linear for ResNet's ``c_proj``.
+    project : callable
+        ``project(activations)`` recomputes the tower's embedding with the live head, in the
+        model's dtype, exactly as the tower does.
+    """
+
+    def __init__(
+        self,
+        owner: nn.Module,
+        name: str,
+        replacement: Callable[[Any], Any],
+        project: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.owner, self.name, self.replacement, self.project = owner, name, replacement, project
+
+    def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
+        original = getattr(self.owner, self.name)
+        setattr(self.owner, self.name, self.replacement(original))
+        try:
+            activations = run()
+        finally:
+            setattr(self.owner, self.name, original)
+        return activations, self.project(activations), None
