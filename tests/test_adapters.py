@@ -20,7 +20,7 @@ from laplace_vlm.adapters import (
     get_adapter,
     register_adapter,
 )
-from laplace_vlm.adapters import base as adapters_base
+from laplace_vlm.adapters import registry as adapters_base
 from laplace_vlm.adapters.base import Tower
 from laplace_vlm.adapters.capture import HookCapture
 
