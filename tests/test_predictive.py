@@ -130,8 +130,8 @@ def test_full_probcosine_beats_diagonal_on_an_anisotropic_posterior():
     s2 = la.heads.scale.square()
     err_full = _rel_err(la.predictive_moments(x, pred_type="probcosine")[1] / s2, mc_var)
     err_diag = _rel_err(la.predictive_moments(x, pred_type="probcosine_diag")[1] / s2, mc_var)
-    # measured: full 0.145, diagonal 0.511
-    assert err_full < 0.25 and err_diag > 2 * err_full, (err_full, err_diag)
+    # measured (fixed seeds, deterministic): full 0.145, diagonal 0.511; the README quotes these
+    assert err_full < 0.16 and err_diag > 0.45, (err_full, err_diag)
 
 
 def test_glm_variance_approaches_monte_carlo_as_the_posterior_concentrates():
@@ -153,8 +153,11 @@ def test_joint_glm_samples_have_the_glm_covariance_with_more_classes_than_dims()
     emp = torch.einsum("snk,snl->nkl", f - mean, f - mean) / len(f)
     scale = cov.diagonal(dim1=1, dim2=2).max()
     assert (emp - cov).abs().max() < 0.03 * scale
-    probs = la(x, link_approx="mc", n_samples=2000, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+    # the chunked MC link averages the same joint draws as the samples (one weight draw)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    probs = la(x, "glm", link_approx="mc", n_samples=2000, generator=g())
+    samples = la.functional_samples(x, "glm", 2000, generator=g())
+    torch.testing.assert_close(probs, torch.softmax(samples, -1).mean(0), rtol=1e-10, atol=1e-12)
 
 
 def test_probcosine_function_matches_independent_monte_carlo():

@@ -245,7 +245,10 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         Parameters
         ----------
         pred_type, link_approx, n_samples
-            the predictive that gridsearch scores (unused by marglik, as in laplace).
+            the predictive that gridsearch scores (unused by marglik, as in laplace); laplace's
+            gridsearch admits only its own pred types, ``'glm'`` (default) and ``'nn'``. To
+            choose hyperparameters for ``'probcosine'`` on validation data, use
+            :func:`laplace_vlm.evaluation.pseudo_count.select_pseudo_count`.
         val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
             gridsearch's validation data and grid; given with marglik they are ignored with a
             warning (as laplace does for ``val_loader``).
