@@ -99,6 +99,16 @@ def parse_option(enum: type[E], value: object, name: str) -> E:
         what the user passed.
     name : str
         the argument's name, for the error message.
+
+    Returns
+    -------
+    Enum member
+        ``value`` itself if it is a member, else ``enum(value)``.
+
+    Raises
+    ------
+    ValueError
+        if ``value`` is neither a member nor the value of one.
     """
     if isinstance(value, enum):
         return value
@@ -109,12 +119,37 @@ def parse_option(enum: type[E], value: object, name: str) -> E:
 
 
 def plain(value: object) -> str:
-    """A str-Enum member (ours or laplace's, e.g. ``laplace.PredType.GLM``) as its plain value."""
+    """A str-Enum member (ours or laplace's, e.g. ``laplace.PredType.GLM``) as its plain value.
+
+    Parameters
+    ----------
+    value : Enum member or object
+        an option; anything without ``.value`` is passed to ``str``.
+
+    Returns
+    -------
+    str
+    """
     return str(getattr(value, "value", value))
 
 
 def posterior_form(damping: object) -> PosteriorForm:
-    """The ``damping`` argument (False, True or 'symmetric') as a :class:`PosteriorForm`."""
+    """The ``damping`` argument (False, True or 'symmetric') as a :class:`PosteriorForm`.
+
+    Parameters
+    ----------
+    damping : bool or str
+        ``False`` (exact), ``True`` (damped) or ``'symmetric'``.
+
+    Returns
+    -------
+    PosteriorForm
+
+    Raises
+    ------
+    ValueError
+        for any other value.
+    """
     if isinstance(damping, bool):
         return PosteriorForm.DAMPED if damping else PosteriorForm.EXACT
     if damping == PosteriorForm.SYMMETRIC:
@@ -123,5 +158,16 @@ def posterior_form(damping: object) -> PosteriorForm:
 
 
 def damping_argument(form: PosteriorForm) -> bool | str:
-    """The ``damping`` argument that builds ``form``: a plain bool or string, for state dicts."""
+    """The ``damping`` argument that builds ``form``: a plain bool or string, for state dicts.
+
+    Parameters
+    ----------
+    form : PosteriorForm
+        the posterior form.
+
+    Returns
+    -------
+    bool or str
+        ``False``, ``True`` or ``'symmetric'`` (the inverse of :func:`posterior_form`).
+    """
     return form.value if form is PosteriorForm.SYMMETRIC else form is PosteriorForm.DAMPED

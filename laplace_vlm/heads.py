@@ -19,6 +19,28 @@ def as_linear(projection: Any, name: str, dtype: torch.dtype) -> nn.Linear:
     ``projection`` is a weight `(D, d)` or anything with ``.weight`` `(D, d)` and ``.bias``
     (``nn.Linear``, an adapter's ``LinearHead``). The copy decouples the posterior from the
     user's model (laplace writes samples into its parameters) and fixes the layout.
+
+    Parameters
+    ----------
+    projection : torch.Tensor or nn.Linear or LinearHead
+        a weight `(D, d)`, or an object with ``.weight`` `(D, d)` and optionally ``.bias``
+        `(D,)`.
+    name : str
+        the argument's name, for the error messages.
+    dtype : torch.dtype
+        the dtype of the copy.
+
+    Returns
+    -------
+    nn.Linear
+        a fresh layer on the device of the weight.
+
+    Raises
+    ------
+    TypeError
+        if ``projection`` is neither a tensor nor has a tensor ``.weight``.
+    ValueError
+        if the weight is not 2-D.
     """
     if isinstance(projection, torch.Tensor):
         weight, bias = projection, None
@@ -41,6 +63,20 @@ def linear_copy(
 
     The one way a head is copied: for the posterior, for fine-tuning, and for the curvature
     backends, whose hooks must never touch the user's modules.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        `(D, d)` weight.
+    bias : torch.Tensor, optional
+        `(D,)` bias; without it the layer has none.
+    dtype : torch.dtype, optional
+        the dtype of the copy; default the dtype of ``weight``.
+
+    Returns
+    -------
+    nn.Linear
+        with ``d`` inputs and ``D`` outputs, on the device of ``weight``.
     """
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     linear = linear.to(device=weight.device, dtype=dtype or weight.dtype)
@@ -57,12 +93,33 @@ def fold_bias(linear: nn.Linear) -> nn.Linear:
     The weight and bias then share one Kronecker factor ``B x A`` with ``A`` over ``[a, 1]``,
     as the reference implementation does, so their cross-covariance is kept; laplace sees one
     parameter whose row-major layout is that of the factor.
+
+    Parameters
+    ----------
+    linear : nn.Linear
+        a layer with a bias, weight `(D, d)`.
+
+    Returns
+    -------
+    nn.Linear
+        a fresh bias-free layer with weight ``[W | b]`` `(D, d + 1)`.
     """
     return linear_copy(torch.cat([linear.weight, linear.bias[:, None]], dim=1))
 
 
 def unfold_bias(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W (D, d), b (D,))`` of a folded weight ``[W | b]`` `(D, d + 1)`."""
+    """Split a folded weight (the inverse of :func:`fold_bias`).
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        `(D, d + 1)` folded weight ``[W | b]``.
+
+    Returns
+    -------
+    weight, bias : torch.Tensor
+        `(D, d)` and `(D,)` views of ``weight``.
+    """
     return weight[:, :-1], weight[:, -1]
 
 
@@ -92,7 +149,18 @@ def similarity_logits(
 
 
 def posterior_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 if any input is float64, else float32 (never half precision)."""
+    """float64 if any input is float64, else float32 (never half precision).
+
+    Parameters
+    ----------
+    *tensors : torch.Tensor or None
+        the tensors to look at; anything that is not a tensor is ignored.
+
+    Returns
+    -------
+    torch.dtype
+        ``torch.float64`` or ``torch.float32``.
+    """
     dtypes = {t.dtype for t in tensors if isinstance(t, torch.Tensor)}
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
@@ -100,7 +168,7 @@ def posterior_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 class DualHead(nn.Module):
     """Image and text projection heads with the logit scale and bias of a dual encoder.
 
-    Parameters, in the order laplace sees them: image weight, [image bias], text weight,
+    Its parameters, in the order laplace sees them: image weight, [image bias], text weight,
     [text bias]. ``logit_scale`` (log scale) and ``logit_bias`` are buffers: fixed at MAP.
     A head whose bias is folded into its weight (:func:`fold_bias`, ``joint[modality]``)
     takes *design* inputs ``[a, 1]`` (:meth:`design`); the others take activations as they are.
@@ -108,6 +176,19 @@ class DualHead(nn.Module):
     ``forward`` maps design inputs to similarity logits: a dict
     ``{"image": (N, d_img), "text": (C, d_txt)}`` gives `(N, C)`; a tensor of image inputs is
     scored against the classes set with :meth:`set_classes`.
+
+    Parameters
+    ----------
+    image_projection, text_projection : nn.Linear
+        the image and text heads, weights `(D, d_img [+ 1])` and `(D, d_txt [+ 1])`; kept as
+        given (not copied).
+    logit_scale : float or torch.Tensor
+        the *log* logit scale, one value; a scalar buffer in the image weight's dtype and
+        device.
+    logit_bias : float or torch.Tensor, optional
+        SigLIP's logit bias, one value, kept likewise.
+    joint : tuple of bool, default=(False, False)
+        whether the image / text head's bias is folded into its weight (:func:`fold_bias`).
     """
 
     def __init__(
@@ -135,37 +216,116 @@ class DualHead(nn.Module):
         return self.logit_scale.exp()
 
     def design(self, modality: str, activations: torch.Tensor) -> torch.Tensor:
-        """The head's inputs: ``activations`` `(N, d)`, with a trailing 1 if its bias is folded."""
+        """The head's inputs: ``activations``, with a trailing 1 if its bias is folded.
+
+        Parameters
+        ----------
+        modality : {'image', 'text'}
+            which head.
+        activations : torch.Tensor
+            `(N, d)` pre-projection activations.
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, d + 1)` ``[activations, 1]`` for a folded head, else ``activations`` itself.
+        """
         if not self.joint[modality]:
             return activations
         return torch.cat([activations, activations.new_ones(len(activations), 1)], dim=1)
 
     def in_features(self, modality: str) -> int:
-        """``d``: the pre-projection activation dim of a modality (without the folded 1)."""
+        """``d``: the pre-projection activation dim of a modality (without the folded 1).
+
+        Parameters
+        ----------
+        modality : {'image', 'text'}
+            which head.
+
+        Returns
+        -------
+        int
+        """
         linear = getattr(self, f"{modality}_projection")
         return linear.in_features - self.joint[modality]
 
     def embed_image(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Un-normalised image embeddings `(N, D)` of design inputs `(N, d_img [+ 1])`."""
+        """Un-normalised image embeddings of design inputs.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d_img [+ 1])` design inputs (:meth:`design`).
+        residual : torch.Tensor, optional
+            `(N, D)` offset added after the projection.
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, D)`.
+        """
         z = self.image_projection(activations)
         return z if residual is None else z + residual
 
     def embed_text(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Un-normalised text embeddings `(C, D)` of design inputs `(C, d_txt [+ 1])`."""
+        """Un-normalised text embeddings of design inputs.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(C, d_txt [+ 1])` design inputs (:meth:`design`).
+        residual : torch.Tensor, optional
+            `(C, D)` offset added after the projection.
+
+        Returns
+        -------
+        torch.Tensor
+            `(C, D)`.
+        """
         t = self.text_projection(activations)
         return t if residual is None else t + residual
 
     def set_classes(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Store class text design inputs `(C, d_txt [+ 1])` so bare images can be scored."""
+        """Store the class texts so that bare image inputs can be scored.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(C, d_txt [+ 1])` class text design inputs (:meth:`design`).
+        residual : torch.Tensor, optional
+            `(C, D)` offsets of the class text embeddings.
+        """
         self.class_activations = activations
         self.class_residual = residual
 
     def logits(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Similarity logits `(N, C)` of un-normalised embeddings."""
+        """Similarity logits of un-normalised embeddings (:func:`similarity_logits`).
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            `(N, D)` image embeddings.
+        t : torch.Tensor
+            `(C, D)` text embeddings.
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, C)` ``exp(logit_scale) cos(z_n, t_c) (+ logit_bias)``.
+        """
         return similarity_logits(F.normalize(z, dim=-1), F.normalize(t, dim=-1), self.scale,
                                  self.logit_bias)  # fmt: skip
 
     def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Similarity logits `(N, C)` of design inputs.
+
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            ``{"image": (N, d_img [+ 1]), "text": (C, d_txt [+ 1])}``, optionally with
+            ``"image_residual"`` `(N, D)` and ``"text_residual"`` `(C, D)`; or image design
+            inputs `(N, d_img [+ 1])`, scored against the classes of :meth:`set_classes`.
+        """
         if isinstance(x, torch.Tensor):
             if self.class_activations is None:
                 raise ValueError("Scoring a bare image tensor needs classes: call set_classes().")
@@ -184,7 +344,27 @@ def build_heads(
 ) -> DualHead:
     """Validated ``DualHead`` in fp32 (fp64 if a weight is fp64), whatever the model's dtype.
 
-    With ``joint_bias`` a head's bias is folded into its weight (:func:`fold_bias`).
+    Parameters
+    ----------
+    image_projection, text_projection : torch.Tensor or nn.Linear or LinearHead
+        the image and text heads (see :func:`as_linear`); copied, and their outputs must have
+        the same dim ``D``.
+    logit_scale : float or torch.Tensor
+        the *log* logit scale: one finite value (``None`` raises).
+    logit_bias : float or torch.Tensor, optional
+        SigLIP's logit bias, finite.
+    joint_bias : bool, default=True
+        fold the bias of each head that has one into its weight (:func:`fold_bias`).
+
+    Returns
+    -------
+    DualHead
+
+    Raises
+    ------
+    ValueError
+        if a head or ``logit_scale`` is missing, the embedding dims differ, ``logit_scale`` is
+        not a scalar, or ``logit_scale`` / ``logit_bias`` is not finite.
     """
     missing = [
         name

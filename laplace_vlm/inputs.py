@@ -20,13 +20,40 @@ PREDICT_KEYS = {"image", "text", "image_residual", "text_residual"}
 
 
 class InputEncoder:
-    """Validated ``(a_img, r_img, a_txt, r_txt)`` for the heads, on their device and dtype."""
+    """Validated ``(a_img, r_img, a_txt, r_txt)`` for the heads, on their device and dtype.
+
+    Parameters
+    ----------
+    heads : DualHead
+        the heads the inputs are for.
+    adapter : DualEncoderAdapter, optional
+        model mode: encodes raw images and tokens. ``None`` in feature mode, where only
+        activations are accepted.
+    """
 
     def __init__(self, heads: DualHead, adapter: Any | None = None) -> None:
         self.heads, self.adapter = heads, adapter
 
     def pair(self, batch: Any) -> HeadInputs:
-        """Inputs of one fit batch of matched pairs (tuple or dict)."""
+        """Inputs of one fit batch of matched pairs (tuple or dict).
+
+        Parameters
+        ----------
+        batch : tuple or dict
+            ``(image, text)``, or a dict with ``"image"`` and ``"text"`` and optionally
+            ``"image_residual"`` and ``"text_residual"``; both sides with ``M`` rows.
+
+        Returns
+        -------
+        a_img, r_img, a_txt, r_txt : torch.Tensor or None
+            design inputs `(M, d_img [+ 1])`, residual `(M, D)` or None, design inputs
+            `(M, d_txt [+ 1])`, residual `(M, D)` or None (see :meth:`features`).
+
+        Raises
+        ------
+        ValueError
+            for another batch layout, or images and texts of different counts.
+        """
         if isinstance(batch, Mapping):
             if "image" not in batch or "text" not in batch:
                 raise ValueError(f"a fit batch needs keys 'image' and 'text', got {list(batch)}.")
@@ -45,7 +72,27 @@ class InputEncoder:
         return a_i, r_i, a_t, r_t
 
     def predict(self, x: Any) -> HeadInputs:
-        """Inputs of a prediction: a dict, or images scored against the stored classes."""
+        """Inputs of a prediction: a dict, or images scored against the stored classes.
+
+        Parameters
+        ----------
+        x : dict or object
+            a dict with ``"image"`` and optionally ``"text"``, ``"image_residual"``,
+            ``"text_residual"`` (without ``"text"``: the classes of ``set_classes``); anything
+            else is the images, scored against those classes.
+
+        Returns
+        -------
+        a_img, r_img, a_txt, r_txt : torch.Tensor or None
+            design inputs `(N, d_img [+ 1])`, residual `(N, D)` or None, design inputs
+            `(C, d_txt [+ 1])`, residual `(C, D)` or None (see :meth:`features`).
+
+        Raises
+        ------
+        ValueError
+            for a dict without ``"image"`` or with other keys, or when the classes are
+            needed and none are set.
+        """
         if not isinstance(x, Mapping):
             return (*self.features("image", x, None), *self.classes())
         unknown = set(x) - PREDICT_KEYS
@@ -60,6 +107,20 @@ class InputEncoder:
         return a_i, r_i, *self.features("text", x["text"], x.get("text_residual"))
 
     def classes(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The class texts stored on the heads with ``set_classes``.
+
+        Returns
+        -------
+        activations : torch.Tensor
+            `(C, d_txt [+ 1])` class text design inputs.
+        residual : torch.Tensor or None
+            `(C, D)` their residual offsets.
+
+        Raises
+        ------
+        ValueError
+            if no classes are set.
+        """
         if self.heads.class_activations is None:
             raise ValueError(
                 "no classes: pass x={'image': ..., 'text': ...} or call set_classes()."
@@ -71,6 +132,29 @@ class InputEncoder:
 
         ``value`` is activations `(N, d)` or, in model mode, raw images / tokens; a head with
         a folded bias gets a trailing 1 (:meth:`DualHead.design`).
+
+        Parameters
+        ----------
+        modality : {'image', 'text'}
+            which head.
+        value : torch.Tensor or object
+            `(N, d)` float activations, or (model mode) raw images / tokens that the adapter
+            encodes, through the tower's graph where autograd is enabled.
+        residual : torch.Tensor, optional
+            `(N, D)` offset of the embeddings; for raw inputs the adapter's residual is used
+            instead.
+
+        Returns
+        -------
+        design : torch.Tensor
+            `(N, d [+ 1])` on the head's device and in its dtype.
+        residual : torch.Tensor or None
+            `(N, D)`, likewise.
+
+        Raises
+        ------
+        TypeError, ValueError
+            if the activations (or residual) are not finite float matrices of the right shape.
         """
         weight = getattr(self.heads, f"{modality}_projection").weight
         d = self.heads.in_features(modality)

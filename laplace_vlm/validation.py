@@ -14,7 +14,29 @@ import torch
 
 
 def check_matrix(name: str, value: object, dim: int | None = None) -> torch.Tensor:
-    """A finite, non-empty float tensor of shape `(N, dim)` that holds data."""
+    """A finite, non-empty float tensor of shape `(N, dim)` that holds data.
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        what was passed.
+    dim : int, optional
+        the required number of columns; any if None.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value`` itself.
+
+    Raises
+    ------
+    TypeError
+        if ``value`` is not a floating-point tensor.
+    ValueError
+        if it is not 2-D with ``dim`` columns, is empty, on the meta device, or not finite.
+    """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
     if not value.is_floating_point():
@@ -30,7 +52,20 @@ def check_matrix(name: str, value: object, dim: int | None = None) -> torch.Tens
 
 
 def check_has_data(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Raise if ``value`` lives on the meta device (a shape without data cannot be moved)."""
+    """Raise if ``value`` lives on the meta device (a shape without data cannot be moved).
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : torch.Tensor
+        the tensor to check.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value`` itself.
+    """
     if value.is_meta:
         raise ValueError(
             f"{name} is on the 'meta' device and holds no data: materialise it (e.g. load the "
@@ -44,6 +79,18 @@ def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
 
     ``aminmax`` propagates NaN and sees both infinities, in one reduction without the
     boolean temporary of ``isfinite(value).all()``.
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : torch.Tensor
+        the tensor to check; integer and empty tensors pass.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value`` itself.
     """
     if not value.is_floating_point() or value.numel() == 0:
         return value  # integers and empty tensors are finite
@@ -55,7 +102,25 @@ def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def check_positive(name: str, value: float | torch.Tensor) -> torch.Tensor:
-    """A finite tensor with every entry > 0 (prior precision, temperature, pseudo-counts)."""
+    """A finite tensor with every entry > 0 (prior precision, temperature, pseudo-counts).
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : float or torch.Tensor
+        what was passed.
+
+    Returns
+    -------
+    torch.Tensor
+        ``torch.as_tensor(value)``.
+
+    Raises
+    ------
+    ValueError
+        if it is empty, not finite, or has an entry <= 0.
+    """
     tensor = torch.as_tensor(value)
     check_finite(name, tensor)
     if tensor.numel() == 0 or not bool((tensor > 0).all()):
@@ -69,6 +134,20 @@ def check_nonzero_norm(name: str, z: torch.Tensor, eps: float = 1e-12) -> torch.
     A zero norm leaves the cosine undefined; a non-finite one means NaN weights or an
     overflow (``|z|^2`` beyond the dtype's range), which would otherwise be misreported
     as zero-norm or surface later as a NaN curvature.
+
+    Parameters
+    ----------
+    name : str
+        what ``z`` is, for the error messages.
+    z : torch.Tensor
+        `(N, D)` embeddings.
+    eps : float, default=1e-12
+        a norm at most ``eps * max(1, largest norm)`` counts as zero.
+
+    Returns
+    -------
+    torch.Tensor
+        ``z`` itself.
     """
     norms = z.norm(dim=-1)
     finite = torch.isfinite(norms)

@@ -3,7 +3,6 @@
 A dual encoder's tower ends in a linear map ``emb = W a + b (+ r)``. An adapter finds that
 map (the *head*), copies it, and reads the head's input ``a`` (the *activations*) and the
 tower's own embedding from one forward pass. Two capture strategies cover every family:
-
 hooks or a swapped attribute (:mod:`laplace_vlm.adapters.capture`).
 
 On the first batch per tower the adapter checks ``a @ W.T + b + r`` against an untouched forward
@@ -29,7 +28,18 @@ _CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, t
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64, everything else is upcast to float32 (never half precision)."""
+    """The dtype of features and head copies: float64 stays, the rest becomes float32.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        the dtype of the model (or of one of its tensors).
+
+    Returns
+    -------
+    torch.dtype
+        ``torch.float64`` for float64, else ``torch.float32`` (never half precision).
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -79,7 +89,24 @@ class LinearHead:
         *,
         transpose: bool = False,
     ) -> LinearHead:
-        """Detached float32+ copy; ``transpose=True`` for open_clip's `(d, D)` Parameters."""
+        """A detached copy of a layer's tensors in float32 (float64 stays float64).
+
+        Parameters
+        ----------
+        path : str
+            where the layer lives in the model, e.g. ``"visual.proj"``.
+        weight : torch.Tensor
+            `(D, d)` weight in ``nn.Linear`` layout, or `(d, D)` with ``transpose=True``.
+        bias : torch.Tensor, optional
+            `(D,)` bias.
+        transpose : bool, default=False
+            ``True`` for open_clip's bare `(d, D)` ``proj`` Parameters (used as ``x @ proj``).
+
+        Returns
+        -------
+        LinearHead
+            contiguous copies that share no memory with the model.
+        """
         dtype = compute_dtype(weight.dtype)
         weight = weight.detach().T if transpose else weight.detach()
         weight = weight.to(dtype, copy=True).contiguous()
@@ -87,7 +114,18 @@ class LinearHead:
         return cls(path, weight, bias)
 
     def project(self, activations: torch.Tensor) -> torch.Tensor:
-        """`(N, d)` -> `(N, D)`: ``activations @ W.T + b`` in the head's dtype and device."""
+        """Apply the copied layer: ``activations @ W.T + b``.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d)` inputs; cast to the head's dtype (the head moves to their device).
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, D)` in the head's dtype, on the device of ``activations``.
+        """
         weight = self.weight.to(activations.device)
         bias = None if self.bias is None else self.bias.to(activations.device)
         return F.linear(activations.to(weight.dtype), weight, bias)
@@ -100,6 +138,7 @@ class Tower:
     Attributes
     ----------
     name : {'image', 'text'}
+        which tower.
     head : LinearHead
         the copied last linear layer.
     capture : HookCapture or SwapCapture
@@ -118,7 +157,21 @@ class Tower:
 
 
 def cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
-    """Cast floating tensors (also inside a mapping) to the tower's dtype; tokens pass."""
+    """Cast floating tensors (also the values of a mapping) to ``dtype``; tokens pass.
+
+    Parameters
+    ----------
+    inputs : torch.Tensor or Mapping or object
+        one tower's batch: pixels, token ids, or a processor's / tokenizer's mapping (cast
+        recursively). Integer tensors and other objects are returned unchanged.
+    dtype : torch.dtype
+        the tower's dtype.
+
+    Returns
+    -------
+    torch.Tensor or dict or object
+        ``inputs`` with floating tensors cast; a mapping comes back as a dict.
+    """
     if isinstance(inputs, torch.Tensor):
         return inputs.to(dtype) if inputs.is_floating_point() else inputs
     if isinstance(inputs, Mapping):
@@ -127,7 +180,19 @@ def cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
 
 
 def unwrap(output: Any) -> torch.Tensor:
-    """The embedding of a tower output: tuples (CoCa, ``output_tokens``) give their first item."""
+    """The embedding of a tower output: a tuple or list gives its first item.
+
+    Parameters
+    ----------
+    output : torch.Tensor or tuple or list
+        what the model's ``encode_image`` / ``encode_text`` returned (a tuple for CoCa with
+        ``output_tokens``).
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, D)` embedding.
+    """
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -144,13 +209,29 @@ class DualEncoderAdapter:
     Subclasses locate the two heads in ``__init__`` and pass them on as :class:`Tower` objects;
     the base class runs the capture, checks the first batch per tower and upcasts the outputs.
 
+    Parameters
+    ----------
+    model : nn.Module
+        the dual encoder.
+    family : str
+        the family name used in messages, e.g. ``"open_clip.CLIP/VisionTransformer"``.
+    image, text : Tower
+        how the image tower and the text tower are encoded.
+    logit_scale : torch.Tensor
+        the model's *log* logit scale, a scalar or `(1,)`; kept as a detached scalar copy.
+    logit_bias : torch.Tensor, optional
+        SigLIP's logit bias, kept likewise.
+
     Attributes
     ----------
+    model : nn.Module
+        the dual encoder.
     family : str
         e.g. ``"open_clip.CLIP/VisionTransformer"``.
     families : tuple of str
         class attribute: the model families the subclass supports (listed in errors).
     image_head, text_head : LinearHead
+        the copied last linear layers of the two towers.
     logit_scale : torch.Tensor
         scalar, the *log* scale as the model stores it.
     logit_bias : torch.Tensor or None
@@ -178,7 +259,17 @@ class DualEncoderAdapter:
 
     @classmethod
     def supports(cls, model: Any) -> bool:
-        """Whether this adapter can handle ``model``."""
+        """Whether this adapter can handle ``model``.
+
+        Parameters
+        ----------
+        model : object
+            the candidate model.
+
+        Returns
+        -------
+        bool
+        """
         raise NotImplementedError
 
     @property
@@ -274,5 +365,3 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-

@@ -41,8 +41,9 @@ class HookCapture:
     residual_input : nn.Module, optional
         the module whose input is the residual added after ``linear`` (SigLIP: the MAP head's
         pre-MLP norm, since ``x = x + mlp(norm(x))``).
-    pool : {'token', 'avg'}
-        how a `(N, L, d)` capture is reduced to `(N, d)` (SigLIP's MAP head keeps latent 0).
+    pool : {'token', 'avg'}, default='token'
+        how a `(N, L, d)` capture is reduced to `(N, d)`: the first token (SigLIP's MAP head
+        keeps latent 0) or the mean over tokens.
     """
 
     def __init__(
@@ -55,6 +56,27 @@ class HookCapture:
         self.path, self.linear, self.residual_input, self.pool = path, linear, residual_input, pool
 
     def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
+        """Run one forward pass with the pre-hooks registered, and remove them after.
+
+        Parameters
+        ----------
+        run : callable
+            ``run()`` performs the tower's forward pass and returns its `(N, D)` embedding.
+
+        Returns
+        -------
+        activations : torch.Tensor
+            `(N, d)` input of ``linear``, pooled if it was `(N, L, d)`.
+        embeddings : torch.Tensor
+            `(N, D)` what ``run`` returned.
+        residual : torch.Tensor or None
+            `(N, D)` input of ``residual_input`` (pooled likewise); None without one.
+
+        Raises
+        ------
+        RuntimeError
+            if ``linear`` (or ``residual_input``) did not run exactly once.
+        """
         seen: dict[str, list[torch.Tensor]] = {"activations": [], "residual": []}
         modules = {"activations": self.linear, "residual": self.residual_input}
         handles = [
@@ -107,6 +129,23 @@ class SwapCapture:
         self.owner, self.name, self.replacement, self.project = owner, name, replacement, project
 
     def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
+        """Run one forward pass with ``owner.name`` replaced, and restore it after.
+
+        Parameters
+        ----------
+        run : callable
+            ``run()`` performs the tower's forward pass; with the stand-in in place it returns
+            the pre-projection activations.
+
+        Returns
+        -------
+        activations : torch.Tensor
+            `(N, d)` what ``run`` returned.
+        embeddings : torch.Tensor
+            `(N, D)` ``project(activations)``.
+        residual : None
+            a swapped head has no residual.
+        """
         original = getattr(self.owner, self.name)
         setattr(self.owner, self.name, self.replacement(original))
         try:

@@ -47,6 +47,13 @@ class FeatureSet:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write a safetensors file (to a temporary file first, then an atomic rename).
 
+        Parameters
+        ----------
+        path : str or os.PathLike
+            the file; its folder is created if needed.
+        overwrite : bool, default=False
+            replace an existing file.
+
         Raises
         ------
         FileExistsError
@@ -59,10 +66,23 @@ class FeatureSet:
     def load(cls, path: str | os.PathLike) -> FeatureSet:
         """Read a file written by :meth:`save` (no unpickling).
 
+        Parameters
+        ----------
+        path : str or os.PathLike
+            the file.
+
+        Returns
+        -------
+        FeatureSet
+            the tensors on the CPU, and the saved metadata without its format and version.
+
         Raises
         ------
+        FileNotFoundError
+            if ``path`` does not exist.
         ValueError
-            if the file is not a laplace_vlm feature file, is truncated or is inconsistent.
+            if the file is not a laplace_vlm feature file, has another version, is truncated or
+            is inconsistent.
         """
         path = Path(path)
         tensors, metadata = read_safetensors(path, FORMAT, "laplace_vlm feature file")

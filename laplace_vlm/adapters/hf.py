@@ -60,6 +60,7 @@ class HFCLIPAdapter(DualEncoderAdapter):
     Parameters
     ----------
     model : transformers.CLIPModel
+        the model; its ``visual_projection`` and ``text_projection`` are the heads.
     """
 
     families = ("transformers.CLIPModel",)
@@ -77,6 +78,17 @@ class HFCLIPAdapter(DualEncoderAdapter):
 
     @classmethod
     def supports(cls, model: Any) -> bool:
+        """Whether ``model`` is a ``transformers`` ``CLIPModel`` (by class name, no import).
+
+        Parameters
+        ----------
+        model : object
+            the candidate model.
+
+        Returns
+        -------
+        bool
+        """
         return is_instance_by_name(model, "transformers.", {"CLIPModel"})
 
 
@@ -87,6 +99,8 @@ class HFSiglipAdapter(DualEncoderAdapter):
     Parameters
     ----------
     model : transformers.SiglipModel or transformers.Siglip2Model
+        the model; the heads are ``vision_model.head.mlp.fc2`` (with the residual that enters
+        ``vision_model.head.layernorm``) and ``text_model.head``.
 
     Raises
     ------
@@ -124,4 +138,17 @@ class HFSiglipAdapter(DualEncoderAdapter):
 
     @classmethod
     def supports(cls, model: Any) -> bool:
+        """Whether ``model`` is a ``transformers`` ``SiglipModel`` or ``Siglip2Model``.
+
+        Checked by class name, without importing ``transformers``.
+
+        Parameters
+        ----------
+        model : object
+            the candidate model.
+
+        Returns
+        -------
+        bool
+        """
         return is_instance_by_name(model, "transformers.", {"SiglipModel", "Siglip2Model"})

@@ -1,6 +1,6 @@
 """open_clip dual encoders: ``CLIP``, ``CustomTextCLIP`` and ``CoCa`` with every image tower.
 
-Where each family keeps its last linear layer (see ``research/open-clip-anatomy.md``):
+Where each family keeps its last linear layer:
 
 - ``VisionTransformer`` (ViT, CLIPA, CoCa): ``visual.proj``, a bare `(d, D)` Parameter applied as
   ``pooled @ proj`` behind ``if self.proj is not None``: swapped for ``None`` for one call.
@@ -49,6 +49,7 @@ class OpenCLIPAdapter(DualEncoderAdapter):
     Parameters
     ----------
     model : open_clip.CLIP or open_clip.CustomTextCLIP or open_clip.CoCa
+        the model; where its heads are found is listed in the module docstring.
 
     Raises
     ------
@@ -71,6 +72,19 @@ class OpenCLIPAdapter(DualEncoderAdapter):
 
     @classmethod
     def supports(cls, model: Any) -> bool:
+        """Whether ``model`` is an open_clip ``CLIP``, ``CustomTextCLIP`` or ``CoCa``.
+
+        Checked by class name, without importing open_clip.
+
+        Parameters
+        ----------
+        model : object
+            the candidate model.
+
+        Returns
+        -------
+        bool
+        """
         return is_instance_by_name(model, "open_clip.", _MODELS)
 
 

@@ -10,7 +10,18 @@ _ADAPTERS: list[type[DualEncoderAdapter]] = []
 
 
 def register_adapter(cls: type[DualEncoderAdapter]) -> type[DualEncoderAdapter]:
-    """Class decorator: make ``cls`` available to :func:`get_adapter` (first match wins)."""
+    """Class decorator: make ``cls`` available to :func:`get_adapter` (first match wins).
+
+    Parameters
+    ----------
+    cls : type of DualEncoderAdapter
+        the adapter class; registering it twice has no effect.
+
+    Returns
+    -------
+    type of DualEncoderAdapter
+        ``cls`` itself.
+    """
     if cls not in _ADAPTERS:
         _ADAPTERS.append(cls)
     return cls
@@ -19,7 +30,15 @@ def register_adapter(cls: type[DualEncoderAdapter]) -> type[DualEncoderAdapter]:
 def get_adapter(model: Any) -> DualEncoderAdapter:
     """The adapter of the first registered family that supports ``model``.
 
-    An adapter passes through unchanged.
+    Parameters
+    ----------
+    model : nn.Module or DualEncoderAdapter
+        a dual encoder; an adapter passes through unchanged.
+
+    Returns
+    -------
+    DualEncoderAdapter
+        ``cls(model)`` of the first registered class whose ``supports(model)`` is true.
 
     Raises
     ------
@@ -41,7 +60,23 @@ def get_adapter(model: Any) -> DualEncoderAdapter:
 
 
 def is_instance_by_name(model: Any, module_prefix: str, names: set[str]) -> bool:
-    """``isinstance`` by class name, so that checking costs no import of the library."""
+    """``isinstance`` by class name, so that checking costs no import of the library.
+
+    Parameters
+    ----------
+    model : object
+        the candidate model.
+    module_prefix : str
+        the library's module prefix, e.g. ``"open_clip."``.
+    names : set of str
+        accepted class names.
+
+    Returns
+    -------
+    bool
+        whether a class in ``type(model).__mro__`` is named in ``names`` and defined in a
+        module starting with ``module_prefix``.
+    """
     return any(
         c.__module__.startswith(module_prefix) and c.__name__ in names for c in type(model).__mro__
     )

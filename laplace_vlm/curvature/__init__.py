@@ -25,17 +25,49 @@ _BACKENDS: dict[str, str | HeadFactorsFn] = {
 
 
 def register_curvature_backend(name: str, fn: HeadFactorsFn | str) -> None:
-    """Register ``fn`` (or a ``"module:function"`` path) as curvature backend ``name``."""
+    """Register ``fn`` (or a ``"module:function"`` path) as curvature backend ``name``.
+
+    Parameters
+    ----------
+    name : str
+        the name ``DualEncoderLaplace(curvature=...)`` takes; an existing one is replaced.
+    fn : callable or str
+        a function with the signature of
+        :func:`laplace_vlm.curvature.closed_form.head_factors`, or its ``"module:function"``
+        path, imported on first use.
+    """
     _BACKENDS[name] = fn
 
 
 def available_curvature_backends() -> list[str]:
-    """Names accepted by ``DualEncoderLaplace(curvature=...)``."""
+    """Names accepted by ``DualEncoderLaplace(curvature=...)``.
+
+    Returns
+    -------
+    list of str
+        the registered backend names, sorted.
+    """
     return sorted(_BACKENDS)
 
 
 def get_curvature_backend(name: str) -> HeadFactorsFn:
-    """Return the ``head_factors`` function registered as ``name``."""
+    """Return the ``head_factors`` function registered as ``name``.
+
+    Parameters
+    ----------
+    name : str
+        a registered backend name (:func:`available_curvature_backends`).
+
+    Returns
+    -------
+    callable
+        the backend's ``head_factors``, imported on the first call.
+
+    Raises
+    ------
+    ValueError
+        if ``name`` is not registered.
+    """
     if name not in _BACKENDS:
         raise ValueError(
             f"curvature must be one of {available_curvature_backends()}, got {name!r}."
@@ -53,7 +85,26 @@ _LAPLACE_BACKENDS = {"AsdlGGN": "asdl", "BackPackGGN": "backpack", "CurvlinopsGG
 
 
 def curvature_name(curvature: str, backend: type | None = None) -> str:
-    """The backend name for ``curvature=``, or for laplace's ``backend=`` class if given."""
+    """The backend name for ``curvature=``, or for laplace's ``backend=`` class if given.
+
+    Parameters
+    ----------
+    curvature : str
+        a backend name, returned as is when ``backend`` is None.
+    backend : type, optional
+        laplace's ``AsdlGGN``, ``BackPackGGN`` or ``CurvlinopsGGN`` (matched by class name),
+        mapped to ``'asdl'``, ``'backpack'`` or ``'curvlinops'``.
+
+    Returns
+    -------
+    str
+        the backend name.
+
+    Raises
+    ------
+    ValueError
+        for any other ``backend``.
+    """
     if backend is None:
         return curvature
     name = _LAPLACE_BACKENDS.get(getattr(backend, "__name__", ""))

@@ -4,9 +4,9 @@ ASDL hooks the ``nn.Linear`` inside an arbitrary forward, so the graph is writte
 ``z = W a + b + r``, ``u = z / ||z||``, logits ``l = s u T^T (+ logit_bias)``. The exact
 (type-2) Fisher of that forward is the GGN of the contrastive likelihood, and with
 ``data_size=1`` ASDL returns the unscaled sums ``B = sum_i J_i^T Lambda_i J_i`` and
-``A = sum_i a_i a_i^T`` (research notes, section 3.3, exp3).
+``A = sum_i a_i a_i^T``.
 
-Pitfalls handled here (research notes, section 3.2):
+Pitfalls handled here:
 
 - ASDL registers deprecated ``register_backward_hook``s that permanently break BackPACK on
   the same module objects, so every call builds a fresh ``nn.Linear`` from the tensors.
@@ -68,6 +68,11 @@ def head_factors(
         unused: the exact Fisher does not depend on the labels.
     chunk_size : int, optional
         rows per ASDL call; the factors are summed over chunks.
+
+    Returns
+    -------
+    B, A : torch.Tensor
+        `(D, D)` sum of per-row GGNs (symmetrised), `(d, d)` sum of input outer products.
     """
     contrastive = check_contrastive(contrastive)
     dtype = activations.dtype

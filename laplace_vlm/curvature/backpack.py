@@ -2,9 +2,8 @@
 
 BackPACK only differentiates through modules it has an extension for, so the head is
 written as ``Sequential(Linear, [AddResidual], Normalize, Linear_frozen(weight=s T,
-bias=logit_bias))`` followed by a sum-reduced loss (research notes, section 3.3, exp4b).
-Three small second-order extensions fill the gaps, registered on a private ``KFLR``
-instance with ``set_module_extension``:
+bias=logit_bias))`` followed by a sum-reduced loss. Three small second-order extensions
+fill the gaps, registered on a private ``KFLR`` instance with ``set_module_extension``:
 
 - ``Normalize``: ``J^T M = (M - <M, u> u) / ||x||`` (the L2 normalisation is symmetric).
 - ``AddResidual``: identity (``z = W a + b + r`` with ``r`` a fixed per-row offset).
@@ -14,7 +13,7 @@ instance with ``set_module_extension``:
 
 KFLR's ``B`` is the unscaled sum ``sum_i J_i^T Lambda_i J_i`` under a sum-reduced loss, its
 ``A`` the batch *mean* ``sum_i a_i a_i^T / M``, rescaled here. Fresh modules on every call:
-ASDL's legacy hooks break BackPACK on modules they have touched (section 3.2, exp2b).
+ASDL's legacy hooks break BackPACK on modules they have touched.
 """
 
 from __future__ import annotations
@@ -39,17 +38,25 @@ class Normalize(nn.Module):
     """``x -> x / ||x||`` along the last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` `(N, D)` -> `(N, D)`: the rows of ``x`` scaled to unit L2 norm."""
         return nn.functional.normalize(x, dim=-1)
 
 
 class AddResidual(nn.Module):
-    """``z -> z + r`` with a fixed `(N, D)` offset ``r`` (e.g. SigLIP's image-tower residual)."""
+    """``z -> z + r`` with a fixed `(N, D)` offset ``r`` (e.g. SigLIP's image-tower residual).
+
+    Parameters
+    ----------
+    residual : torch.Tensor
+        `(N, D)` the offset ``r``, stored as a buffer.
+    """
 
     def __init__(self, residual: torch.Tensor):
         super().__init__()
         self.register_buffer("residual", residual)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """`(N, D)` -> `(N, D)`: ``z + residual``."""
         return z + self.residual
 
 
@@ -116,6 +123,11 @@ def head_factors(
         them, the GGN does not.
     chunk_size : int, optional
         rows per backward pass; the factors are summed over chunks.
+
+    Returns
+    -------
+    B, A : torch.Tensor
+        `(D, D)` sum of per-row GGNs (symmetrised), `(d, d)` sum of input outer products.
     """
     contrastive = check_contrastive(contrastive)
     dtype, device = activations.dtype, activations.device

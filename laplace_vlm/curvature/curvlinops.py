@@ -2,11 +2,11 @@
 
 curvlinops hooks every ``nn.Linear`` inside an arbitrary graph, so the head is an inline
 container ``{a, r} -> s normalize(W a + b + r) T^T (+ logit_bias)``; ``T`` is a buffer (not
-a Linear) so that the only hooked layer is the projection (research notes, section 3.3,
-exp5). CLIP uses ``CrossEntropyLoss``, SigLIP ``BCEWithLogitsLoss`` on the `(M, K)` logits
-(independent sigmoids per pair), both sum-reduced so that the gradient factor is the
-unscaled ``B = sum_i J_i^T Lambda_i J_i``. The input factor comes back divided by
-``num_data``, rescaled here. The factors are read from the operator's ``state_dict``.
+a Linear) so that the only hooked layer is the projection. CLIP uses ``CrossEntropyLoss``,
+SigLIP ``BCEWithLogitsLoss`` on the `(M, K)` logits (independent sigmoids per pair), both
+sum-reduced so that the gradient factor is the unscaled ``B = sum_i J_i^T Lambda_i J_i``.
+The input factor comes back divided by ``num_data``, rescaled here. The factors are read
+from the operator's ``state_dict``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def head_factors(
         not depend on them.
     chunk_size : int, optional
         rows per batch of the operator's data loop; the factors are summed over batches.
+
+    Returns
+    -------
+    B, A : torch.Tensor
+        `(D, D)` sum of per-row GGNs (symmetrised), `(d, d)` sum of input outer products.
     """
     contrastive = check_contrastive(contrastive)
     dtype, device = activations.dtype, activations.device

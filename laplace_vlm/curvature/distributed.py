@@ -12,7 +12,13 @@ from laplace_vlm.curvature.factor_sums import FactorSums
 
 
 def is_distributed() -> bool:
-    """True inside an initialised ``torch.distributed`` process group of more than one rank."""
+    """Whether this process is in an initialised ``torch.distributed`` group of several ranks.
+
+    Returns
+    -------
+    bool
+        True inside an initialised process group of more than one rank.
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -22,6 +28,16 @@ def all_reduce_sums(sums: FactorSums) -> FactorSums:
     The sums are additive over pairs, so the result equals one process fitting the union
     of the shards, with ``n`` the total pair count. Works with gloo (CPU) and NCCL (GPU):
     the tensors stay on the device they were computed on.
+
+    Parameters
+    ----------
+    sums : FactorSums
+        this rank's sums, overwritten with the sums over all ranks.
+
+    Returns
+    -------
+    FactorSums
+        ``sums`` itself.
     """
     if is_distributed():
         for tensor in sums.tensors().values():
@@ -35,7 +51,13 @@ def failures_shared_across_ranks() -> Iterator[None]:
     blocked in the next collective (the all-reduce of the factor sums).
 
     Each rank all-reduces a failure flag after the block; a rank that failed re-raises its
-    own error, the others raise a ``RuntimeError`` that says another rank failed.
+    own error, the others raise a ``RuntimeError`` that says another rank failed. Without a
+    process group of several ranks the block runs unchanged.
+
+    Raises
+    ------
+    RuntimeError
+        on the ranks whose block succeeded when another rank's block raised.
     """
     if not is_distributed():
         yield

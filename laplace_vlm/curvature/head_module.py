@@ -45,11 +45,25 @@ class CosineLogitHead(nn.Module):
         self.register_buffer("logit_bias", buffer(logit_bias))
 
     def logits(self, a: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
-        """`(M, K)` logits of activations `(M, d)` with an optional residual `(M, D)`."""
+        """Similarity logits of the head's inputs against the targets.
+
+        Parameters
+        ----------
+        a : torch.Tensor
+            `(M, d)` activations.
+        r : torch.Tensor, optional
+            `(M, D)` residual added after the projection.
+
+        Returns
+        -------
+        torch.Tensor
+            `(M, K)` logits ``scale * normalize(W a + b + r) @ targets.T (+ logit_bias)``.
+        """
         z = self.proj(a)
         if r is not None:
             z = z + r
         return similarity_logits(F.normalize(z, dim=-1), self.targets, self.scale, self.logit_bias)
 
     def forward(self, a: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations ``a`` `(M, d)` (and residual ``r`` `(M, D)`) -> `(M, K)` :meth:`logits`."""
         return self.logits(a, r)

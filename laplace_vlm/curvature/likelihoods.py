@@ -14,7 +14,18 @@ CONTRASTIVE_TYPES: tuple[str, ...] = ("clip", "siglip")
 
 
 def check_contrastive(contrastive: str) -> str:
-    """Return ``contrastive`` as a plain lowercase string or raise a ``ValueError``."""
+    """Return ``contrastive`` as a plain lowercase string or raise a ``ValueError``.
+
+    Parameters
+    ----------
+    contrastive : str or Contrastive
+        ``'clip'`` or ``'siglip'`` in any case, or a str-Enum member with such a value.
+
+    Returns
+    -------
+    str
+        ``'clip'`` or ``'siglip'``.
+    """
     value = str(getattr(contrastive, "value", contrastive)).lower()
     if value not in CONTRASTIVE_TYPES:
         raise ValueError(f"contrastive must be one of {CONTRASTIVE_TYPES}, got {contrastive!r}.")
@@ -33,6 +44,7 @@ def hessian_weights(logits: torch.Tensor, contrastive: str) -> torch.Tensor:
     logits : torch.Tensor
         `(M, K)` logits of M inputs against K classes.
     contrastive : {'clip', 'siglip'}
+        the likelihood, as :func:`check_contrastive` returns it.
 
     Returns
     -------
@@ -55,6 +67,7 @@ def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor, contrastive: st
     labels : torch.Tensor
         `(M,)` index of each row's matching class.
     contrastive : {'clip', 'siglip'}
+        the likelihood, as :func:`check_contrastive` returns it.
 
     Returns
     -------
@@ -87,6 +100,15 @@ def pair_loss(
         `(M,)` matching index per row.
     logits_fn : callable
         ``(rows, cols) -> logits`` (scale and bias applied).
+    contrastive : {'clip', 'siglip'}
+        the likelihood, as :func:`check_contrastive` returns it.
+    chunk_size : int, optional
+        rows per chunk; default all rows at once.
+
+    Returns
+    -------
+    loss : torch.Tensor
+        scalar, the summed negative log-likelihood.
     """
     directions = [(u, v)] if contrastive == "siglip" else [(u, v), (v, u)]
     step = chunk_size or len(u)

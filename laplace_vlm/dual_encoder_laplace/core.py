@@ -202,7 +202,13 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         return P
 
     def head_posteriors(self) -> tuple[HeadPosterior, HeadPosterior]:
-        """Posterior of the image head and of the text head, in their eigenbases."""
+        """Posterior of the image head and of the text head, in their eigenbases.
+
+        Returns
+        -------
+        image, text : HeadPosterior
+            read from :attr:`posterior_precision`.
+        """
         P = self.posterior_precision
         img_bias, txt_bias = self._has_bias
         image = HeadPosterior.from_kron(P, 0, img_bias)
@@ -242,17 +248,19 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         without its reminder about ``link_approx`` (it passes ``link_approx`` on to
         :meth:`__call__`).
 
+        The gridsearch arguments (``val_loader``, ``loss``, ``log_prior_prec_min``,
+        ``log_prior_prec_max``, ``grid_size``, ``log_prior_prec_base``) are ignored with a
+        warning when given with marglik, as laplace does for ``val_loader``.
+
         Parameters
         ----------
-        pred_type, link_approx, n_samples
+        pred_type : {'glm', 'nn'}, default='glm'
             the predictive that gridsearch scores (unused by marglik, as in laplace); laplace's
-            gridsearch admits only its own pred types, ``'glm'`` (default) and ``'nn'``. To
-            choose hyperparameters for ``'probcosine'`` on validation data, use
+            gridsearch admits only its own pred types. To choose hyperparameters for
+            ``'probcosine'`` on validation data, use
             :func:`laplace_vlm.evaluation.pseudo_count.select_pseudo_count`.
-        val_loader, loss, log_prior_prec_min, log_prior_prec_max, grid_size, log_prior_prec_base
-            gridsearch's validation data and grid; given with marglik they are ignored with a
-            warning (as laplace does for ``val_loader``).
         method : {'marglik', 'gridsearch'}, default='marglik'
+            the evidence optimum, or laplace's gridsearch on ``val_loader``.
         n_steps : int, optional
             marglik: the most evidence evaluations (``max_iter``, default 100; about 10 are
             typical); gridsearch: unused, as in laplace.
@@ -265,7 +273,33 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         prior_structure : {'scalar', 'head', 'layerwise'}, default='scalar'
             laplace's 'scalar' and 'layerwise' (one per weight and bias tensor), or one value
             per head; laplace's 'diag' cannot be held by a Kronecker posterior.
-        verbose, progress_bar : bool, default=False
+        val_loader : iterable, optional
+            gridsearch: the validation batches.
+        loss : callable or torchmetrics.Metric, optional
+            gridsearch: the validation loss (laplace's default if None).
+        log_prior_prec_min : float, default=-4
+            gridsearch: the exponent of the grid's lower bound.
+        log_prior_prec_max : float, default=4
+            gridsearch: the exponent of the grid's upper bound.
+        grid_size : int, default=100
+            gridsearch: the number of grid values.
+        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
+            gridsearch: the link approximation of the scored predictive (passed on to
+            :meth:`__call__`).
+        n_samples : int, default=100
+            gridsearch: Monte Carlo samples for ``link_approx='mc'``.
+        verbose : bool, default=False
+            print the optimised prior precision.
+        progress_bar : bool, default=False
+            show a progress bar.
+        log_prior_prec_base : float, default=10.0
+            gridsearch: the base of the logarithmic grid.
+
+        Raises
+        ------
+        ValueError
+            for another ``method``, an ``lr`` with marglik, or when marglik finds no optimum
+            (:func:`laplace_vlm.posterior.marglik.maximize_marglik`).
         """
         method = str(getattr(method, "value", method))
         if method == "gridsearch":
@@ -312,7 +346,16 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
             raise ValueError(f"optimize_prior_precision(n_steps={n_steps}): {err}") from err
 
     def set_classes(self, text: Any, residual: torch.Tensor | None = None) -> None:
-        """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works."""
+        """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works.
+
+        Parameters
+        ----------
+        text : torch.Tensor or object
+            `(C, d_txt)` class text activations, or (model mode) tokens the adapter encodes.
+        residual : torch.Tensor, optional
+            `(C, D)` offsets of the class text embeddings; for tokens the adapter's residual
+            is used instead.
+        """
         with torch.set_grad_enabled(self.enable_backprop):
             a_t, r_t = self.inputs.features("text", text, residual)
         self.heads.set_classes(a_t, r_t)

@@ -41,10 +41,19 @@ class FitMixin:
         override : bool, default=True
             ``False`` adds the new pairs to the current factors, as if fitted on the union.
         progress_bar : bool, default=False
+            show a tqdm bar over the batches.
         checkpoint : str, optional
             file for partial sums, written atomically every ``checkpoint_every`` batches; a
             later call with the same file and a deterministic loader resumes where it stopped.
+            The file is deleted once the fit completes.
         checkpoint_every : int, default=100
+            batches between checkpoint writes.
+
+        Raises
+        ------
+        ValueError
+            if the loader yields no pairs or non-finite curvature, or a checkpoint belongs to
+            another fit or loader.
 
         Notes
         -----

@@ -31,6 +31,12 @@ class PersistenceMixin:
         Adds the contrastive type, the posterior form, the curvature backend, the heads'
         tensors and their fingerprint. Only tensors, plain strings and numbers: loads under
         ``torch.load(weights_only=True)``, and :meth:`save` writes exactly this.
+
+        Returns
+        -------
+        dict
+            laplace's entries plus ``joint_bias``, ``contrastive``, ``damping``,
+            ``curvature``, ``fingerprint`` and ``heads``.
         """
         state = super().state_dict()
         state["likelihood"] = plain(self.likelihood)
@@ -112,7 +118,19 @@ class PersistenceMixin:
             the model it was fitted for; without, the saved heads (feature mode).
         **kwargs
             constructor arguments; ``contrastive``, ``damping``, ``temperature``,
-            ``curvature`` and ``enable_backprop`` default to the saved ones.
+            ``curvature``, ``enable_backprop`` and ``joint_bias`` default to the saved ones.
+
+        Returns
+        -------
+        DualEncoderLaplace
+            the fitted posterior.
+
+        Raises
+        ------
+        FileNotFoundError
+            if ``path`` does not exist.
+        ValueError
+            if the file is not a valid posterior, or belongs to other heads.
         """
         state = read_state(path)
         check_state(state, source=os.fspath(path))
@@ -163,6 +181,19 @@ class PersistenceMixin:
             reference pipeline; ``False`` is the exact-prior form ``fit`` uses.
         **kwargs
             other constructor arguments.
+
+        Returns
+        -------
+        DualEncoderLaplace
+            fitted with the released factors.
+
+        Raises
+        ------
+        FileNotFoundError
+            if a released file is missing.
+        ValueError
+            if the heads have a bias, a factor does not fit the heads' dims, or
+            ``prior_precision`` is another string.
         """
         factors = read_bayesvlm_factors(directory)
         if isinstance(prior_precision, str):

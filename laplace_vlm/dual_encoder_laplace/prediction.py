@@ -137,6 +137,16 @@ class PredictionMixin:
             laplace.
         generator : torch.Generator, optional
             randomness of the draws.
+
+        Returns
+        -------
+        samples : torch.Tensor
+            `(S, N, C)` logit samples (logit bias included).
+
+        Raises
+        ------
+        ValueError
+            for ``pred_type='map'``, ``diagonal_output`` without ``glm``, or ``n_samples < 1``.
         """
         pred_type = parse_option(PredType, pred_type, "pred_type")
         if pred_type is PredType.MAP:
@@ -177,10 +187,28 @@ class PredictionMixin:
         generator: torch.Generator | None = None,
         link: str = "softmax",
     ) -> torch.Tensor:
-        """Samples of the class probabilities, `(S, N, C)`.
+        """Samples of the class probabilities: the link of :meth:`functional_samples`.
 
-        Parameters are those of :meth:`functional_samples`, and ``link`` ('softmax' over
-        classes or SigLIP's per-pair 'sigmoid') applied to each logit sample.
+        Parameters
+        ----------
+        x : dict or torch.Tensor
+            as for :meth:`predictive_moments`.
+        pred_type : {'nn', 'glm', 'probcosine', 'probcosine_diag'}, default='nn'
+            how the logits are sampled (see :meth:`functional_samples`).
+        n_samples : int, default=100
+            S.
+        diagonal_output : bool, default=False
+            ``glm`` only: independent samples of the diagonal of its logit covariance.
+        generator : torch.Generator, optional
+            randomness of the draws.
+        link : {'softmax', 'sigmoid'}, default='softmax'
+            applied to each logit sample: a distribution over classes, or SigLIP's
+            independent per-pair probabilities.
+
+        Returns
+        -------
+        samples : torch.Tensor
+            `(S, N, C)` probabilities.
         """
         f = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
         return link_function(link)(f)

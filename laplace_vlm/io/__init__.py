@@ -1,1 +1,2 @@
-"""File formats: safetensors writer and checked reader, posterior files, released BayesVLM factors, fit checkpoints."""
+"""File formats: safetensors writer and checked reader, posterior files, released BayesVLM
+factors, fit checkpoints."""

@@ -20,7 +20,26 @@ REFERENCE_N_DATA = 327_680
 
 
 def read_bayesvlm_factors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The four released factor matrices by file stem (``A_img``, ...), float64 on CPU."""
+    """The four released factor matrices by file stem (``A_img``, ...), float64 on CPU.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        the folder with ``A_img_analytic.pt``, ``B_img_analytic.pt``, ``A_txt_analytic.pt``
+        and ``B_txt_analytic.pt`` (loaded with ``weights_only=True``).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``{"A_img", "B_img", "A_txt", "B_txt"}``, square matrices.
+
+    Raises
+    ------
+    FileNotFoundError
+        if a file is missing.
+    ValueError
+        if a file does not hold a square matrix.
+    """
     factors = {}
     for name in FILES:
         path = os.path.join(directory, name)
@@ -41,6 +60,23 @@ def read_bayesvlm_prior(directory: str | os.PathLike) -> torch.Tensor:
     """The released prior precisions ``(lambda_img, lambda_txt)``, float64.
 
     They were found with the reference's own evidence objective at pseudo-count 1.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        the folder with ``prior_precision_analytic.json``.
+
+    Returns
+    -------
+    torch.Tensor
+        `(2,)` ``[lambda_img, lambda_txt]``.
+
+    Raises
+    ------
+    FileNotFoundError
+        if the file is missing.
+    ValueError
+        if it lacks numbers ``lambda_img`` and ``lambda_txt``.
     """
     path = os.path.join(directory, PRIOR_FILE)
     if not os.path.isfile(path):

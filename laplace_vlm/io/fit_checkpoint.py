@@ -20,6 +20,20 @@ class FitCheckpoint:
     ends with the same factors as an uninterrupted run. ``key`` ties the file to one
     posterior (heads fingerprint, contrastive type, backend, rank and world size) so a
     stale file is never mixed in.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        the checkpoint file.
+    every : int
+        save after every ``every``-th batch; at least 1.
+    key : str
+        what the file must match to be resumed (:func:`checkpoint_key`).
+
+    Raises
+    ------
+    ValueError
+        if ``every`` is below 1.
     """
 
     def __init__(self, path: str | os.PathLike, every: int, key: str) -> None:
@@ -34,6 +48,20 @@ class FitCheckpoint:
         ----------
         like : dict of str to torch.Tensor
             empty sums: their names, shapes, dtypes and device are what the file must hold.
+
+        Returns
+        -------
+        sums : dict of str to torch.Tensor
+            the saved sums, on the device and in the dtypes of ``like``; ``like`` itself
+            if there is no file.
+        batches : int
+            the number of batches they cover.
+
+        Raises
+        ------
+        ValueError
+            if the file is unreadable, belongs to another fit (``key`` differs) or is
+            incomplete, misshapen or not finite.
         """
         if not os.path.exists(self.path):
             return like, 0
@@ -77,12 +105,28 @@ class FitCheckpoint:
             os.remove(self.path)
 
     def maybe_save(self, sums: Sums, batches: int) -> None:
-        """Save after every ``every``-th batch (write to a temporary file, then rename)."""
+        """Save after every ``every``-th batch (write to a temporary file, then rename).
+
+        Parameters
+        ----------
+        sums : dict of str to torch.Tensor
+            the partial sums so far.
+        batches : int
+            the number of batches they cover; saved when a multiple of ``every``.
+        """
         if batches % self.every == 0:
             self.save(sums, batches)
 
     def save(self, sums: Sums, batches: int) -> None:
-        """Write ``sums`` and the number of batches they cover (atomically, replacing)."""
+        """Write ``sums`` and the number of batches they cover (atomically, replacing).
+
+        Parameters
+        ----------
+        sums : dict of str to torch.Tensor
+            the partial sums.
+        batches : int
+            the number of batches they cover.
+        """
         meta = {"format": FORMAT, "key": self.key, "batches": str(batches)}
         write_safetensors(self.path, sums, meta, overwrite=True)
 
@@ -92,6 +136,21 @@ def checkpoint_key(fingerprint: str, contrastive: str, curvature: str) -> str:
 
     The world size is part of it because the shards, hence each rank's partial sums, change
     with the number of processes.
+
+    Parameters
+    ----------
+    fingerprint : str
+        the heads' fingerprint (:func:`laplace_vlm.io.posterior_file.heads_fingerprint`).
+    contrastive : str
+        the contrastive type.
+    curvature : str
+        the curvature backend's name.
+
+    Returns
+    -------
+    str
+        ``"{fingerprint}:{contrastive}:{curvature}:rank{rank}of{world}"``; rank 0 of 1
+        outside an initialised ``torch.distributed`` process group.
     """
     import torch.distributed as dist
 

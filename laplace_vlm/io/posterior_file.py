@@ -28,7 +28,19 @@ _TENSOR = "$tensor"  # marks a tensor leaf in the JSON structure
 
 
 def heads_fingerprint(heads: nn.Module) -> str:
-    """Short hash of the heads' shapes and float32 weights: tells models apart on load."""
+    """Short hash of the heads' shapes and float32 weights: tells models apart on load.
+
+    Parameters
+    ----------
+    heads : nn.Module
+        the heads; ``None`` entries and the ``class_*`` buffers of their state dict are
+        left out.
+
+    Returns
+    -------
+    str
+        16 hex digits of a SHA-256 over the sorted entry names, shapes and values.
+    """
     digest = hashlib.sha256()
     for name, p in sorted(heads.state_dict().items()):
         if p is None or name.startswith("class_"):
@@ -49,6 +61,13 @@ def save_state(path: str | os.PathLike, state: dict[str, Any], overwrite: bool =
         tensors, nested lists/tuples/dicts of them, ``None``, bools, numbers and strings.
     overwrite : bool, default=False
         replace an existing ``path``.
+
+    Raises
+    ------
+    FileExistsError
+        if ``path`` exists and ``overwrite`` is False.
+    TypeError
+        for an entry of another type.
     """
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, "", tensors)
@@ -57,7 +76,25 @@ def save_state(path: str | os.PathLike, state: dict[str, Any], overwrite: bool =
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
-    """The state dict of a file written by :func:`save_state` (or by laplace-vlm 0.1)."""
+    """The state dict of a file written by :func:`save_state` (or by laplace-vlm 0.1).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        the file.
+
+    Returns
+    -------
+    dict
+        the saved state, tensors on the CPU; a 0.1 file is converted to the current layout.
+
+    Raises
+    ------
+    FileNotFoundError
+        if ``path`` does not exist.
+    ValueError
+        if it is not a laplace-vlm posterior file of a known version, or is malformed.
+    """
     tensors, metadata = read_safetensors(path, FORMAT, "laplace-vlm posterior")
     version = metadata.get("version")
     if version == "1":
@@ -132,7 +169,7 @@ def check_state(state: dict[str, Any], source: str = "state_dict") -> None:
     ----------
     state : dict
         what ``DualEncoderLaplace.state_dict`` returns (or a file held).
-    source : str
+    source : str, default='state_dict'
         where it came from, for the messages.
 
     Raises
@@ -168,8 +205,10 @@ def check_state(state: dict[str, Any], source: str = "state_dict") -> None:
     n_data, temperature, damping = state["n_data"], state["temperature"], state["damping"]
     if not isinstance(n_data, int) or isinstance(n_data, bool) or n_data < 1:
         raise fail(f"n_data must be a positive integer, got {n_data!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or (
-        temperature <= 0
+    if (
+        not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or (temperature <= 0)
     ):
         raise fail(f"temperature must be positive and finite, got {temperature!r}")
     if not isinstance(damping, bool) and damping != "symmetric":

@@ -36,6 +36,11 @@ def write_safetensors(
     overwrite : bool, default=False
         replace an existing ``path``; otherwise a ``FileExistsError``.
 
+    Raises
+    ------
+    FileExistsError
+        if ``path`` exists and ``overwrite`` is False.
+
     Notes
     -----
     The uniquely named sibling lives on the same file system, so ``os.replace`` is atomic and
@@ -71,6 +76,13 @@ def read_safetensors(
         what the file should be, for the error messages (e.g. "laplace-vlm posterior").
     device : str, default='cpu'
         where the tensors are loaded.
+
+    Returns
+    -------
+    tensors : dict of str to torch.Tensor
+        every tensor of the file, by name.
+    metadata : dict of str to str
+        the header metadata (``format`` included).
 
     Raises
     ------

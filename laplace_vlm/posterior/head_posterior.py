@@ -45,7 +45,22 @@ class HeadPosterior:
 
     @classmethod
     def from_kron(cls, P: KronDecomposed, weight_idx: int, has_bias: bool) -> HeadPosterior:
-        """Read block ``weight_idx`` (and the next one, the bias) of a posterior precision."""
+        """Read block ``weight_idx`` (and the next one, the bias) of a posterior precision.
+
+        Parameters
+        ----------
+        P : laplace.utils.matrix.KronDecomposed
+            the posterior precision; its ``damping`` flag selects the damped form
+            ``(l1 + sqrt(delta)) (l2 + sqrt(delta))`` over ``l1 l2 + delta``.
+        weight_idx : int
+            the index of the head's weight block.
+        has_bias : bool
+            whether block ``weight_idx + 1`` is the head's bias.
+
+        Returns
+        -------
+        HeadPosterior
+        """
         (Q1, Q2), (l1, l2) = P.eigenvectors[weight_idx], P.eigenvalues[weight_idx]
         delta = P.deltas[weight_idx]
         if P.damping:
@@ -59,7 +74,18 @@ class HeadPosterior:
         return post
 
     def terms(self, activations: torch.Tensor) -> list[CovTerm]:
-        """Covariance terms of the embeddings of `(N, d)` inputs: ``[(Q, c (N, D)), ...]``."""
+        """Covariance terms of the embeddings: ``Cov[z_n] = sum Q diag(c_n) Q^T``.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+
+        Returns
+        -------
+        list of tuple of torch.Tensor
+            ``[(Q (D, D), c (N, D)), ...]``: the weight term, then the bias term if any.
+        """
         rotated = activations @ self.in_basis  # (N, d)
         terms = [(self.out_basis, rotated.square() @ self.inv_eig.T)]
         if self.bias_basis is not None:
@@ -67,7 +93,18 @@ class HeadPosterior:
         return terms
 
     def variance(self, activations: torch.Tensor) -> torch.Tensor:
-        """Diagonal of ``Cov[z]`` per input, `(N, D)`, exact."""
+        """Diagonal of ``Cov[z]`` per input, exact.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, D)` variances of the embeddings.
+        """
         rotated = activations @ self.in_basis
         var = rotated.square() @ (self.inv_eig.T @ self.out_basis.square().T)
         if self.bias_basis is not None:
@@ -75,7 +112,18 @@ class HeadPosterior:
         return var
 
     def covariance(self, activations: torch.Tensor) -> torch.Tensor:
-        """Full ``Cov[z]`` per input, `(N, D, D)` (small problems only)."""
+        """Full ``Cov[z]`` per input (small problems only).
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, D, D)` covariances of the embeddings.
+        """
         return sum(torch.einsum("di,ni,ei->nde", Q, c, Q) for Q, c in self.terms(activations))
 
     def cross_terms(self, activations: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,6 +131,16 @@ class HeadPosterior:
 
         Inputs share the head's weights, so their embeddings are correlated; needed for the
         joint covariance over classes (text head) and for joint samples.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+
+        Returns
+        -------
+        list of tuple of torch.Tensor
+            ``[(Q (D, D), c (N, N, D)), ...]``: the weight term, then the bias term if any.
         """
         rotated = activations @ self.in_basis  # (N, d)
         c = torch.einsum("kj,lj,ij->kli", rotated, rotated, self.inv_eig)
@@ -99,6 +157,20 @@ class HeadPosterior:
 
         ``dW = Q1 (eps * sqrt(inv)) Q2^T`` samples the weight posterior exactly; sampling
         in weight space keeps the rank-deficient logit covariance out of any Cholesky.
+
+        Parameters
+        ----------
+        n_samples : int
+            S.
+        generator : torch.Generator, optional
+            randomness of the draws (torch's default generator if None).
+
+        Returns
+        -------
+        dW : torch.Tensor
+            `(S, D, d)`.
+        db : torch.Tensor or None
+            `(S, D)`; None without a bias block.
         """
         D, d = self.inv_eig.shape
         like = dict(device=self.inv_eig.device, dtype=self.inv_eig.dtype)
@@ -114,7 +186,22 @@ class HeadPosterior:
     def perturbations(
         activations: torch.Tensor, dW: torch.Tensor, db: torch.Tensor | None
     ) -> torch.Tensor:
-        """``z - E[z]`` `(S, N, D)` of `(N, d)` inputs under weight samples ``(dW, db)``."""
+        """``z - E[z]`` of the inputs under weight samples ``(dW, db)``.
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        dW : torch.Tensor
+            `(S, D, d)` weight samples (:meth:`sample_weights`).
+        db : torch.Tensor or None
+            `(S, D)` bias samples.
+
+        Returns
+        -------
+        torch.Tensor
+            `(S, N, D)`.
+        """
         dz = activations @ dW.transpose(1, 2)
         return dz if db is None else dz + db[:, None]
 
@@ -124,5 +211,20 @@ class HeadPosterior:
         n_samples: int,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Joint samples of ``z - E[z]`` for all inputs, `(S, N, D)` (one weight draw each)."""
+        """Joint samples of ``z - E[z]`` for all inputs (one weight draw per sample).
+
+        Parameters
+        ----------
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        n_samples : int
+            S.
+        generator : torch.Generator, optional
+            randomness of the draws.
+
+        Returns
+        -------
+        torch.Tensor
+            `(S, N, D)`.
+        """
         return self.perturbations(activations, *self.sample_weights(n_samples, generator))

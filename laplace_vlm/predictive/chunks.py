@@ -36,6 +36,33 @@ def moment_chunks(
 
     With ``out`` (two preallocated `(N, C)` tensors, no autograd) each chunk is written into
     its slice; without, each chunk is a new tensor (differentiable).
+
+    Parameters
+    ----------
+    heads : DualHead
+        the heads (embeddings, logit scale and bias).
+    posteriors : tuple of HeadPosterior
+        the posteriors of the image head and of the text head.
+    inputs : tuple
+        validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
+        images and `(C, ...)` classes.
+    pred_type : PredType
+        ``PROBCOSINE``, ``PROBCOSINE_DIAG`` or ``GLM``.
+    step : int
+        images per chunk.
+    out : tuple of torch.Tensor, optional
+        `(N, C)` preallocated mean and variance to write into.
+
+    Yields
+    ------
+    mean, var : torch.Tensor
+        `(n, C)` logit mean (logit bias included) and variance of the next chunk; views of
+        ``out`` when given.
+
+    Raises
+    ------
+    ValueError
+        if an image or class embedding has a zero or non-finite norm.
     """
     a_i, r_i, a_t, r_t = inputs
     post_i, post_t = posteriors
@@ -58,7 +85,32 @@ def glm_covariance_chunks(
     inputs: HeadInputs,
     step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linearised logit mean `(N, C)` and covariance over classes `(N, C, C)`."""
+    """Linearised logit mean `(N, C)` and covariance over classes `(N, C, C)`.
+
+    Parameters
+    ----------
+    heads : DualHead
+        the heads (embeddings, logit scale and bias).
+    posteriors : tuple of HeadPosterior
+        the posteriors of the image head and of the text head.
+    inputs : tuple
+        validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
+        images and `(C, ...)` classes.
+    step : int
+        images per chunk.
+
+    Returns
+    -------
+    mean : torch.Tensor
+        `(N, C)` MAP logits.
+    cov : torch.Tensor
+        `(N, C, C)` covariance of each image's logits over the classes.
+
+    Raises
+    ------
+    ValueError
+        if an image or class embedding has a zero or non-finite norm.
+    """
     a_i, r_i, a_t, r_t = inputs
     post_i, post_t = posteriors
     s = heads.scale
@@ -86,6 +138,29 @@ def logit_sample_chunks(
 
     ``glm`` pushes the weight samples through the linearisation, ``nn`` through the exact
     normalisation.
+
+    Parameters
+    ----------
+    heads : DualHead
+        the heads (embeddings, logit scale and bias).
+    posteriors : tuple of HeadPosterior
+        the posteriors of the image head and of the text head.
+    inputs : tuple
+        validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
+        images and `(C, ...)` classes.
+    pred_type : PredType
+        ``GLM`` or ``NN``.
+    n_samples : int
+        S, weight draws of both heads.
+    generator : torch.Generator, optional
+        randomness of the draws.
+    step : int
+        images per chunk.
+
+    Yields
+    ------
+    torch.Tensor
+        `(S, n, C)` logit samples of the next chunk (logit bias included).
     """
     a_i, r_i, a_t, r_t = inputs
     post_i, post_t = posteriors

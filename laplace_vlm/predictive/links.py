@@ -11,7 +11,18 @@ from laplace_vlm.enums import Link, parse_option
 
 
 def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
-    """A ``torch.Generator``: the given one, or a new one seeded with the int (default 0)."""
+    """A ``torch.Generator``: the given one, or a new one seeded with the int (default 0).
+
+    Parameters
+    ----------
+    generator : torch.Generator or int, optional
+        a generator (returned as is), a seed, or None for seed 0.
+
+    Returns
+    -------
+    torch.Generator
+        a new one is a CPU generator.
+    """
     if isinstance(generator, torch.Generator):
         return generator
     seed = 0 if generator is None else int(generator)
@@ -19,7 +30,15 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
 
 
 def check_moments(mean: torch.Tensor, var: torch.Tensor | None = None) -> None:
-    """Raise a ``ValueError`` unless ``mean`` is `(N, C)` and ``var`` a matching non-negative one."""
+    """Raise a ``ValueError`` unless ``mean`` is `(N, C)` and ``var`` matches it, non-negative.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        `(N, C)` logit means.
+    var : torch.Tensor, optional
+        `(N, C)` logit variances; not checked if None.
+    """
     if mean.dim() != 2:
         raise ValueError(f"mean must be (N, C), got shape {tuple(mean.shape)}.")
     if var is None:
@@ -33,29 +52,94 @@ def check_moments(mean: torch.Tensor, var: torch.Tensor | None = None) -> None:
 
 
 def probit_scale(var: torch.Tensor) -> torch.Tensor:
-    """MacKay's probit factor ``1 / sqrt(1 + pi/8 var)``."""
+    """MacKay's probit factor ``1 / sqrt(1 + pi/8 var)``.
+
+    Parameters
+    ----------
+    var : torch.Tensor
+        logit variances, any shape.
+
+    Returns
+    -------
+    torch.Tensor
+        the factor, elementwise.
+    """
     return torch.rsqrt(1.0 + math.pi / 8.0 * var)
 
 
 def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Probit approximation of ``E[softmax(f)]`` per row, `(N, C)`."""
+    """Probit approximation of ``E[softmax(f)]`` per row, ``f ~ N(mean, diag(var))``.
+
+    Parameters
+    ----------
+    mean, var : torch.Tensor
+        `(N, C)` logit means and variances.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, C)` probabilities, each row summing to 1.
+    """
     return torch.softmax(mean * probit_scale(var), dim=-1)
 
 
 def probit_sigmoid(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Probit approximation of ``E[sigmoid(f)]`` per pair (SigLIP), `(N, C)`."""
+    """Probit approximation of ``E[sigmoid(f)]`` per pair (SigLIP), ``f ~ N(mean, var)``.
+
+    Parameters
+    ----------
+    mean, var : torch.Tensor
+        `(N, C)` logit means and variances.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, C)` independent probabilities of the pairs.
+    """
     return torch.sigmoid(mean * probit_scale(var))
 
 
 def link_function(link: str | Link) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``softmax`` over classes or SigLIP's per-pair ``sigmoid``, applied to logits."""
+    """``softmax`` over classes or SigLIP's per-pair ``sigmoid``, applied to logits.
+
+    Parameters
+    ----------
+    link : {'softmax', 'sigmoid'} or Link
+        the link.
+
+    Returns
+    -------
+    callable
+        ``logits -> probabilities``, the softmax along the last dim.
+
+    Raises
+    ------
+    ValueError
+        for another ``link``.
+    """
     if parse_option(Link, link, "link") is Link.SOFTMAX:
         return lambda f: torch.softmax(f, dim=-1)
     return torch.sigmoid
 
 
 def probit_link(link: str | Link) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The probit approximation of ``E[link(f)]`` for ``f ~ N(mean, var)``."""
+    """The probit approximation of ``E[link(f)]`` for ``f ~ N(mean, var)``.
+
+    Parameters
+    ----------
+    link : {'softmax', 'sigmoid'} or Link
+        the link.
+
+    Returns
+    -------
+    callable
+        :func:`probit_softmax` or :func:`probit_sigmoid`.
+
+    Raises
+    ------
+    ValueError
+        for another ``link``.
+    """
     return probit_softmax if parse_option(Link, link, "link") is Link.SOFTMAX else probit_sigmoid
 
 
@@ -80,6 +164,11 @@ def sample_logits(
     -------
     samples : torch.Tensor
         `(S, N, C)`; independent across inputs and classes.
+
+    Raises
+    ------
+    ValueError
+        for moments of the wrong shapes, negative variances or ``n_samples < 1``.
     """
     check_moments(mean, var)
     if n_samples < 1:

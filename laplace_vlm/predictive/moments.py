@@ -73,6 +73,22 @@ def glm_covariance(
 
     ``cross_terms_t`` are :meth:`HeadPosterior.cross_terms` of the class texts: the classes
     share the text weights, so their logits are correlated through them.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        `(N, D)` un-normalised image embeddings.
+    terms_z : list of tuple of torch.Tensor
+        :meth:`HeadPosterior.terms` of the images, ``[(Q (D, D), c (N, D)), ...]``.
+    t : torch.Tensor
+        `(C, D)` un-normalised class text embeddings.
+    cross_terms_t : list of tuple of torch.Tensor
+        ``[(R (D, D), e (C, C, D)), ...]``.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, C, C)` covariance of the cosines, without the factor ``s^2``.
     """
     nz, nt = z.norm(dim=-1), t.norm(dim=-1)
     U, V = z / nz[:, None], t / nt[:, None]
@@ -107,6 +123,24 @@ def class_operands(
     terms of ``Var[z^T t]`` as one GEMM ``[(z R)^2, c] [e, X]^T`` with
     ``X = (t Q)^2 + e ((Q^T R)^2)^T``. ``glm``: ``var = A + cos (cos (g + h) - 2 B)`` with
     ``A``, ``B`` GEMMs and ``g``, ``h`` the per-image and per-class diagonal parts.
+
+    Parameters
+    ----------
+    pred_type : PredType
+        ``PROBCOSINE``, ``PROBCOSINE_DIAG`` or ``GLM`` (any other is treated as ``GLM``).
+    post_i, post_t : HeadPosterior
+        the posteriors of the image head and of the text head.
+    a_t : torch.Tensor
+        `(C, d_txt [+ 1])` class text design inputs of the text head.
+    t : torch.Tensor
+        `(C, D)` un-normalised class text embeddings.
+    s : torch.Tensor
+        the linear logit scale.
+
+    Returns
+    -------
+    dict
+        the operands that :func:`chunk_moments` reads for ``pred_type``.
     """
     s2 = s.square()
     if pred_type is PredType.PROBCOSINE_DIAG:
@@ -172,7 +206,7 @@ def chunk_moments(
     z : torch.Tensor
         `(n, D)` un-normalised image embeddings.
     a : torch.Tensor
-        `(n, d)` their activations.
+        `(n, d_img [+ 1])` their design inputs of the image head.
     post_i : HeadPosterior
         the image head's posterior.
     ops : dict
@@ -181,6 +215,11 @@ def chunk_moments(
         the linear logit scale.
     out : tuple of torch.Tensor, optional
         `(n, C)` views of preallocated outputs to write into.
+
+    Returns
+    -------
+    mean, var : torch.Tensor
+        `(n, C)` each; the tensors of ``out`` when given.
     """
     mean_out, var_out = (None, None) if out is None else out
     if pred_type is PredType.PROBCOSINE_DIAG:

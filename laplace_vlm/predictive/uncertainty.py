@@ -16,18 +16,50 @@ from laplace_vlm.predictive.links import check_moments, probit_softmax, sample_l
 
 
 def check_samples(samples: torch.Tensor, name: str = "samples") -> None:
-    """Raise a ``ValueError`` unless ``samples`` is `(S, N, C)`."""
+    """Raise a ``ValueError`` unless ``samples`` is `(S, N, C)`.
+
+    Parameters
+    ----------
+    samples : torch.Tensor
+        the tensor to check.
+    name : str, default='samples'
+        its name, for the message.
+    """
     if samples.dim() != 3:
         raise ValueError(f"{name} must be (S, N, C), got shape {tuple(samples.shape)}.")
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Shannon entropy (nats) of categorical ``probs`` along ``dim``, with ``0 log 0 = 0``."""
+    """Shannon entropy (nats) of categorical ``probs`` along ``dim``, with ``0 log 0 = 0``.
+
+    Parameters
+    ----------
+    probs : torch.Tensor
+        probabilities, any shape.
+    dim : int, default=-1
+        the class dimension.
+
+    Returns
+    -------
+    torch.Tensor
+        the shape of ``probs`` without ``dim``.
+    """
     return -torch.special.xlogy(probs, probs).sum(dim)
 
 
 def map_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the deterministic (MAP) softmax ``softmax(logits)``, `(N,)`."""
+    """Entropy of the deterministic (MAP) softmax ``softmax(logits)``.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        `(N, C)` logits.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)`, nats.
+    """
     check_moments(logits)
     return entropy(torch.softmax(logits, dim=-1))
 
@@ -43,6 +75,22 @@ def predictive_entropy(
 
     ``link_approx="probit"`` uses the closed-form probit approximation, ``"mc"`` averages the
     softmax over ``n_samples`` independent logit samples.
+
+    Parameters
+    ----------
+    mean, var : torch.Tensor
+        `(N, C)` logit means and variances.
+    link_approx : {'probit', 'mc'}, default='probit'
+        how ``E[softmax(f)]`` is approximated.
+    n_samples : int, default=200
+        logit samples for ``'mc'``.
+    generator : torch.Generator or int, optional
+        randomness for ``'mc'`` (an int is a seed; None means seed 0).
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)`, nats.
     """
     check_moments(mean, var)
     if link_approx == "probit":
@@ -53,7 +101,18 @@ def predictive_entropy(
 
 
 def logit_variance(var: torch.Tensor) -> torch.Tensor:
-    """Mean logit variance over the classes, `(N,)`."""
+    """Mean logit variance over the classes.
+
+    Parameters
+    ----------
+    var : torch.Tensor
+        `(N, C)` non-negative logit variances.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)`.
+    """
     check_moments(var, var)
     return var.mean(-1)
 
@@ -88,6 +147,20 @@ def bald(
 
     No closed form exists for the softmax; the class correlations are ignored (use
     :func:`bald_from_samples` on joint functional samples to keep them).
+
+    Parameters
+    ----------
+    mean, var : torch.Tensor
+        `(N, C)` logit means and variances.
+    n_samples : int, default=200
+        independent logit samples.
+    generator : torch.Generator or int, optional
+        randomness (an int is a seed; None means seed 0).
+
+    Returns
+    -------
+    scores : torch.Tensor
+        `(N,)`, nats.
     """
     return bald_from_samples(sample_logits(mean, var, n_samples, generator))
 
@@ -110,7 +183,7 @@ def epig_from_samples(
         `(S, N, C)` logit samples of the pool.
     target_samples : torch.Tensor
         `(S, N*, C*)` logit samples of the target inputs, from the same weight samples.
-    max_elements : int
+    max_elements : int, default=2**24
         memory bound on the joint probability tensor.
 
     Returns

@@ -35,7 +35,18 @@ class Ranking:
     var: torch.Tensor
 
     def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``k`` best items of each query: indices, means and variances, `(Q, k)` each."""
+        """The ``k`` best items of each query.
+
+        Parameters
+        ----------
+        k : int
+            items per query (all G if ``k > G``).
+
+        Returns
+        -------
+        indices, mean, var : torch.Tensor
+            `(Q, k)` each: gallery indices, best first, and their means and variances.
+        """
         idx = self.indices[:, :k]
         return idx, self.mean.gather(1, idx), self.var.gather(1, idx)
 
@@ -57,15 +68,20 @@ def rank(
         `(N, ...)` image inputs as ``la`` takes them (pre-projection activations in feature mode).
     text : torch.Tensor
         `(M, ...)` text inputs likewise.
-    direction : {'image_to_text', 'text_to_image'}
+    direction : {'image_to_text', 'text_to_image'}, default='image_to_text'
         queries are the images (gallery = texts) or the texts (gallery = images).
-    pred_type : {'probcosine', 'probcosine_diag', 'glm'}
+    pred_type : {'probcosine', 'probcosine_diag', 'glm'}, default='probcosine'
         the predictive moments; ``glm``'s mean is the MAP similarity.
 
     Returns
     -------
     ranking : Ranking
         `(N, M)` for ``image_to_text``, `(M, N)` for ``text_to_image``.
+
+    Raises
+    ------
+    ValueError
+        for another ``direction``.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
@@ -76,7 +92,24 @@ def rank(
 
 
 def rank_scores(mean: torch.Tensor, var: torch.Tensor) -> Ranking:
-    """Sort a `(Q, G)` score grid per query (ties keep gallery order)."""
+    """Sort a `(Q, G)` score grid per query (ties keep gallery order).
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        `(Q, G)` expected similarity of each (query, gallery item); sorted by it, descending.
+    var : torch.Tensor
+        `(Q, G)` its variance, kept alongside.
+
+    Returns
+    -------
+    ranking : Ranking
+
+    Raises
+    ------
+    ValueError
+        if ``mean`` is not 2-D or ``var`` has another shape.
+    """
     if mean.ndim != 2 or var.shape != mean.shape:
         raise ValueError(
             f"mean and var must be (Q, G) of one shape, got {tuple(mean.shape)} and "
@@ -98,6 +131,17 @@ def relevance_matrix(
         matching gallery indices per query (e.g. the 5 captions of a COCO image).
     n_gallery : int
         G.
+
+    Returns
+    -------
+    relevant : torch.Tensor
+        `(Q, G)` bool, True where the gallery item matches the query.
+
+    Raises
+    ------
+    ValueError
+        for a bool matrix of the wrong shape, indices that are not `(Q,)`, or an empty or
+        out-of-range list of targets.
     """
     if isinstance(targets, torch.Tensor) and targets.dtype == torch.bool:
         if targets.ndim != 2 or targets.shape[1] != n_gallery:
@@ -128,7 +172,7 @@ def recall_at_k(
         a :class:`Ranking` or its `(Q, G)` sorted ``indices``.
     targets : torch.Tensor or sequence of sequences of int
         see :func:`relevance_matrix`.
-    ks : sequence of int
+    ks : sequence of int, default=(1, 5, 10)
         cut-offs; each is capped at G.
 
     Returns

@@ -75,10 +75,13 @@ def class_text_activations(
     tokenizer : callable
         list of str -> token tensor, e.g. ``open_clip.get_tokenizer(name)``.
     classnames : sequence of str
+        C names.
     templates : sequence of str or callable
-    batch_size : int
+        T templates, as in :func:`format_prompts`.
+    batch_size : int, default=256
         prompts per forward pass.
-    progress_bar : bool
+    progress_bar : bool, default=False
+        show a tqdm bar over the batches.
 
     Returns
     -------
@@ -175,7 +178,30 @@ class ZeroShotClassifier:
         batch_size: int = 256,
         progress_bar: bool = False,
     ) -> ZeroShotClassifier:
-        """Encode ``templates x classnames`` with ``adapter`` and ensemble per class."""
+        """Encode ``templates x classnames`` with ``adapter`` and ensemble per class.
+
+        Parameters
+        ----------
+        la : DualEncoderLaplace
+            fitted posterior.
+        adapter : object
+            ``laplace_vlm.adapters`` adapter of the model ``la`` was fitted for.
+        tokenizer : callable
+            list of str -> token tensor.
+        classnames : sequence of str
+            C names.
+        templates : sequence of str or callable
+            T templates, as in :func:`format_prompts`.
+        batch_size : int, default=256
+            prompts per forward pass.
+        progress_bar : bool, default=False
+            show a tqdm bar over the batches.
+
+        Returns
+        -------
+        ZeroShotClassifier
+            with the :func:`class_text_activations` of the prompts.
+        """
         acts, residual = class_text_activations(
             adapter, tokenizer, classnames, templates, batch_size, progress_bar
         )
@@ -184,7 +210,21 @@ class ZeroShotClassifier:
     def inputs(
         self, image_activations: torch.Tensor, image_residual: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The ``{"image", "text"}`` input dict of ``la`` (residuals only where present)."""
+        """The ``{"image", "text"}`` input dict of ``la`` (residuals only where present).
+
+        Parameters
+        ----------
+        image_activations : torch.Tensor
+            `(N, d_img)` pre-projection image activations.
+        image_residual : torch.Tensor, optional
+            `(N, D)` residual offsets of the image embeddings.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``"image"``, ``"text"`` (the class activations), and ``"image_residual"`` /
+            ``"text_residual"`` where given.
+        """
         x = {"image": image_activations, "text": self.class_activations}
         if image_residual is not None:
             x["image_residual"] = image_residual
@@ -209,14 +249,14 @@ class ZeroShotClassifier:
             `(N, d_img)` pre-projection image activations.
         image_residual : torch.Tensor, optional
             `(N, D)` residual offsets of the image embeddings.
-        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'map'}
+        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'map'}, default='probcosine'
             logit moments; ``"map"`` is the deterministic model.
-        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}
+        link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
             ``probit``: closed form on the moments. ``mc``: ``n_samples`` joint samples of the
             logits through the linearisation (``glm``: weight-space samples, so classes are
             correlated) or independent Gaussian samples of the moments (ProbCosine).
             ``bridge*``: laplace's Laplace bridge through ``la``.
-        n_samples : int
+        n_samples : int, default=100
             Monte Carlo samples (mutual information, and ``link_approx="mc"``).
         generator : torch.Generator, optional
             randomness of the Monte Carlo estimates; a generator seeded with 0 if None, so
@@ -227,6 +267,11 @@ class ZeroShotClassifier:
         prediction : ZeroShotPrediction
             the mutual information comes from the same samples as the probabilities for
             ``mc`` and from independent samples of the logit moments otherwise.
+
+        Raises
+        ------
+        ValueError
+            for ``pred_type='nn'``, which has no logit moments.
         """
         pred_type = parse_option(PredType, pred_type, "pred_type")
         if pred_type is PredType.NN:
