@@ -1,16 +1,19 @@
-"""The digits demo: data and shift invariants, the model cache, and a mini end-to-end run."""
+"""The digits demo: data, shifts, prompts, the recipe, the model cache, and a mini end-to-end run."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from laplace_vlm.demo import data, prompts, train
+from laplace_vlm.demo import data, recipe, train
 from laplace_vlm.demo.data import SEVERITIES, SHIFTS, load_digits_splits, to_pixels
+from laplace_vlm.demo.prompts import PROMPTS
 from laplace_vlm.evaluation.metrics import classification_metrics
+from laplace_vlm.evaluation.tables import ROW_KEYS, value
 
 TINY_TRAINING = {"epochs": 1}
 
@@ -34,7 +37,20 @@ def test_splits_are_seeded_stratified_and_normalised(splits):
     assert not torch.equal(load_digits_splits(seed=1)["test"][1], splits["test"][1])
 
 
-def test_images_are_the_upsampled_digits(splits):
+def test_recipe_splits_are_the_digits_splits_and_subsets_are_stratified(splits):
+    full = recipe.load_splits("digits")
+    for name in splits:
+        assert torch.equal(full[name][0], splits[name][0])
+    small = recipe.load_splits("digits", max_train=200, max_eval=50)
+    assert [len(small[n][1]) for n in ("train", "val", "test")] == [200, 50, 50]
+    assert torch.bincount(small["train"][1]).min() >= 19  # ~20 of each digit
+    with pytest.raises(ValueError, match="dataset"):
+        recipe.load_splits("mnist")
+    with pytest.raises(ValueError, match="data_dir"):
+        recipe.load_splits("digits", data_dir="/tmp")
+
+
+def test_images_are_the_upsampled_digits():
     from sklearn.datasets import load_digits
 
     raw = torch.as_tensor(load_digits().images[:5], dtype=torch.float32) / 16
@@ -60,24 +76,20 @@ def test_shifts_keep_range_and_severity_zero_is_identity(splits, shift):
 
 def test_shift_strength_grows_with_severity(splits):
     x = splits["test"][0][:64]
-    change = {
-        shift: [
+    for shift in ("noise", "invert", "blur", "contrast"):
+        change = [
             (SHIFTS[shift](x, s, torch.Generator().manual_seed(0)) - x).abs().mean()
             for s in SEVERITIES
         ]
-        for shift in ("noise", "invert")
-    }
-    for shift, values in change.items():
-        assert all(a < b for a, b in zip(values, values[1:])), shift
+        assert all(a < b for a, b in zip(change, change[1:])), shift
 
 
-def test_full_inversion_and_quarter_turn_are_exact(splits):
+def test_full_inversion_quarter_turn_blur_and_contrast_are_exact(splits):
     x = splits["test"][0][:16]
     gen = torch.Generator().manual_seed(0)
-    inverted = to_pixels(SHIFTS["invert"](x, 1.0, gen))
-    torch.testing.assert_close(inverted, 1 - to_pixels(x))
-    rotated = to_pixels(SHIFTS["rotation"](x, 1.0, gen))
     pixels = to_pixels(x)
+    torch.testing.assert_close(to_pixels(SHIFTS["invert"](x, 1.0, gen)), 1 - pixels)
+    rotated = to_pixels(SHIFTS["rotation"](x, 1.0, gen))
     directions = set()
     for r, p in zip(rotated, pixels):
         for k in (1, -1):
@@ -87,37 +99,64 @@ def test_full_inversion_and_quarter_turn_are_exact(splits):
         else:
             pytest.fail("a 90-degree rotation is not a quarter turn of the pixel grid")
     assert directions == {1, -1}  # both senses occur
+    # contrast: a tenth of the deviation from each image's mean grey is left at severity 1
+    mean = pixels.mean((1, 2, 3), keepdim=True)
+    low = to_pixels(SHIFTS["contrast"](x, 1.0, gen))
+    # (torchvision's grey weights sum to 0.9999, hence the tolerance)
+    torch.testing.assert_close(low, mean + 0.1 * (pixels - mean), atol=1e-4, rtol=0)
+    # blur at severity 1: a separable Gaussian of sigma 3 over +-9 pixels, reflected borders
+    offsets = torch.arange(-9, 10, dtype=torch.float32)
+    kernel = torch.exp(-(offsets**2) / 18)
+    kernel = kernel / kernel.sum()
+    padded = F.pad(pixels, (9, 9, 9, 9), mode="reflect")
+    rows = F.conv2d(padded.flatten(0, 1)[:, None], kernel.view(1, 1, 1, -1))
+    expected = F.conv2d(rows, kernel.view(1, 1, -1, 1)).view_as(pixels)
+    blurred = to_pixels(SHIFTS["blur"](x, 1.0, gen))
+    torch.testing.assert_close(blurred, expected, atol=1e-5, rtol=0)
 
 
-def test_prompts_and_captions():
-    assert prompts.CLASSNAMES == (
-        "zero",
-        "one",
-        "two",
-        "three",
-        "four",
-        "five",
-        "six",
-        "seven",
-        "eight",
-        "nine",
-    )
-    assert all("{}" in t for t in prompts.TEMPLATES)
-    assert set(prompts.TEMPLATES) <= set(prompts.CAPTION_TEMPLATES)
-    labels = torch.tensor([3, 7, 0])
+@pytest.mark.parametrize("dataset", sorted(PROMPTS))
+def test_prompts_fit_the_context_and_name_their_class(dataset, tokenizer):
+    import open_clip
+
+    prompts = PROMPTS[dataset]
+    assert len(set(prompts.classnames)) == len(prompts.classnames) == 10
+    assert set(prompts.templates) <= set(prompts.caption_templates)
+    # the tokenizer truncates silently: a prompt longer than the context would lose its class
+    long = open_clip.get_tokenizer("ViT-B-32", context_length=77)
+    for c in prompts.classnames:
+        for t in prompts.caption_templates:
+            assert int((long([t.format(c)])[0] != 0).sum()) <= train.CONTEXT_LENGTH, t.format(c)
+    labels = torch.tensor([3, 7, 0, 9])
     caps = prompts.captions(labels, torch.Generator().manual_seed(0))
     assert caps == prompts.captions(labels, torch.Generator().manual_seed(0))
-    assert all(prompts.CLASSNAMES[y] in c for y, c in zip(labels.tolist(), caps))
+    assert all(prompts.classnames[y] in c for y, c in zip(labels.tolist(), caps))
+    with pytest.raises(ValueError, match="labels"):
+        prompts.captions(torch.tensor([10]), torch.Generator())
 
 
-def test_class_unique_batches_have_one_example_per_class(splits):
-    labels = splits["train"][1]
-    batches = train.class_unique_batches(labels, torch.Generator().manual_seed(0))
-    assert len(batches) == int(torch.bincount(labels).min())
+def test_class_distinct_batches_use_every_example_once_with_distinct_classes():
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 1 + [3] * 4)
+    batches = train.class_distinct_batches(labels, torch.Generator().manual_seed(0))
+    assert len(batches) == 5  # the largest class's count: nothing is dropped
     for b in batches:
-        assert sorted(labels[b].tolist()) == list(range(10))
+        assert len(labels[b].unique()) == len(b)
     flat = torch.cat(batches)
-    assert len(flat.unique()) == len(flat)  # no example twice in an epoch
+    assert sorted(flat.tolist()) == list(range(len(labels)))
+    assert [len(b) for b in batches] == [4, 3, 3, 2, 1]
+    again = train.class_distinct_batches(labels, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_torch_threads_restores_the_count():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), recipe.torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n"):
+        with recipe.torch_threads(0):
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -126,62 +165,106 @@ def cache_dir(tmp_path_factory):
 
 
 def test_model_is_trained_once_then_loaded_from_cache(cache_dir, monkeypatch):
-    model, tokenizer = train.load_or_train_digits_clip(cache_dir, False, TINY_TRAINING)
+    model, tokenizer = recipe.load_clip("digits", cache_dir, train_config=TINY_TRAINING)
     files = list(cache_dir.glob("digits-clip-*.safetensors"))
-    assert (
-        len(files) == 1
-        and train.config_hash({**train.TRAIN_CONFIG, **TINY_TRAINING}) in files[0].name
-    )
+    assert len(files) == 1
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached model must not be retrained")
 
-    monkeypatch.setattr(train, "train_digits_clip", no_training)
-    cached, _ = train.load_or_train_digits_clip(cache_dir, False, TINY_TRAINING)
+    monkeypatch.setattr(train, "train_clip", no_training)
+    cached, _ = recipe.load_clip("digits", cache_dir, train_config=TINY_TRAINING)
     for (name, a), b in zip(model.state_dict().items(), cached.state_dict().values()):
         assert torch.equal(a, b), name
     assert tokenizer(["a handwritten seven."]).shape == (1, train.CONTEXT_LENGTH)
+    with pytest.raises(AssertionError, match="retrained"):  # another set-up is another file
+        recipe.load_clip("digits", cache_dir, train_config={"epochs": 2})
 
 
-def test_mini_end_to_end_run(cache_dir, tmp_path):
-    from laplace_vlm.demo.run import METHODS, format_table, run_demo
+def test_training_uses_open_clips_loss(monkeypatch, splits):
+    from open_clip.loss import ClipLoss
 
-    result = run_demo(
+    calls = []
+    original = ClipLoss.forward
+
+    def spy(self, image_features, text_features, logit_scale, *args, **kwargs):
+        calls.append(len(image_features))
+        return original(self, image_features, text_features, logit_scale, *args, **kwargs)
+
+    monkeypatch.setattr(ClipLoss, "forward", spy)
+    x, y = splits["train"]
+    config = {**train.TRAIN_CONFIGS["digits"], "epochs": 1}
+    train.train_clip(x[:40], y[:40], PROMPTS["digits"], config, progress_bar=False)
+    assert sum(calls) == 40 and max(calls) <= 10  # every pair once, batches of distinct digits
+
+
+def mini_demo(cache_dir, out_dir, json_path):
+    from laplace_vlm.demo.run import run_demo
+
+    return run_demo(
         cache_dir=cache_dir,
-        out_dir=tmp_path / "plots",
-        json_path=tmp_path / "metrics.json",
+        out_dir=out_dir,
+        json_path=json_path,
         progress_bar=False,
         train_config=TINY_TRAINING,
         severities=(1.0,),
         pseudo_counts=(10.0, 1000.0),
     )
-    stored = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(stored) == {"clean", *SHIFTS} and set(stored["clean"]) == {"0"}
-    assert all(set(stored[s]) == {"1"} for s in SHIFTS)
-    for by_method in (stored[s][k] for s in stored for k in stored[s]):
-        assert tuple(by_method) == METHODS
-        for values in by_method.values():
-            assert set(values) == {"acc", "nlpd", "ece", "auroc", "brier"}
-            assert 0 <= values["acc"] <= 1 and 0 <= values["ece"] <= 1 and values["nlpd"] > 0
-    assert set(result.pseudo_counts.values()) <= {10.0, 1000.0}
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "reliability_clean.png",
-        "shift_acc.png",
-        "shift_auroc.png",
-        "shift_ece.png",
-        "shift_nlpd.png",
-    ]
-    assert "laplace_probcosine" in format_table(result.results)
 
-    # independent check of the MAP row: open_clip's own encoders and template ensemble
-    model, tokenizer = train.load_or_train_digits_clip(cache_dir, False, TINY_TRAINING)
+
+@pytest.mark.slow
+def test_mini_end_to_end_run(cache_dir, tmp_path):
+    from laplace_vlm.demo.figures import plot_names
+    from laplace_vlm.demo.run import DEMO_TASKS, format_report
+
+    out = tmp_path / "plots"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a user's file in the folder
+    result = mini_demo(cache_dir, out, tmp_path / "metrics.json")
+    stored = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(stored) == {"settings", "rows"} and stored["rows"] == result.rows
+    assert {r["task"] for r in stored["rows"]} == set(DEMO_TASKS)
+    assert all(tuple(r) == ROW_KEYS for r in stored["rows"])
+    assert {r["condition"] for r in stored["rows"]} == {"clean", *SHIFTS}
+    methods = ["map", "temperature", "laplace_probcosine", "laplace_glm", "laplace_nn"]
+    assert list(dict.fromkeys(r["method"] for r in stored["rows"])) == methods
+    assert set(result.settings["pseudo_counts"].values()) <= {10.0, 1000.0}
+    # only the demo's own files are written; the user's file is untouched
+    names = plot_names(result)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["notes.txt"])
+    assert (out / "notes.txt").read_text() == "mine"
+    assert "laplace_probcosine" in format_report(result)
+
+    # independent check of the MAP rows: open_clip's own encoders and template ensemble
+    model, tokenizer = recipe.load_clip("digits", cache_dir, train_config=TINY_TRAINING)
     x, y = load_digits_splits(0)["test"]
+    prompts = PROMPTS["digits"]
     with torch.no_grad():
         u = model.encode_image(x, normalize=True)
-        prompts_ = [t.format(c) for c in prompts.CLASSNAMES for t in prompts.TEMPLATES]
-        t = model.encode_text(tokenizer(prompts_)).reshape(10, len(prompts.TEMPLATES), -1).mean(1)
+        text = [t.format(c) for c in prompts.classnames for t in prompts.templates]
+        t = model.encode_text(tokenizer(text)).reshape(10, len(prompts.templates), -1).mean(1)
         probs = torch.softmax(model.logit_scale.exp() * u @ F.normalize(t, dim=-1).T, -1)
     expected = classification_metrics(probs, y)
-    for key in ("acc", "nlpd", "ece", "brier"):
-        assert stored["clean"]["0"]["map"][key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6)
-    assert expected["acc"] > 0.3  # one epoch already beats chance (0.1) clearly
+    rows = stored["rows"]
+    for key in ("acc", "nlpd", "ece15", "ece20", "brier"):
+        got = value(rows, task="calibration", condition="clean", method="map", metric=key)
+        assert got == pytest.approx(expected[key], rel=1e-4, abs=1e-6)
+    assert expected["acc"] > 0.2  # one epoch beats chance (0.1, sd 0.016 on 360 images) clearly
+
+
+def test_demo_cli_writes_to_the_default_folder_unless_told_otherwise(monkeypatch, tmp_path):
+    import laplace_vlm.demo.run as run_module
+    from laplace_vlm.cli.main import main
+
+    seen = []
+
+    def fake_run_demo(seed, cache_dir, out_dir, json_path, progress_bar):
+        seen.append(out_dir)
+        return run_module.BenchmarkResult({"pseudo_counts": {}, "temperature": 1.0}, [], None)
+
+    monkeypatch.setattr(run_module, "run_demo", fake_run_demo)
+    monkeypatch.setattr(run_module, "format_report", lambda result: "")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 0 and seen[-1] == Path("laplace-vlm-demo")
+    assert main(["demo", "--out", "elsewhere"]) == 0 and seen[-1] == Path("elsewhere")
+    assert main(["demo", "--no-plots"]) == 0 and seen[-1] is None

@@ -13,7 +13,6 @@ from laplace_vlm.evaluation.metrics import (
     brier,
     classification_metrics,
     ece,
-    misclassification_auroc,
     nlpd,
 )
 
@@ -33,13 +32,6 @@ def numpy_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
                 (pred[inside] == labels[inside]).mean() - conf[inside].mean()
             )
     return total
-
-
-def numpy_auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    """Probability that a random positive outscores a random negative (ties count 1/2)."""
-    pos, neg = score[positive], score[~positive]
-    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
-    return wins / (len(pos) * len(neg))
 
 
 def test_hand_computed_values():
@@ -71,30 +63,24 @@ def test_against_numpy_on_random_predictions():
     assert brier(probs, labels) == pytest.approx(((p - np.eye(7)[y]) ** 2).sum(1).mean())
     assert ece(probs, labels) == pytest.approx(numpy_ece(p, y, 20), abs=1e-5)
     assert ece(probs, labels, n_bins=5) == pytest.approx(numpy_ece(p, y, 5), abs=1e-5)
-    score = torch.randn(500, generator=gen, dtype=torch.float64)
-    errors = p.argmax(1) != y
-    assert misclassification_auroc(probs, labels, score) == pytest.approx(
-        numpy_auroc(score.numpy(), errors)
-    )
 
 
-def test_auroc_perfect_and_inverted_detector():
-    errors = (PROBS.argmax(1) != LABELS).double()
-    assert misclassification_auroc(PROBS, LABELS, errors) == pytest.approx(1.0)
-    assert misclassification_auroc(PROBS, LABELS, -errors) == pytest.approx(0.0)
-    assert math.isnan(misclassification_auroc(PROBS, PROBS.argmax(1), errors))
-
-
-def test_classification_metrics_dict_uses_entropy_by_default():
-    out = classification_metrics(PROBS, LABELS)
-    assert set(out) == {"acc", "nlpd", "ece", "brier", "auroc"}
-    # the wrong prediction (row 1) has the second-highest entropy of four: rank 3 of 4 among
-    # three negatives -> AUROC 2/3
-    ent = -(PROBS * PROBS.log()).sum(1)
-    assert out["auroc"] == pytest.approx(
-        numpy_auroc(ent.numpy(), np.array([False, True, False, False]))
-    )
-    assert out["auroc"] == pytest.approx(2 / 3)
+def test_classification_metrics_name_the_bin_counts():
+    gen = torch.Generator().manual_seed(1)
+    probs = torch.softmax(3 * torch.randn(400, 5, generator=gen, dtype=torch.float64), -1)
+    labels = torch.randint(0, 5, (400,), generator=gen)
+    out = classification_metrics(probs, labels)
+    p, y = probs.numpy(), labels.numpy()
+    assert out["ece15"] == pytest.approx(numpy_ece(p, y, 15), abs=1e-5)
+    assert out["ece20"] == pytest.approx(numpy_ece(p, y, 20), abs=1e-5)
+    assert out["ece15"] != pytest.approx(out["ece20"], abs=1e-4)  # the bin count matters here
+    assert out == {
+        "acc": accuracy(probs, labels),
+        "nlpd": nlpd(probs, labels),
+        "ece15": ece(probs, labels, 15),
+        "ece20": ece(probs, labels, 20),
+        "brier": brier(probs, labels),
+    }
 
 
 @pytest.mark.parametrize(

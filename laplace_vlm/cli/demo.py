@@ -1,4 +1,4 @@
-"""``laplace-vlm demo``: the offline digits experiment."""
+"""``laplace-vlm demo``: the offline digits experiment, with its figures."""
 
 from __future__ import annotations
 
@@ -6,11 +6,21 @@ import argparse
 import time
 from pathlib import Path
 
+DEFAULT_OUT = Path("laplace-vlm-demo")
+
 
 def add_parser(sub) -> None:
+    """Add the ``demo`` subcommand to ``sub`` (argparse's subparsers action)."""
     p = sub.add_parser("demo", help="offline zero-shot calibration demo on handwritten digits")
-    p.add_argument("--json", type=Path, help="write the metrics as JSON here")
-    p.add_argument("--out", type=Path, help="folder for the PNG plots (none if omitted)")
+    p.add_argument("--json", type=Path, help='write {"settings", "rows"} as JSON here')
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder for the PNG figures (default: {DEFAULT_OUT}); only the demo's own file "
+        "names are written there, other files are left alone",
+    )
+    p.add_argument("--no-plots", action="store_true", help="write no figures")
     p.add_argument("--cache-dir", type=Path, help="cache of the trained digits CLIP")
     p.add_argument("--seed", type=int, default=0, help="data split / caption / shift seed")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -18,16 +28,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from laplace_vlm.demo.run import format_table, run_demo
+    """Run the demo, print its tables, write the figures (unless ``--no-plots``) and ``--json``."""
+    from laplace_vlm.demo.run import format_report, run_demo
 
     start = time.perf_counter()
-    result = run_demo(args.seed, args.cache_dir, args.out, args.json, not args.no_progress)
-    print(format_table(result.results))
-    chosen = ", ".join(f"{m} n={n:g}" for m, n in result.pseudo_counts.items())
+    out = None if args.no_plots else args.out
+    result = run_demo(args.seed, args.cache_dir, out, args.json, not args.no_progress)
+    print(format_report(result))
+    chosen = ", ".join(f"{m} n={n:g}" for m, n in result.settings["pseudo_counts"].items())
     print(f"\npseudo-counts chosen on validation NLPD: {chosen}")
-    print(f"temperature scaling: T = {result.temperature:.3f}")
-    if args.out is not None:
-        print(f"plots: {args.out}")
+    print(f"temperature scaling: T = {result.settings['temperature']:.3f}")
+    if out is not None:
+        print(f"figures: {out.resolve()}")
     if args.json is not None:
         print(f"metrics: {args.json}")
     print(f"done in {time.perf_counter() - start:.0f} s")

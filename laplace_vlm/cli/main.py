@@ -17,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from laplace_vlm.cli import active, demo, fit, zeroshot
+from laplace_vlm.cli import active, benchmark, demo, fit, zeroshot
 from laplace_vlm.cli.errors import CliError
 
 
@@ -39,6 +39,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo.add_parser(sub)
+    benchmark.add_parser(sub)
     fit.add_parser(sub)
     zeroshot.add_parser(sub)
     active.add_parser(sub, wanted=bool(argv) and argv[0] == "active")

@@ -1,7 +1,9 @@
-"""The offline demo's images: scikit-learn's 8x8 handwritten digits as 3x32x32 tensors, and shifts.
+"""The demo's images: scikit-learn's 8x8 handwritten digits as 3x32x32 tensors, and the shifts.
 
 Images are returned normalised with ``MEAN`` / ``STD``; every shift works in pixel space
 (``[0, 1]``), so it first undoes the normalisation, transforms, clamps and normalises again.
+Fashion-MNIST (:mod:`laplace_vlm.demo.fashion_mnist`) uses the same normalisation, so the same
+shifts apply to it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -84,6 +87,33 @@ def load_digits_splits(seed: int = 0) -> dict[str, Split]:
     }
 
 
+def stratified_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded subset of ``size`` examples with the labels' class shares.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        `(N,)` class labels.
+    size : int or None
+        how many to keep; None or ``size >= N`` keeps all.
+    seed : int
+        seed of the draw.
+
+    Returns
+    -------
+    torch.Tensor
+        `(min(size, N),)` int64 indices into ``labels``, increasing.
+    """
+    if size is None or size >= len(labels):
+        return torch.arange(len(labels))
+    if size < len(labels.unique()):
+        raise ValueError(f"size must hold every class at least once, got {size}.")
+    index, _ = train_test_split(
+        np.arange(len(labels)), train_size=size, stratify=labels.numpy(), random_state=seed
+    )
+    return torch.as_tensor(np.sort(index))
+
+
 def _check_severity(severity: float) -> float:
     if not 0.0 <= severity <= 1.0:
         raise ValueError(f"severity must lie in [0, 1], got {severity}.")
@@ -123,4 +153,32 @@ def invert(images: torch.Tensor, severity: float, generator: torch.Generator) ->
     return normalize(pixels)
 
 
-SHIFTS: dict[str, Shift] = {"noise": gaussian_noise, "rotation": rotation, "invert": invert}
+def blur(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian blur with standard deviation ``3 * severity`` pixels (of the 32x32 image).
+
+    ``generator`` is unused (the blur is deterministic); it keeps the signature of every shift.
+    """
+    sigma = 3.0 * _check_severity(severity)
+    if sigma == 0.0:
+        return images.clone()
+    kernel = 2 * math.ceil(3 * sigma) + 1  # +-3 sigma holds 99.7% of the kernel's mass
+    return normalize(TF.gaussian_blur(to_pixels(images), [kernel, kernel], [sigma, sigma]))
+
+
+def contrast(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
+    """Lower the contrast to a factor ``1 - 0.9 * severity`` around each image's mean grey.
+
+    At severity 1 a tenth of the contrast is left (torchvision's ``adjust_contrast``), so the
+    strongest shift still carries the object. ``generator`` is unused (deterministic).
+    """
+    factor = 1.0 - 0.9 * _check_severity(severity)
+    return normalize(TF.adjust_contrast(to_pixels(images), factor))
+
+
+SHIFTS: dict[str, Shift] = {
+    "noise": gaussian_noise,
+    "rotation": rotation,
+    "invert": invert,
+    "blur": blur,
+    "contrast": contrast,
+}

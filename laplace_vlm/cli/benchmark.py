@@ -1,0 +1,91 @@
+"""``laplace-vlm benchmark``: calibration, selective/failure, OOD and conformal rows of one data set."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from laplace_vlm.cli.errors import CliError, positive
+
+DATASETS = ("digits", "fashion-mnist")  # laplace_vlm.demo.recipe.DATASETS, without importing it
+
+
+def add_parser(sub) -> None:
+    """Add the ``benchmark`` subcommand to ``sub`` (argparse's subparsers action)."""
+    p = sub.add_parser(
+        "benchmark",
+        help="uncertainty benchmark (calibration, selective, failure, OOD, conformal) offline",
+    )
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="in-distribution data")
+    p.add_argument("--json", type=Path, help='write {"settings", "rows"} as JSON here')
+    p.add_argument("--out", type=Path, help="folder for the PNG figures (none if omitted)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="folder of Fashion-MNIST's four idx files (default /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument("--cache-dir", type=Path, help="cache of the trained CLIPs")
+    p.add_argument("--seed", type=int, default=0, help="split / training / caption / shift seed")
+    p.add_argument("--alpha", type=positive(float), default=0.1, help="conformal miscoverage")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark of ``args.dataset``, print its tables, write ``--json`` and ``--out``."""
+    from laplace_vlm.demo.benchmark import run_benchmark
+    from laplace_vlm.demo.experiment import ExperimentConfig
+    from laplace_vlm.demo.figures import write_plots
+    from laplace_vlm.evaluation.tables import write_json
+
+    if not args.alpha < 1:
+        raise CliError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise CliError(f"--data-dir: no such folder {args.data_dir}")
+    start = time.perf_counter()
+    try:
+        config = ExperimentConfig(
+            args.dataset,
+            args.seed,
+            args.cache_dir,
+            args.data_dir,
+            progress_bar=not args.no_progress,
+        )
+        result = run_benchmark(config, alpha=args.alpha)
+    except FileNotFoundError as err:  # Fashion-MNIST's files are missing
+        raise CliError(str(err).replace("data_dir:", "--data-dir:", 1)) from None
+    print(summary(result))
+    for line in result.settings["skipped"]:
+        print(f"skipped {line}")
+    if args.out is not None:
+        paths = write_plots(result, args.out)
+        print(f"figures: {len(paths)} PNG files in {args.out.resolve()}")
+    if args.json is not None:
+        print(f"rows: {write_json(args.json, result.settings, result.rows)}")
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def summary(result) -> str:
+    """The text tables of a ``BenchmarkResult``: calibration, then each task's headline metrics."""
+    from laplace_vlm.evaluation.tables import pivot_table, select
+
+    rows, tables = result.rows, []
+    tables.append(pivot_table(select(rows, task="calibration"), ("acc", "ece15", "nlpd")))
+    for task, metrics, score in (
+        ("selective", ("aurc",), "msp"),
+        ("failure", ("auroc", "fpr95"), "msp"),
+        ("conformal", ("coverage", "set_size"), "lac"),
+        ("conformal", ("coverage", "set_size"), "aps"),
+    ):
+        tables.append(pivot_table(select(rows, task=task), metrics, score=score))
+    ood = select(rows, task="ood")
+    for score in dict.fromkeys(r["score"] for r in ood):
+        tables.append(pivot_table(ood, ("auroc", "fpr95"), score=score))
+    settings = result.settings
+    chosen = ", ".join(f"{m} n={n:g}" for m, n in settings["pseudo_counts"].items())
+    tables.append(
+        f"pseudo-counts: {chosen}\ntemperature scaling: T = {settings['temperature']:.3f}"
+    )
+    return "\n\n".join(tables)

@@ -1,0 +1,324 @@
+"""The one demo recipe: data splits, the trained CLIP, activations and the zero-shot posterior.
+
+Every experiment of the package (the demo, the benchmark, active learning) builds on these
+functions, so all of them see the same data, the same model and the same posterior:
+
+>>> splits = load_splits("digits")
+>>> model, tokenizer = load_clip("digits")
+>>> la = fit_zero_shot_posterior(model, tokenizer, *splits["train"], seed=0, dataset="digits")
+>>> x = {"image": encode_images(model, splits["test"][0]),
+...      "text": class_text_activations(model, tokenizer, "digits")}
+>>> probs = la(x)
+
+Data sets: ``"digits"`` (scikit-learn's 1,797 8x8 digits, embedded) and ``"fashion-mnist"``
+(the four idx files of the release, see :mod:`laplace_vlm.demo.fashion_mnist`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from laplace_vlm.adapters import get_adapter
+from laplace_vlm.adapters.features import extract_features
+from laplace_vlm.demo import train
+from laplace_vlm.demo.data import (
+    SEVERITIES,
+    SHIFTS,
+    Split,
+    load_digits_splits,
+    normalize,
+    stratified_subset,
+)
+from laplace_vlm.demo.fashion_mnist import load_fashion_mnist_splits
+from laplace_vlm.demo.prompts import PROMPTS, Prompts
+from laplace_vlm.demo.train import class_distinct_batches, torch_threads
+from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
+from laplace_vlm.tasks import zeroshot
+
+__all__ = [
+    "DATASETS",
+    "MAX_EVAL",
+    "MAX_TRAIN",
+    "SEVERITIES",
+    "SHIFTS",
+    "captions",
+    "class_distinct_batches",
+    "class_text_activations",
+    "classnames",
+    "encode_images",
+    "fit_zero_shot_posterior",
+    "load_clip",
+    "load_splits",
+    "ood_images",
+    "templates",
+    "torch_threads",
+]
+
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist")
+# seeded subsets keep CPU runs short; the digits' splits (1078/359/360) are all below them
+MAX_TRAIN = 10_000
+MAX_EVAL = 2_000
+NOISE = "uniform-noise"
+
+
+def _prompts(dataset: str) -> Prompts:
+    if dataset not in PROMPTS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}.")
+    return PROMPTS[dataset]
+
+
+def classnames(dataset: str) -> tuple[str, ...]:
+    """The class names of ``dataset``, in label order.
+
+    Parameters
+    ----------
+    dataset : {'digits', 'fashion-mnist'}
+        the data set.
+    """
+    return _prompts(dataset).classnames
+
+
+def templates(dataset: str) -> tuple[str, ...]:
+    """The ``"{}"``-format zero-shot templates of ``dataset``.
+
+    Parameters
+    ----------
+    dataset : {'digits', 'fashion-mnist'}
+        the data set.
+    """
+    return _prompts(dataset).templates
+
+
+def captions(dataset: str, labels: torch.Tensor, generator: torch.Generator) -> list[str]:
+    """One random training-style caption per label (see ``Prompts.captions``).
+
+    Parameters
+    ----------
+    dataset : {'digits', 'fashion-mnist'}
+        the data set.
+    labels : torch.Tensor
+        `(N,)` labels.
+    generator : torch.Generator
+        source of the template choice.
+    """
+    return _prompts(dataset).captions(labels, generator)
+
+
+def load_splits(
+    dataset: str,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    max_train: int | None = MAX_TRAIN,
+    max_eval: int | None = MAX_EVAL,
+) -> dict[str, Split]:
+    """Seeded, stratified train/val/test splits as normalised `(N, 3, 32, 32)` images.
+
+    Parameters
+    ----------
+    dataset : {'digits', 'fashion-mnist'}
+        the data set.
+    seed : int
+        seed of the split (and of the subsets).
+    data_dir : path, optional
+        Fashion-MNIST only: folder of its four idx files (default
+        ``/usr/share/datasets/fashion-mnist``); a ``FileNotFoundError`` names the files when
+        they are missing.
+    max_train : int or None
+        at most this many training examples (a seeded stratified subset); None keeps all.
+    max_eval : int or None
+        the same for ``"val"`` and ``"test"`` each.
+
+    Returns
+    -------
+    splits : dict
+        ``{"train": (images, labels), "val": ..., "test": ...}``, images float32, labels int64.
+    """
+    _prompts(dataset)
+    if dataset == "fashion-mnist":
+        sizes = {"train": max_train, "val": max_eval, "test": max_eval}
+        return load_fashion_mnist_splits(seed, data_dir, sizes)
+    if data_dir is not None:
+        raise ValueError("data_dir: the digits are embedded in scikit-learn; pass None.")
+    splits = load_digits_splits(seed)
+    limits = {"train": max_train, "val": max_eval, "test": max_eval}
+    for name, (images, labels) in splits.items():
+        keep = stratified_subset(labels, limits[name], seed)
+        splits[name] = (images[keep], labels[keep])
+    return splits
+
+
+def ood_images(
+    dataset: str, n: int, seed: int, data_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The OOD sets of ``dataset``: the other data set's test split and uniform noise.
+
+    Parameters
+    ----------
+    dataset : str
+        the in-distribution data set.
+    n : int
+        number of uniform-noise images (the in-distribution test size).
+    seed : int
+        seed of the noise and of the other data set's subset.
+    data_dir : path, optional
+        Fashion-MNIST's folder.
+
+    Returns
+    -------
+    images : dict of str to torch.Tensor
+        OOD set -> `(M, 3, 32, 32)` images.
+    skipped : list of str
+        one line per OOD set left out, with the reason.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    # grey noise in all three channels, as the in-distribution images are grey
+    images = {NOISE: normalize(torch.rand(n, 1, 32, 32, generator=generator).expand(-1, 3, -1, -1))}
+    other = next(d for d in DATASETS if d != dataset)
+    try:
+        folder = data_dir if other == "fashion-mnist" else None
+        images[other] = load_splits(other, seed, folder, max_eval=n)["test"][0]
+    except FileNotFoundError as err:
+        return images, [f"ood {other}: {err}"]
+    return images, []
+
+
+def load_clip(
+    dataset: str,
+    cache_dir: str | os.PathLike | None = None,
+    progress_bar: bool = False,
+    seed: int = 0,
+    train_config: dict | None = None,
+    data_dir: str | os.PathLike | None = None,
+    max_train: int | None = MAX_TRAIN,
+):
+    """The small CLIP of ``dataset``: loaded from the cache, or trained and cached.
+
+    Trained on the ``"train"`` split of ``load_splits(dataset, seed, data_dir, max_train)``
+    with caption pairs, so evaluation on that split's ``"val"`` / ``"test"`` images is
+    zero-shot on unseen images.
+
+    Parameters
+    ----------
+    dataset : {'digits', 'fashion-mnist'}
+        the data set.
+    cache_dir : path, optional
+        folder of the safetensors cache; ``platformdirs.user_cache_dir("laplace-vlm")`` if None.
+    progress_bar : bool
+        show the training progress.
+    seed : int
+        seed of the split and of the training (initialisation, batches, captions).
+    train_config : dict, optional
+        overrides of ``train.TRAIN_CONFIGS[dataset]`` (epochs, lr, weight_decay); part of the
+        cache key, as are the architecture, the seed and the caption templates.
+    data_dir : path, optional
+        Fashion-MNIST's folder (see :func:`load_splits`); not part of the cache key.
+    max_train : int or None
+        training subset size (see :func:`load_splits`); part of the cache key.
+
+    Returns
+    -------
+    model : open_clip.model.CLIP
+        in eval mode.
+    tokenizer : callable
+        list of str -> `(n, 16)` token ids.
+    """
+    prompts = _prompts(dataset)
+    cfg = {**train.TRAIN_CONFIGS[dataset], **(train_config or {}), "seed": seed}
+    key = {"train": cfg, "max_train": max_train, "prompts": asdict(prompts)}
+    path = train.cache_path(cache_dir, dataset, key)
+    if path.is_file():
+        return train.load_cached(path), train.clip_tokenizer()
+    images, labels = load_splits(dataset, seed, data_dir, max_train)["train"]
+    # the toy model's GEMMs are too small to gain from threads, and on a busy machine extra
+    # threads stall: one thread trained 2-5x faster than two on 2 shared cores
+    with torch_threads(1):
+        model = train.train_clip(images, labels, prompts, cfg, progress_bar)
+    train.save(model, path)
+    return model, train.clip_tokenizer()
+
+
+def encode_images(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Pre-projection image activations (feature mode's input).
+
+    Parameters
+    ----------
+    model : open_clip.model.CLIP
+        the model.
+    images : torch.Tensor
+        `(N, 3, 32, 32)` normalised images.
+    batch_size : int
+        images per forward pass.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, d_img)`.
+    """
+    batches = ({"image": images[i : i + batch_size]} for i in range(0, len(images), batch_size))
+    return extract_features(model, batches).image.activations
+
+
+def class_text_activations(model, tokenizer, dataset: str) -> torch.Tensor:
+    """Template-ensembled pre-projection text activations of every class of ``dataset``.
+
+    Parameters
+    ----------
+    model : open_clip.model.CLIP
+        the model.
+    tokenizer : callable
+        list of str -> token ids.
+    dataset : {'digits', 'fashion-mnist'}
+        whose class names and templates.
+
+    Returns
+    -------
+    torch.Tensor
+        `(C, d_txt)`, the mean over the templates.
+    """
+    prompts = _prompts(dataset)
+    acts, _ = zeroshot.class_text_activations(
+        get_adapter(model), tokenizer, prompts.classnames, prompts.templates
+    )
+    return acts
+
+
+def fit_zero_shot_posterior(
+    model, tokenizer, images: torch.Tensor, labels: torch.Tensor, seed: int, dataset: str = "digits"
+) -> DualEncoderLaplace:
+    """KFAC posterior of both heads from labelled images, one seeded caption per image.
+
+    Class batches hold distinct classes (:func:`class_distinct_batches`, every example used):
+    each image's classes are the captions of its batch, the zero-shot problem the posterior is
+    used for.
+
+    Parameters
+    ----------
+    model : open_clip.model.CLIP
+        the model (the posterior is over its two projection heads).
+    tokenizer : callable
+        list of str -> token ids.
+    images : torch.Tensor
+        `(N, 3, 32, 32)` normalised images.
+    labels : torch.Tensor
+        `(N,)` labels.
+    seed : int
+        seed of the captions and the batches.
+    dataset : {'digits', 'fashion-mnist'}
+        whose captions.
+
+    Returns
+    -------
+    DualEncoderLaplace
+        fitted, at laplace's default prior precision and temperature (tune them next).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokens = tokenizer(captions(dataset, labels, generator))
+    pairs = extract_features(model, DataLoader(TensorDataset(images, tokens), 512))
+    acts_img, acts_txt = pairs.image.activations, pairs.text.activations
+    la = DualEncoderLaplace(model, contrastive="clip")
+    la.fit([(acts_img[b], acts_txt[b]) for b in class_distinct_batches(labels, generator)])
+    return la
