@@ -23,8 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from laplace_vlm import DualEncoderLaplace
-from laplace_vlm.cli.main import CliError, load_open_clip
 from laplace_vlm.adapters.features import FeatureSet, extract_features
+from laplace_vlm.cli.errors import CliError
+from laplace_vlm.cli.models import load_open_clip
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
 
@@ -108,7 +109,7 @@ def main() -> int:
     print(f"{'method':<45}{'acc':>9}{'nlpd':>9}{'ece':>9}")
     for name, pred in rows.items():
         m = classification_metrics(pred.probs, features.labels)
-        print(f"{name:<45}{m['acc']:>9.5f}{m['nlpd']:>9.5f}{m['ece']:>9.5f}")
+        print(f"{name:<45}{m['acc']:>9.5f}{m['nlpd']:>9.5f}{m['ece20']:>9.5f}")
     for name, (acc, nlpd, ece) in REFERENCE.items():
         print(f"{'reference ' + name:<45}{acc:>9.5f}{nlpd:>9.5f}{ece:>9.5f}")
     return 0

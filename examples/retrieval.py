@@ -14,35 +14,31 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from laplace_vlm import DualEncoderLaplace
-from laplace_vlm.demo import SHIFTS, load_digits_splits, load_or_train_digits_clip
-from laplace_vlm.demo.prompts import captions
-from laplace_vlm.demo.train import class_unique_batches
 from laplace_vlm.adapters.features import extract_features
+from laplace_vlm.demo import recipe
 from laplace_vlm.tasks.retrieval import rank, recall_at_k
 
 torch.set_num_threads(1)
 
-model, tokenizer = load_or_train_digits_clip()
-splits = load_digits_splits(seed=0)
+model, tokenizer = recipe.load_clip("digits")
+splits = recipe.load_splits("digits", seed=0)
 (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
 generator = torch.Generator().manual_seed(0)
 
 
 def pair_activations(images: torch.Tensor, labels: torch.Tensor):
     """Image activations and those of one random caption per image."""
-    tokens = tokenizer(captions(labels, generator))
+    tokens = tokenizer(recipe.captions("digits", labels, generator))
     features = extract_features(model, DataLoader(TensorDataset(images, tokens), 512))
     return features.image.activations, features.text.activations
 
 
 # the posterior of both heads, from training pairs (classes = the other modality in the batch)
-train_img, train_txt = pair_activations(train_x, train_y)
-la = DualEncoderLaplace(model, contrastive="clip", temperature=1 / 1000)
-la.fit([(train_img[b], train_txt[b]) for b in class_unique_batches(train_y, generator)])
-la.optimize_prior_precision(method="marglik", prior_structure="layerwise", link_approx="probit")
+la = recipe.fit_zero_shot_posterior(model, tokenizer, train_x, train_y, seed=0)
+la.temperature = 1 / 1000
+la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
 
-noisy_x = SHIFTS["noise"](test_x, 0.8, torch.Generator().manual_seed(0))
+noisy_x = recipe.SHIFTS["noise"](test_x, 0.8, torch.Generator().manual_seed(0))
 for name, images in (("clean", test_x), ("noise 0.8", noisy_x)):
     image_acts, text_acts = pair_activations(images, test_y)
     # relevant gallery items: every caption (image) of the query's digit
