@@ -25,8 +25,9 @@ from asdl.fisher import FisherConfig, get_fisher_maker
 from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE
 from asdl.matrices import FISHER_EXACT, SHAPE_KRON
 
+from laplace_vlm.curvature.backend import HeadCurvature
 from laplace_vlm.curvature.head_module import CosineLogitHead
-from laplace_vlm.curvature.likelihoods import check_contrastive, hessian_weights
+from laplace_vlm.curvature.likelihoods import hessian_weights
 
 
 class _WhitenedHead(CosineLogitHead):
@@ -44,62 +45,38 @@ class _WhitenedHead(CosineLogitHead):
         return logits
 
 
-def head_factors(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activations: torch.Tensor,
-    residual: torch.Tensor | None,
-    targets: torch.Tensor,
-    scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-    contrastive: str,
-    labels: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KFAC factors ``(B, A)`` of one head computed by ASDL's exact Fisher.
+class AsdlCurvature(HeadCurvature):
+    """The GGN from ASDL's exact Fisher of the inline forward."""
 
-    Same interface and result as :func:`laplace_vlm.curvature.closed_form.head_factors`.
+    def factors(
+        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
+        labels, step,
+    ):  # fmt: skip
+        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
+        # fresh module on every call: ASDL's hooks must never touch the user's modules
+        head = _WhitenedHead(weight, bias, targets, scale, logit_bias, contrastive)
+        proj = head.proj
+        loss_type = LOSS_CROSS_ENTROPY if contrastive == "clip" else LOSS_MSE
+        config = FisherConfig(
+            fisher_type=FISHER_EXACT, loss_type=loss_type, fisher_shapes=[SHAPE_KRON], data_size=1
+        )
+        fisher_maker = get_fisher_maker(head, config)
 
-    Parameters
-    ----------
-    weight, bias, activations, residual, targets, scale, logit_bias, contrastive
-        as in :func:`laplace_vlm.curvature.closed_form.head_factors`.
-    labels : torch.Tensor, optional
-        unused: the exact Fisher does not depend on the labels.
-    chunk_size : int, optional
-        rows per ASDL call; the factors are summed over chunks.
+        B = activations.new_zeros(weight.shape[0], weight.shape[0])
+        A = activations.new_zeros(weight.shape[1], weight.shape[1])
+        for start in range(0, len(activations), step):
+            a = activations[start : start + step]
+            r = None if residual is None else residual[start : start + step]
+            fisher_maker.setup_model_call(head, a, r)
+            with warnings.catch_warnings():
+                # ASDL's legacy backward hooks trip torch's deprecation warning; ASDL only
+                # reads grad_output, which the legacy hook still gets right
+                warnings.filterwarnings("ignore", message="Using a non-full backward hook")
+                fisher_maker.forward_and_backward()
+            # data_size=1: no 1/N anywhere, A excludes the bias column (bias block is B alone)
+            B += proj.fisher.kron.B
+            A += proj.fisher.kron.A
+        return B, A
 
-    Returns
-    -------
-    B, A : torch.Tensor
-        `(D, D)` sum of per-row GGNs (symmetrised), `(d, d)` sum of input outer products.
-    """
-    contrastive = check_contrastive(contrastive)
-    dtype = activations.dtype
-    # fresh module on every call: ASDL's hooks must never touch the user's modules
-    head = _WhitenedHead(weight.to(dtype), bias, targets, scale, logit_bias, contrastive)
-    proj = head.proj
-    loss_type = LOSS_CROSS_ENTROPY if contrastive == "clip" else LOSS_MSE
-    config = FisherConfig(
-        fisher_type=FISHER_EXACT, loss_type=loss_type, fisher_shapes=[SHAPE_KRON], data_size=1
-    )
-    fisher_maker = get_fisher_maker(head, config)
 
-    a_all = activations.detach()
-    r_all = None if residual is None else residual.detach().to(dtype)
-    B = a_all.new_zeros(weight.shape[0], weight.shape[0])
-    A = a_all.new_zeros(weight.shape[1], weight.shape[1])
-    step = chunk_size or len(a_all)
-    for start in range(0, len(a_all), step):
-        a = a_all[start : start + step]
-        r = None if r_all is None else r_all[start : start + step]
-        fisher_maker.setup_model_call(head, a, r)
-        with warnings.catch_warnings():
-            # ASDL's legacy backward hooks trip torch's deprecation warning; ASDL only
-            # reads grad_output, which the legacy hook still gets right
-            warnings.filterwarnings("ignore", message="Using a non-full backward hook")
-            fisher_maker.forward_and_backward()
-        # data_size=1: no 1/N anywhere, A excludes the bias column (bias block is B alone)
-        B += proj.fisher.kron.B
-        A += proj.fisher.kron.A
-    return 0.5 * (B + B.T), A
+head_factors = AsdlCurvature()

@@ -30,7 +30,7 @@ from backpack.extensions.secondorder.hbp.losses import HBPLoss
 from backpack.utils.subsampling import subsample
 from torch import nn
 
-from laplace_vlm.curvature.likelihoods import check_contrastive
+from laplace_vlm.curvature.backend import HeadCurvature
 from laplace_vlm.heads import linear_copy
 
 
@@ -98,84 +98,57 @@ def _kflr() -> KFLR:
     return ext
 
 
-def head_factors(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activations: torch.Tensor,
-    residual: torch.Tensor | None,
-    targets: torch.Tensor,
-    scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-    contrastive: str,
-    labels: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KFAC factors ``(B, A)`` of one head computed by BackPACK's KFLR.
+class BackpackCurvature(HeadCurvature):
+    """The GGN from BackPACK's KFLR, with the normalisation and pairwise-sigmoid extensions."""
 
-    Same interface and result as :func:`laplace_vlm.curvature.closed_form.head_factors`.
+    def factors(
+        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
+        labels, step,
+    ):  # fmt: skip
+        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
+        dtype, device = activations.dtype, activations.device
+        (D, d), K, M = weight.shape, len(targets), len(activations)
+        # fresh modules on every call (never hook the user's; ASDL may have touched them)
+        # the cosine logits as BackPACK's layers: s T u (+ bias) is a Linear on u = normalize(z)
+        proj = linear_copy(weight, bias)
+        sim_bias = None if logit_bias is None else torch.as_tensor(logit_bias).to(device, dtype)
+        sims = linear_copy(torch.as_tensor(scale).to(device, dtype) * targets,
+                           None if sim_bias is None else sim_bias.expand(K))  # fmt: skip
+        sims.requires_grad_(False)
+        if contrastive == "clip":
+            lossfunc = extend(nn.CrossEntropyLoss(reduction="sum"))
+        else:
+            lossfunc = extend(nn.BCEWithLogitsLoss(reduction="sum"))
+        ext = _kflr()
 
-    Parameters
-    ----------
-    weight, bias, activations, residual, targets, scale, logit_bias, contrastive
-        as in :func:`laplace_vlm.curvature.closed_form.head_factors`.
-    labels : torch.Tensor, optional
-        `(M,)` matching class per row, default ``arange(M) % K``; only the loss value uses
-        them, the GGN does not.
-    chunk_size : int, optional
-        rows per backward pass; the factors are summed over chunks.
+        B = activations.new_zeros(D, D)
+        A = activations.new_zeros(d, d)
+        n_handles = len(CTX.hook_handles)
+        try:
+            for start in range(0, M, step):
+                rows = slice(start, start + step)
+                a = activations[rows]
+                layers = [proj]
+                if residual is not None:
+                    layers.append(AddResidual(residual[rows]))
+                model = extend(nn.Sequential(*layers, Normalize(), sims))
+                y = labels[rows]
+                if contrastive == "siglip":
+                    y = nn.functional.one_hot(y, K).to(dtype)
+                loss = lossfunc(model(a), y)
+                with backpack(ext), warnings.catch_warnings():
+                    # the first layer's input needs no gradient; torch warns, BackPACK is unaffected
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                B_chunk, A_mean = proj.weight.kflr  # BackPACK stores results on the parameter
+                B += B_chunk
+                A += A_mean * len(a)  # KFLR's input factor is a batch mean
+        finally:
+            # extend() parks a handle per module in a global list: drop ours, keep anyone else's
+            for handle in CTX.hook_handles[n_handles:]:
+                handle.remove()
+            del CTX.hook_handles[n_handles:]
+        return B, A
 
-    Returns
-    -------
-    B, A : torch.Tensor
-        `(D, D)` sum of per-row GGNs (symmetrised), `(d, d)` sum of input outer products.
-    """
-    contrastive = check_contrastive(contrastive)
-    dtype, device = activations.dtype, activations.device
-    D, d = weight.shape
-    K = targets.shape[0]
-    M = len(activations)
-    if labels is None:
-        labels = torch.arange(M, device=device) % K
 
-    # fresh modules on every call (never hook the user's; ASDL may have touched them)
-    # the cosine logits as BackPACK's layers: s T u (+ bias) is a Linear on u = normalize(z)
-    proj = linear_copy(weight.to(dtype), bias)
-    sim_bias = None if logit_bias is None else torch.as_tensor(logit_bias).to(device, dtype)
-    sims = linear_copy(torch.as_tensor(scale).to(device, dtype) * targets.to(dtype),
-                       None if sim_bias is None else sim_bias.expand(K))  # fmt: skip
-    sims.requires_grad_(False)
-    if contrastive == "clip":
-        lossfunc = extend(nn.CrossEntropyLoss(reduction="sum"))
-    else:
-        lossfunc = extend(nn.BCEWithLogitsLoss(reduction="sum"))
-    ext = _kflr()
-
-    B = activations.new_zeros(D, D)
-    A = activations.new_zeros(d, d)
-    n_handles = len(CTX.hook_handles)
-    try:
-        step = chunk_size or M
-        for start in range(0, M, step):
-            rows = slice(start, start + step)
-            a = activations[rows].detach().to(dtype)
-            layers = [proj]
-            if residual is not None:
-                layers.append(AddResidual(residual[rows].detach().to(dtype)))
-            model = extend(nn.Sequential(*layers, Normalize(), sims))
-            y = labels[rows]
-            if contrastive == "siglip":
-                y = nn.functional.one_hot(y, K).to(dtype)
-            loss = lossfunc(model(a), y)
-            with backpack(ext), warnings.catch_warnings():
-                # the first layer's input needs no gradient; torch warns, BackPACK is unaffected
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            B_chunk, A_mean = proj.weight.kflr  # BackPACK stores results on the parameter
-            B += B_chunk
-            A += A_mean * len(a)  # KFLR's input factor is a batch mean
-    finally:
-        # extend() parks a handle per module in a global list: drop ours, keep anyone else's
-        for handle in CTX.hook_handles[n_handles:]:
-            handle.remove()
-        del CTX.hook_handles[n_handles:]
-    return 0.5 * (B + B.T), A
+head_factors = BackpackCurvature()

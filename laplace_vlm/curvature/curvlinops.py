@@ -15,8 +15,8 @@ import torch
 from curvlinops import FisherType, KFACLinearOperator
 from torch import nn
 
+from laplace_vlm.curvature.backend import HeadCurvature
 from laplace_vlm.curvature.head_module import CosineLogitHead
-from laplace_vlm.curvature.likelihoods import check_contrastive
 
 
 class _DictInputHead(CosineLogitHead):
@@ -26,77 +26,48 @@ class _DictInputHead(CosineLogitHead):
         return self.logits(x["a"], x.get("r"))
 
 
-def head_factors(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activations: torch.Tensor,
-    residual: torch.Tensor | None,
-    targets: torch.Tensor,
-    scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-    contrastive: str,
-    labels: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KFAC factors ``(B, A)`` of one head computed by curvlinops (``FisherType.TYPE2``).
+class CurvlinopsCurvature(HeadCurvature):
+    """The GGN from curvlinops' type-2 KFAC."""
 
-    Same interface and result as :func:`laplace_vlm.curvature.closed_form.head_factors`.
+    def factors(
+        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
+        labels, step,
+    ):  # fmt: skip
+        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
+        K, M = len(targets), len(activations)
+        # fresh module on every call: curvlinops' hooks must never touch the user's modules
+        head = _DictInputHead(weight, bias, targets, scale, logit_bias)
+        proj = head.proj
+        if contrastive == "clip":
+            lossfunc = nn.CrossEntropyLoss(reduction="sum")
+            y_all = labels
+        else:
+            lossfunc = nn.BCEWithLogitsLoss(reduction="sum")
+            y_all = nn.functional.one_hot(labels, K).to(activations.dtype)
+        data = []
+        for start in range(0, M, step):
+            rows = slice(start, start + step)
+            x = {"a": activations[rows]}
+            if residual is not None:
+                x["r"] = residual[rows]
+            data.append((x, y_all[rows]))
 
-    Parameters
-    ----------
-    weight, bias, activations, residual, targets, scale, logit_bias, contrastive
-        as in :func:`laplace_vlm.curvature.closed_form.head_factors`.
-    labels : torch.Tensor, optional
-        `(M,)` matching class per row, default ``arange(M) % K``; the type-2 Fisher does
-        not depend on them.
-    chunk_size : int, optional
-        rows per batch of the operator's data loop; the factors are summed over batches.
+        linop = KFACLinearOperator(
+            head,
+            lossfunc,
+            list(proj.parameters()),
+            data,
+            fisher_type=FisherType.TYPE2,
+            check_deterministic=False,
+            num_data=M,
+            num_per_example_loss_terms=1,
+            batch_size_fn=lambda x: x["a"].shape[0],
+        )
+        linop.compute_kronecker_factors()
+        state = linop.state_dict()
+        B = state["gradient_covariances"]["proj"]
+        A = state["input_covariances"]["proj"] * M  # divided by num_data inside curvlinops
+        return B, A
 
-    Returns
-    -------
-    B, A : torch.Tensor
-        `(D, D)` sum of per-row GGNs (symmetrised), `(d, d)` sum of input outer products.
-    """
-    contrastive = check_contrastive(contrastive)
-    dtype, device = activations.dtype, activations.device
-    D, d = weight.shape
-    K = targets.shape[0]
-    M = len(activations)
-    if labels is None:
-        labels = torch.arange(M, device=device) % K
 
-    # fresh module on every call: curvlinops' hooks must never touch the user's modules
-    head = _DictInputHead(weight.to(dtype), bias, targets, scale, logit_bias)
-    proj = head.proj
-    if contrastive == "clip":
-        lossfunc = nn.CrossEntropyLoss(reduction="sum")
-        y_all = labels
-    else:
-        lossfunc = nn.BCEWithLogitsLoss(reduction="sum")
-        y_all = nn.functional.one_hot(labels, K).to(dtype)
-
-    step = chunk_size or M
-    data = []
-    for start in range(0, M, step):
-        rows = slice(start, start + step)
-        x = {"a": activations[rows].detach().to(dtype)}
-        if residual is not None:
-            x["r"] = residual[rows].detach().to(dtype)
-        data.append((x, y_all[rows]))
-
-    linop = KFACLinearOperator(
-        head,
-        lossfunc,
-        list(proj.parameters()),
-        data,
-        fisher_type=FisherType.TYPE2,
-        check_deterministic=False,
-        num_data=M,
-        num_per_example_loss_terms=1,
-        batch_size_fn=lambda x: x["a"].shape[0],
-    )
-    linop.compute_kronecker_factors()
-    state = linop.state_dict()
-    B = state["gradient_covariances"]["proj"]
-    A = state["input_covariances"]["proj"] * M  # divided by num_data inside curvlinops
-    return 0.5 * (B + B.T), A
+head_factors = CurvlinopsCurvature()
