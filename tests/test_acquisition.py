@@ -164,24 +164,105 @@ def test_epig_with_independent_samples_is_near_zero():
     assert epig_from_samples(pool, targ).max() < 0.01
 
 
-def test_acquisition_scores_dispatch_and_random_is_seeded():
+def test_acquisition_scores_dispatch():
     mean, var = _moments()
     torch.testing.assert_close(acq.acquisition_scores("logit_variance", mean, var), var.mean(-1))
     torch.testing.assert_close(
         acq.acquisition_scores("map_entropy", mean, var, map_logits=mean + 1.0),
-        map_entropy(mean),
+        map_entropy(mean),  # softmax is shift invariant: the MAP logits were used
     )
+    torch.testing.assert_close(acq.acquisition_scores("entropy", mean, var),
+                               predictive_entropy(mean, var))  # fmt: skip
+    samples = sample_logits(mean, var, 30, generator=3)
+    torch.testing.assert_close(acq.acquisition_scores("bald", samples=samples),
+                               bald_from_samples(samples))  # fmt: skip
     r1 = acq.acquisition_scores("random", mean, var, generator=7)
-    r2 = acq.acquisition_scores("random", mean, var, generator=7)
-    assert torch.equal(r1, r2) and r1.shape == (5,)
-    b1 = acq.acquisition_scores("bald", mean, var, generator=3, n_samples=50)
-    torch.testing.assert_close(b1, bald(mean, var, 50, generator=3))
-    with pytest.raises(ValueError, match="strategy"):
-        acq.acquisition_scores("foo", mean, var)
-    with pytest.raises(ValueError, match="epig"):
-        acq.acquisition_scores("epig", mean, var)
-    with pytest.raises(ValueError, match="var"):
-        bald(mean, var[:, :2])
+    assert torch.equal(r1, acq.acquisition_scores("random", mean, var, generator=7))
+    assert not torch.equal(r1, acq.acquisition_scores("random", mean, var, generator=8))
+    for score, match in (("foo", "score"), ("epig", "samples"), ("bald", "samples")):
+        with pytest.raises(ValueError, match=match):
+            acq.acquisition_scores(score, mean, var)
+    with pytest.raises(ValueError, match="target_samples"):
+        acq.acquisition_scores("epig", samples=samples)
+
+
+def test_strategy_names_parse_into_their_parts():
+    parse = acq.Strategy.parse
+    assert parse("bald") == acq.Strategy("bald", "bald")
+    assert parse("epig_density_power") == acq.Strategy("epig_density_power", "epig", True, "power")
+    assert parse("map_entropy_softrank").score == "map_entropy"
+    assert parse("logit_variance_density").density and parse("random").targeted
+    assert not parse("random_untargeted").targeted
+    for bad in ("power", "bald_power_density", "epig_topk", ""):
+        with pytest.raises(ValueError, match="strategy"):
+            parse(bad)
+
+
+def test_sampling_log_weights_are_the_formulas():
+    s = torch.tensor([0.5, 2.0, 0.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(acq.sampling_log_weights(s, "power", 2.0),
+                               torch.tensor([2 * math.log(0.5), 2 * math.log(2.0), -math.inf,
+                                             0.0], dtype=torch.float64))  # fmt: skip
+    torch.testing.assert_close(acq.sampling_log_weights(s, "softmax", 3.0), 3.0 * s)
+    ranks = torch.tensor([3.0, 1.0, 4.0, 2.0], dtype=torch.float64)  # rank 1 = best score
+    torch.testing.assert_close(acq.sampling_log_weights(s, "softrank", 1.0), -ranks.log())
+    with pytest.raises(ValueError, match="non-negative"):
+        acq.sampling_log_weights(-s, "power")
+    with pytest.raises(ValueError, match="beta"):
+        acq.sampling_log_weights(s, "power", 0.0)
+
+
+def _plackett_luce(weights, order):
+    """Probability of drawing ``order`` first, without replacement, p ~ weights."""
+    left, prob = list(weights), 1.0
+    for i in order:
+        prob *= left[i] / sum(left)
+        left[i] = 0.0
+    return prob
+
+
+def test_stochastic_selection_frequencies_match_the_sampling_probabilities():
+    # the sampler is shared by the three rules, which differ only in sampling_log_weights
+    selection = "power"
+    scores = torch.tensor([0.1, 0.4, 0.9, 0.25], dtype=torch.float64)
+    weights = acq.sampling_log_weights(scores, selection, 1.5).exp().tolist()
+    g = torch.Generator().manual_seed(0)
+    n = 8000
+    counts: dict[tuple[int, int], int] = {}
+    for _ in range(n):
+        pair = tuple(acq.select_stochastic(scores, 2, selection, 1.5, generator=g).tolist())
+        counts[pair] = counts.get(pair, 0) + 1
+    for i in range(4):
+        for j in range(4):
+            if i != j:
+                p = _plackett_luce(weights, (i, j))
+                # binomial standard error; 4.5 SE keeps the 12 pairs from flaking
+                assert abs(counts.get((i, j), 0) / n - p) < 4.5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_stochastic_selection_excludes_and_fills_with_zero_weights():
+    scores = torch.tensor([0.0, 1.0, 0.0, 2.0, 3.0], dtype=torch.float64)
+    got = acq.select_stochastic(scores, 4, "power", exclude=torch.tensor([4]), generator=1)
+    assert set(got[:2].tolist()) == {1, 3} and set(got[2:].tolist()) == {0, 2}
+    assert acq.select_stochastic(scores, 10, "power").numel() == 5
+    big = acq.select_stochastic(scores, 3, "power", beta=1e6, generator=2)  # beta -> top-k
+    assert big.tolist() == [4, 3, 1]
+
+
+def test_information_density_against_a_hand_computation():
+    g = torch.Generator().manual_seed(11)
+    mu_c, var_c = torch.randn(4, 3, generator=g), torch.rand(4, 3, generator=g)
+    mu_t, var_t = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g)
+    got = acq.information_density((mu_c, var_c), (mu_t, var_t))
+    for i in range(4):
+        sims = []
+        for j in range(5):
+            dot = float(mu_c[i] @ mu_t[j])
+            na = float(mu_c[i].square().sum() + var_c[i].sum())
+            nb = float(mu_t[j].square().sum() + var_t[j].sum())
+            sims.append(max(dot / math.sqrt(na * nb), 0.0))
+        assert got[i].item() == pytest.approx(sum(sims) / 5, rel=1e-5)
+    assert (got >= 0).all() and got.min() < got.max()
 
 
 def _balanced_brute_force(scores, classes, budget):

@@ -83,3 +83,20 @@ def test_nearest_neighbours_overlapping_targets_and_exclusion():
         targeting.nearest_neighbours(targets, pool, metric="l1")
     with pytest.raises(ValueError, match="k"):
         targeting.nearest_neighbours(targets, pool, k=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_reference_knn_support_against_brute_force(k):
+    """The reference protocol: the first ceil(L/k) targets in order, then their unique kNN."""
+    from laplace_vlm.active.config import ActiveLearningConfig
+    from laplace_vlm.active.reference import knn_support
+
+    pool, tests = _gaussians(25, seed=6), _gaussians(9, seed=7)
+    order = torch.tensor([4, 0, 8, 2, 6, 1, 3, 5, 7])
+    config = ActiveLearningConfig(k=k, targeting="wasserstein")
+    for n_labels in (1, 4, 7):
+        got = knn_support(order, n_labels, tests, pool, config)
+        chosen = order[: math.ceil(n_labels / k)]
+        dist = targeting.wasserstein2_sq(tests[0][chosen], tests[1][chosen], *pool)
+        assert got.tolist() == _nn_brute_force(dist, k)[:n_labels]
+        assert got.unique().numel() == n_labels

@@ -1,29 +1,44 @@
-"""Acquisition functions for active learning from the analytic logit predictive.
+"""Acquisition: scores, stochastic batch selection and representativeness weighting.
 
-Every score is "higher = more worth labelling" and is a tensor `(N,)` over the pool.
+Every score is "higher = more worth labelling" and is a tensor `(N,)` over the candidates.
 
 Two kinds of input:
 
 - **logit moments** ``mean, var`` `(N, C)` (diagonal Gaussian logits per input, as returned by
-  ``DualEncoderLaplace.predictive_moments``). Enough for MAP entropy, predictive entropy
-  (probit or Monte Carlo), logit variance and BALD (Monte Carlo over independent logits).
+  ``DualEncoderLaplace.predictive_moments``): MAP entropy, predictive entropy and logit
+  variance.
 - **joint functional samples** `(S, N, C)`: logit samples drawn from the posterior over the
-  *weights* (``DualEncoderLaplace.functional_samples``), so that the samples of different
-  inputs and classes are correlated. BALD is exact in the class correlations with them, and
-  EPIG *needs* them: with independent pool and target samples the mutual information between
-  a pool label and a target label is zero, and every EPIG score collapses to Monte Carlo noise.
+  *weights* (``DualEncoderLaplace.functional_samples``, by default through the exact
+  normalisation), so that the samples of different inputs and classes are correlated. BALD uses
+  them, and EPIG *needs* them: with independent pool and target samples the mutual information
+  between a pool label and a target label is zero.
 
-Batch selection is top-``b`` (:func:`select_top`), optionally balanced over predicted classes,
-with seeded random tie-breaking.
+A batch is chosen from the scores by
+
+- ``top``: the ``b`` best (:func:`select_top`), optionally balanced over predicted classes;
+- ``power`` / ``softmax`` / ``softrank``: stochastic batch acquisition (Kirsch et al. 2023,
+  "Stochastic Batch Acquisition: A Simple Baseline for Deep Active Learning", TMLR): ``b``
+  points sampled without replacement with probabilities proportional to ``s^beta``,
+  ``exp(beta s)`` or ``rank^-beta`` (:func:`select_stochastic`). Top-k of one round's scores
+  picks near-duplicates (a few hard classes); sampling keeps the batch diverse at no cost.
+
+A strategy may weight its scores by how representative a candidate is of the target (query)
+inputs, the *information density* of Settles & Craven (2008), "An Analysis of Active Learning
+Strategies for Sequence Labeling Tasks", EMNLP: ``score(x) * density(x)^beta`` with
+``density(x)`` the mean similarity of ``x`` to the targets (:func:`information_density`). It
+is the cold-start-aware variant: with few labels, uncertainty alone picks hard, atypical
+images, and a small head gains more from representative ones.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from laplace_vlm.active.targeting import expected_cosine
 from laplace_vlm.predictive.links import as_generator
 from laplace_vlm.predictive.uncertainty import (
-    bald,
     bald_from_samples,
     epig_from_samples,
     logit_variance,
@@ -31,79 +46,145 @@ from laplace_vlm.predictive.uncertainty import (
     predictive_entropy,
 )
 
-STRATEGIES: tuple[str, ...] = (
-    "random",
-    "map_entropy",
-    "entropy",
-    "bald",
-    "epig",
-    "logit_variance",
-)
+SCORES: tuple[str, ...] = ("random", "map_entropy", "entropy", "bald", "epig", "logit_variance")
+"""Acquisition scores; ``bald`` and ``epig`` need joint functional samples."""
+SAMPLED_SCORES: tuple[str, ...] = ("bald", "epig")
+SELECTIONS: tuple[str, ...] = ("top", "power", "softmax", "softrank")
+"""``top``: the best b; the others: Kirsch et al.'s stochastic batch acquisition."""
+DENSITY = "density"
+RANDOM_UNTARGETED = "random_untargeted"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A parsed strategy name: ``<score>[_density][_<selection>]`` or ``random_untargeted``.
+
+    Attributes
+    ----------
+    name : str
+        the name it was parsed from (the key in result tables).
+    score : str
+        one of :data:`SCORES`.
+    density : bool
+        weight the scores by the information density of the candidates.
+    selection : str
+        one of :data:`SELECTIONS`.
+    targeted : bool
+        False only for ``random_untargeted`` (uniform over the whole pool).
+    """
+
+    name: str
+    score: str
+    density: bool = False
+    selection: str = "top"
+    targeted: bool = True
+
+    @classmethod
+    def parse(cls, name: str) -> Strategy:
+        """Parse ``name``; a ``ValueError`` names the parts it accepts."""
+        if name == RANDOM_UNTARGETED:
+            return cls(name, "random", targeted=False)
+        rest, selection = name, "top"
+        for option in SELECTIONS[1:]:
+            if rest.endswith(f"_{option}"):
+                rest, selection = rest[: -len(option) - 1], option
+        density = rest.endswith(f"_{DENSITY}")
+        score = rest[: -len(DENSITY) - 1] if density else rest
+        if score not in SCORES:
+            raise ValueError(
+                f"strategy must be {RANDOM_UNTARGETED!r} or <score>[_{DENSITY}][_<selection>] "
+                f"with score in {SCORES} and selection in {SELECTIONS[1:]}, got {name!r}."
+            )
+        return cls(name, score, density, selection)
 
 
 def acquisition_scores(
-    strategy: str,
+    score: str,
     mean: torch.Tensor | None = None,
     var: torch.Tensor | None = None,
     *,
     map_logits: torch.Tensor | None = None,
     samples: torch.Tensor | None = None,
     target_samples: torch.Tensor | None = None,
-    n_samples: int = 200,
     generator: torch.Generator | int | None = None,
 ) -> torch.Tensor:
-    """Scores `(N,)` of one strategy from :data:`STRATEGIES`.
+    """Scores `(N,)` of one of :data:`SCORES`.
 
     Parameters
     ----------
-    strategy : str
-        one of :data:`STRATEGIES`.
+    score : str
+        one of :data:`SCORES`.
     mean, var : torch.Tensor, optional
-        `(N, C)` logit moments (needed by ``entropy``, ``logit_variance``, and ``bald``
-        without ``samples``).
+        `(N, C)` logit moments (``entropy``, ``logit_variance``; ``random`` reads N from them).
     map_logits : torch.Tensor, optional
         `(N, C)` deterministic logits for ``map_entropy`` (defaults to ``mean``).
     samples : torch.Tensor, optional
-        `(S, N, C)` joint logit samples of the pool; used by ``bald`` when given and
-        required by ``epig``.
+        `(S, N, C)` joint logit samples of the candidates (``bald``, ``epig``).
     target_samples : torch.Tensor, optional
         `(S, N*, C)` logit samples of the targets from the same weight samples (``epig``).
-    n_samples : int
-        Monte Carlo samples where moments are sampled.
     generator : torch.Generator or int, optional
-        randomness for ``random`` and Monte Carlo.
+        randomness of ``random``.
 
     Returns
     -------
     scores : torch.Tensor
         `(N,)`; higher is selected first.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
-    if strategy == "epig":
-        if samples is None or target_samples is None:
-            raise ValueError("strategy 'epig' needs joint samples and target_samples.")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
+    if score in SAMPLED_SCORES and samples is None:
+        raise ValueError(f"score {score!r} needs joint samples.")
+    if score == "epig":
+        if target_samples is None:
+            raise ValueError("score 'epig' needs target_samples.")
         return epig_from_samples(samples, target_samples)
-    if strategy == "bald" and samples is not None:
+    if score == "bald":
         return bald_from_samples(samples)
-    if strategy == "map_entropy":
+    if score == "map_entropy":
         logits = map_logits if map_logits is not None else mean
         if logits is None:
-            raise ValueError("strategy 'map_entropy' needs map_logits or mean.")
+            raise ValueError("score 'map_entropy' needs map_logits or mean.")
         return map_entropy(logits)
-    ref = mean if mean is not None else samples
-    if ref is None:
-        raise ValueError(f"strategy {strategy!r} needs mean (and var).")
-    if strategy == "random":
-        n = ref.shape[-2]
-        return torch.rand(n, generator=as_generator(generator), dtype=torch.float64)
-    if mean is None or var is None:
-        raise ValueError(f"strategy {strategy!r} needs mean and var.")
-    if strategy == "entropy":
-        return predictive_entropy(mean, var)
-    if strategy == "logit_variance":
-        return logit_variance(var)
-    return bald(mean, var, n_samples, generator)
+    if mean is None:
+        raise ValueError(f"score {score!r} needs mean (and var).")
+    if score == "random":
+        return torch.rand(mean.shape[-2], generator=as_generator(generator), dtype=torch.float64)
+    if var is None:
+        raise ValueError(f"score {score!r} needs mean and var.")
+    return predictive_entropy(mean, var) if score == "entropy" else logit_variance(var)
+
+
+def information_density(
+    candidates: tuple[torch.Tensor, torch.Tensor],
+    targets: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Mean similarity of every candidate to the targets, `(N,)` in ``[0, 1]``.
+
+    Settles & Craven's information density uses the mean cosine similarity to the unlabelled
+    set; here the similarity is the expected cosine of the Gaussian image embeddings
+    (:func:`laplace_vlm.active.targeting.expected_cosine`), clamped at 0 so that the weight
+    stays a non-negative multiplier (their features were non-negative, ours are not).
+
+    Parameters
+    ----------
+    candidates, targets : tuple of torch.Tensor
+        ``(mean, var)`` of the image embeddings, `(N, D)` and `(N*, D)`.
+    """
+    return expected_cosine(*candidates, *targets).clamp_min(0.0).mean(-1)
+
+
+def _eligible(n: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    if exclude is not None:
+        keep[exclude.to(torch.long) if exclude.dtype != torch.bool else exclude] = False
+    return keep
+
+
+def _check_budget(scores: torch.Tensor, budget: int) -> None:
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (N,), got shape {tuple(scores.shape)}.")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}.")
 
 
 def select_top(
@@ -115,13 +196,12 @@ def select_top(
     exclude: torch.Tensor | None = None,
     generator: torch.Generator | int | None = None,
 ) -> torch.Tensor:
-    """Indices of the ``budget`` best-scored pool points.
+    """Indices of the ``budget`` best-scored points.
 
-    Ties are broken at random (seeded): the pool is permuted before a stable sort.
-    With ``class_balanced`` the points are ranked within their predicted class and taken
+    Ties are broken at random (seeded): the points are permuted before a stable sort. With
+    ``class_balanced`` the points are ranked within their predicted class and taken
     round-robin: every class's best point first (in order of score), then every class's
-    second best, and so on, so that no predicted class takes more than its share while
-    others still have candidates.
+    second best, and so on.
 
     Parameters
     ----------
@@ -134,7 +214,7 @@ def select_top(
     predicted_class : torch.Tensor, optional
         `(N,)` int class per point (required when ``class_balanced``).
     exclude : torch.Tensor, optional
-        `(N,)` bool mask or int indices of points that cannot be chosen (already labelled).
+        `(N,)` bool mask or int indices of points that cannot be chosen.
     generator : torch.Generator or int, optional
         tie-breaking randomness.
 
@@ -143,28 +223,148 @@ def select_top(
     indices : torch.Tensor
         `(min(b, eligible),)` long, in selection order.
     """
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be (N,), got shape {tuple(scores.shape)}.")
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}.")
+    _check_budget(scores, budget)
     n = scores.shape[0]
     if class_balanced and predicted_class is None:
         raise ValueError("predicted_class is required when class_balanced=True.")
     if predicted_class is not None and predicted_class.shape != (n,):
         raise ValueError(f"predicted_class must be ({n},), got {tuple(predicted_class.shape)}.")
-    keep = torch.ones(n, dtype=torch.bool)
-    if exclude is not None:
-        keep[exclude.to(torch.long) if exclude.dtype != torch.bool else exclude] = False
     perm = torch.randperm(n, generator=as_generator(generator))
-    perm = perm[keep[perm]]
+    perm = perm[_eligible(n, exclude)[perm]]
     s = scores.detach().cpu().to(torch.float64)[perm]
     order = perm[torch.sort(s, descending=True, stable=True).indices]
     if class_balanced:
         cls = predicted_class.cpu()[order]
-        # rank of each point within its class, in score order
-        rank = torch.empty_like(cls)
+        rank = torch.empty_like(cls)  # rank of each point within its class, in score order
         for c in cls.unique():
             idx = (cls == c).nonzero().squeeze(1)
             rank[idx] = torch.arange(idx.numel())
         order = order[torch.sort(rank, stable=True).indices]
     return order[:budget]
+
+
+def sampling_log_weights(scores: torch.Tensor, selection: str, beta: float = 1.0) -> torch.Tensor:
+    """Log of the unnormalised sampling weights of stochastic batch acquisition, `(N,)`.
+
+    ``power``: ``beta log s`` (scores must be >= 0; a zero score is never sampled while others
+    are left); ``softmax``: ``beta s``; ``softrank``: ``-beta log rank`` (rank 1 = best).
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        `(N,)`.
+    selection : {'power', 'softmax', 'softrank'}
+        the rule. ``softmax`` is not scale invariant: scores of a few millinats (BALD of a
+        narrow posterior) make it uniform; ``power`` and ``softrank`` are.
+    beta : float
+        the inverse temperature (Kirsch et al. use 1); larger is closer to top-k.
+
+    Returns
+    -------
+    log_weights : torch.Tensor
+        `(N,)` float64; ``-inf`` for a zero power score.
+    """
+    if selection not in SELECTIONS[1:]:
+        raise ValueError(f"selection must be one of {SELECTIONS[1:]}, got {selection!r}.")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}.")
+    s = scores.detach().cpu().to(torch.float64)
+    if selection == "power":
+        if (s < 0).any():
+            raise ValueError("power selection needs non-negative scores.")
+        return beta * s.log()
+    if selection == "softmax":
+        return beta * s
+    ranks = torch.empty_like(s)
+    ranks[torch.argsort(s, descending=True, stable=True)] = torch.arange(
+        1, len(s) + 1, dtype=s.dtype
+    )
+    return -beta * ranks.log()
+
+
+def select_stochastic(
+    scores: torch.Tensor,
+    budget: int,
+    selection: str = "power",
+    beta: float = 1.0,
+    *,
+    exclude: torch.Tensor | None = None,
+    generator: torch.Generator | int | None = None,
+) -> torch.Tensor:
+    """Sample ``budget`` points without replacement, ``p(i) ~ exp(sampling_log_weights)_i``.
+
+    The Gumbel-top-k trick (Kirsch et al. 2023): the top ``b`` of ``log w_i + g_i`` with
+    ``g_i ~ Gumbel(0, 1)`` are a draw of ``b`` points without replacement, each next point
+    chosen with probability proportional to its weight among those left (Plackett-Luce).
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        `(N,)`.
+    budget : int
+        number of points b; capped at the number of eligible points.
+    selection : {'power', 'softmax', 'softrank'}
+        the rule of :func:`sampling_log_weights`.
+    beta : float
+        inverse temperature of :func:`sampling_log_weights`.
+    exclude : torch.Tensor, optional
+        `(N,)` bool mask or int indices of points that cannot be chosen.
+    generator : torch.Generator or int, optional
+        randomness of the draw.
+
+    Returns
+    -------
+    indices : torch.Tensor
+        `(min(b, eligible),)` long, in draw order.
+    """
+    _check_budget(scores, budget)
+    log_w = sampling_log_weights(scores, selection, beta)
+    u = torch.rand(len(log_w), generator=as_generator(generator), dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+    eligible = _eligible(len(log_w), exclude)
+    weighted = eligible & torch.isfinite(log_w)
+    # zero-weight points (a zero power score) come last, in random order, if b needs them
+    parts = [(weighted, log_w + gumbel), (eligible & ~weighted, gumbel)]
+    order = [idx[torch.sort(key[idx], descending=True, stable=True).indices]
+             for mask, key in parts for idx in [mask.nonzero().squeeze(1)]]  # fmt: skip
+    return torch.cat(order)[:budget]
+
+
+def select(
+    scores: torch.Tensor,
+    budget: int,
+    strategy: Strategy,
+    beta: float = 1.0,
+    *,
+    class_balanced: bool = False,
+    predicted_class: torch.Tensor | None = None,
+    generator: torch.Generator | int | None = None,
+) -> torch.Tensor:
+    """The batch of ``strategy``'s selection rule (top-k or a stochastic one).
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        `(N,)` acquisition scores.
+    budget : int
+        number of points b.
+    strategy : Strategy
+        its ``selection`` decides: :func:`select_top` or :func:`select_stochastic`.
+    beta : float
+        inverse temperature of the stochastic rules.
+    class_balanced : bool
+        top-k only: balance over ``predicted_class``.
+    predicted_class : torch.Tensor, optional
+        `(N,)` MAP class per point.
+    generator : torch.Generator or int, optional
+        tie-breaking / sampling randomness.
+
+    Returns
+    -------
+    indices : torch.Tensor
+        `(min(b, N),)` long, in selection order.
+    """
+    if strategy.selection == "top":
+        return select_top(scores, budget, class_balanced=class_balanced,
+                          predicted_class=predicted_class, generator=generator)  # fmt: skip
+    return select_stochastic(scores, budget, strategy.selection, beta, generator=generator)

@@ -1,23 +1,61 @@
-"""Adaptation: fine-tune the image projection on labelled data, then update the posterior.
+"""Fine-tuning the image projection on the labelled images.
 
-The paper's active few-shot protocol fine-tunes *only* the image projection (text head,
-logit scale and bias frozen) with AdamW on the cross-entropy of the deterministic cosine
-logits against the class text embeddings, keeping the epoch with the best validation loss.
-After fine-tuning, the Laplace posterior is moved to the new weights and the labelled pairs
-are added to its curvature (``la.fit(loader, override=False)``), so the next round's
-uncertainty reflects what was learnt.
+The paper's active few-shot protocol fine-tunes *only* the image projection (text head, logit
+scale and bias frozen) with AdamW on the cross-entropy of the deterministic cosine logits
+against the class text embeddings, keeping the epoch of lowest validation loss.
+
+Validation uses only labels the user has: :func:`cv_folds` splits the labelled support set
+into folds, and :func:`finetune_image_projection` trains one member per fold (on the other
+folds) beside the member trained on everything, all in one stacked optimisation. The epoch
+of lowest cross-validated loss is kept for every member. An explicit validation split is
+still accepted (the target split of earlier versions, for comparison). The posterior follows
+in :mod:`laplace_vlm.active.posterior_update`.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from laplace_vlm.heads import DualHead
+from laplace_vlm.heads import DualHead, as_linear
+from laplace_vlm.predictive.links import as_generator
+
+Labelled = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """AdamW fine-tuning of the image projection.
+
+    Attributes
+    ----------
+    lr, weight_decay : float
+        AdamW hyperparameters.
+    epochs : int
+        maximum passes over the labelled images.
+    patience : int or None
+        stop after this many epochs without a lower validation loss (None: run all epochs).
+    batch_size : int
+        images per step.
+    """
+
+    lr: float = 3e-3
+    weight_decay: float = 5e-2
+    epochs: int = 300
+    patience: int | None = 30
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, "
+                             f"{self.weight_decay}.")  # fmt: skip
+        for name in ("epochs", "batch_size", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
 
 
 @dataclass
@@ -27,21 +65,37 @@ class FinetuneResult:
     Attributes
     ----------
     projection : nn.Linear
-        the image projection at the best validation epoch (a new module).
+        trained on all labelled images, at ``best_epoch`` (a new module).
+    fold_projections : list of nn.Linear
+        one per fold, trained without that fold, at ``best_epoch`` (empty without folds).
     best_epoch : int
         0 means the initial weights were never beaten.
     best_val_loss : float
         mean validation cross-entropy at ``best_epoch``.
     epochs_run : int
+        epochs trained before stopping.
     """
 
     projection: nn.Linear
+    fold_projections: list[nn.Linear]
     best_epoch: int
     best_val_loss: float
     epochs_run: int
 
 
-def _check_labelled(name: str, acts: torch.Tensor, labels: torch.Tensor, d: int, c: int) -> None:
+def check_labelled(name: str, data: Labelled, d: int, c: int) -> None:
+    """Raise a ``ValueError`` unless ``data`` is activations `(N, d)` with labels in ``[0, c)``.
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the message.
+    data : tuple of torch.Tensor
+        ``(activations, labels)``.
+    d, c : int
+        activation dim and class count.
+    """
+    acts, labels = data
     if acts.dim() != 2 or acts.shape[1] != d:
         raise ValueError(f"{name} activations must be (N, {d}), got {tuple(acts.shape)}.")
     if labels.shape != acts.shape[:1]:
@@ -50,33 +104,99 @@ def _check_labelled(name: str, acts: torch.Tensor, labels: torch.Tensor, d: int,
         raise ValueError(f"{name} labels must lie in [0, {c}).")
 
 
-def class_embeddings(heads: DualHead, class_text: torch.Tensor, residual=None) -> torch.Tensor:
-    """Normalised, frozen class text embeddings `(C, D)`."""
+def cv_folds(labels: torch.Tensor, n_folds: int, generator=None) -> list[torch.Tensor]:
+    """Stratified folds: indices of each fold's held-out points.
+
+    The points are shuffled, sorted by label (stably) and dealt round-robin, so every fold
+    holds each class's share up to one point. ``min(n_folds, N)`` folds, none empty.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        `(N,)` class labels, N >= 2.
+    n_folds : int
+        K >= 2.
+    generator : torch.Generator or int, optional
+        the shuffle.
+    """
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}.")
+    if len(labels) < 2:
+        raise ValueError(f"cross-validation needs at least 2 labels, got {len(labels)}.")
+    perm = torch.randperm(len(labels), generator=as_generator(generator))
+    order = perm[torch.sort(labels.cpu()[perm], stable=True).indices]
+    k = min(n_folds, len(labels))
+    return [order[f::k].sort().values for f in range(k)]
+
+
+def class_embeddings(heads: DualHead, class_text: torch.Tensor) -> torch.Tensor:
+    """Normalised, frozen class text embeddings `(C, D)`.
+
+    Parameters
+    ----------
+    heads : DualHead
+        the text head.
+    class_text : torch.Tensor
+        `(C, d_txt)` class text activations.
+    """
     with torch.no_grad():
-        return F.normalize(heads.embed_text(class_text, residual), dim=-1)
+        design = heads.design("text", class_text.to(heads.scale))
+        return F.normalize(heads.embed_text(design), dim=-1)
 
 
-def _cosine_logits(heads, projection, acts, text_unit, residual=None):
-    z = projection(acts) if residual is None else projection(acts) + residual
-    logits = heads.scale * F.normalize(z, dim=-1) @ text_unit.T
-    return logits if heads.logit_bias is None else logits + heads.logit_bias
+class _Members:
+    """Stacked copies of a linear head, trained at once: member m sees rows ``mask[m]``.
+
+    AdamW is elementwise, so the sum of the members' losses trains each as if alone (with
+    full batches exactly; with minibatches the members share the schedule).
+    """
+
+    def __init__(self, init: nn.Linear, n_members: int) -> None:
+        self.weight = init.weight.detach().expand(n_members, -1, -1).clone().requires_grad_()
+        bias = init.bias
+        self.bias = None if bias is None else bias.detach().expand(n_members, -1).clone()
+        self.params = [self.weight] + ([] if self.bias is None else [self.bias.requires_grad_()])
+
+    def embed(self, acts: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("mod,nd->mno", self.weight, acts)
+        return z if self.bias is None else z + self.bias[:, None]
+
+    def state(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def linear(self, state: list[torch.Tensor], m: int, like: nn.Linear) -> nn.Linear:
+        out = as_linear(like, "projection", like.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(state[0][m])
+            if out.bias is not None:
+                out.bias.copy_(state[1][m])
+        return out.requires_grad_(False)
+
+
+def _member_ce(heads, members, acts, labels, text_unit) -> torch.Tensor:
+    """Cross-entropy `(M, N)` of every member on every row (one cosine-logit formula)."""
+    logits = heads.logits(members.embed(acts), text_unit)
+    n_members = logits.shape[0]
+    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(n_members), reduction="none").view(
+        n_members, -1
+    )
 
 
 def finetune_image_projection(
     heads: DualHead,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: Labelled,
     class_text: torch.Tensor,
     *,
+    val: Labelled | None = None,
+    folds: list[torch.Tensor] | None = None,
     init: nn.Linear | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 5e-2,
-    epochs: int = 100,
-    batch_size: int = 32,
-    patience: int = 10,
+    settings: FinetuneSettings = FinetuneSettings(),
     generator: torch.Generator | int | None = None,
 ) -> FinetuneResult:
-    """Fine-tune the image projection with AdamW and early stopping on a validation split.
+    """Fine-tune the image projection with AdamW, keeping the epoch of lowest validation loss.
+
+    Give exactly one of ``val`` (a labelled validation split) and ``folds`` (cross-validation
+    on ``train``: the validation loss is the mean held-out cross-entropy of the fold members).
 
     Parameters
     ----------
@@ -84,141 +204,88 @@ def finetune_image_projection(
         provides the text head, logit scale and bias (frozen; not modified).
     train : tuple of torch.Tensor
         ``(activations (N, d_img), labels (N,))`` of the labelled images.
-    val : tuple of torch.Tensor
-        ``(activations (M, d_img), labels (M,))`` for early stopping (M >= 1).
     class_text : torch.Tensor
         `(C, d_txt)` class text activations.
+    val : tuple of torch.Tensor, optional
+        ``(activations (M, d_img), labels (M,))``, M >= 1.
+    folds : list of torch.Tensor, optional
+        held-out indices into ``train`` per fold (:func:`cv_folds`).
     init : nn.Linear, optional
-        starting projection (default: ``heads.image_projection``); copied, never modified.
-    lr, weight_decay : float
-        AdamW hyperparameters.
-    epochs : int
-        maximum number of passes over ``train``.
-    batch_size : int
-    patience : int
-        stop after this many epochs without a better validation loss.
+        starting projection (default: ``heads.image_projection``); never modified.
+    settings : FinetuneSettings
+        optimiser, epochs, early stopping, batch size.
     generator : torch.Generator or int, optional
-        shuffling (an int is a seed).
+        shuffling of the minibatches.
 
     Returns
     -------
     FinetuneResult
     """
-    d_img, n_cls = heads.image_projection.in_features, class_text.shape[0]
-    _check_labelled("train", *train, d_img, n_cls)
-    _check_labelled("val", *val, d_img, n_cls)
-    if len(val[1]) == 0:
-        raise ValueError("val must hold at least one labelled example for early stopping.")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}.")
-    if not isinstance(generator, torch.Generator):
-        generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
-    like = heads.image_projection.weight
-    text_unit = class_embeddings(heads, class_text.to(like))
-    x_tr, y_tr = train[0].to(like), train[1].to(like.device)
-    x_va, y_va = val[0].to(like), val[1].to(like.device)
-    projection = copy.deepcopy(init if init is not None else heads.image_projection)
-    projection.requires_grad_(True)
-    best = copy.deepcopy(projection)
+    d_img, n_cls = heads.in_features("image"), class_text.shape[0]
+    check_labelled("train", train, d_img, n_cls)
+    if (val is None) == (folds is None):
+        raise ValueError("give exactly one of val (a validation split) and folds (CV).")
+    if val is not None:
+        check_labelled("val", val, d_img, n_cls)
+        if len(val[1]) == 0:
+            raise ValueError("val must hold at least one labelled example for early stopping.")
+    init = heads.image_projection if init is None else init
+    like = init.weight
+    text_unit = class_embeddings(heads, class_text)
+    # design inputs: a head with a folded bias takes [a, 1]
+    x, y = heads.design("image", train[0].to(like)), train[1].to(like.device)
+    if val is not None:
+        val = (heads.design("image", val[0].to(like)), val[1].to(like.device))
+    masks = _fold_masks(len(y), folds or [])
+    members = _Members(init, len(masks))
 
     def val_loss() -> float:
-        with torch.no_grad():
-            return F.cross_entropy(_cosine_logits(heads, projection, x_va, text_unit), y_va).item()
+        return _validation_loss(heads, members, text_unit, (x, y), masks, val)
 
-    best_loss, best_epoch, epoch = val_loss(), 0, 0
-    if len(y_tr) == 0:
-        return FinetuneResult(best.requires_grad_(False), 0, best_loss, 0)
-    optimizer = torch.optim.AdamW(projection.parameters(), lr=lr, weight_decay=weight_decay)
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(y_tr), generator=generator).to(y_tr.device)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            loss = F.cross_entropy(
-                _cosine_logits(heads, projection, x_tr[idx], text_unit), y_tr[idx]
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    best_loss, best_epoch, best_state, epoch = val_loss(), 0, members.state(), 0
+    optimizer = torch.optim.AdamW(
+        members.params, lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    g = as_generator(generator)
+    for epoch in range(1, settings.epochs + 1):
+        _train_epoch(heads, members, optimizer, text_unit, (x, y), masks, settings.batch_size, g)
         current = val_loss()
         if current < best_loss:
-            best_loss, best_epoch = current, epoch
-            best.load_state_dict(projection.state_dict())
-        elif epoch - best_epoch >= patience:
+            best_loss, best_epoch, best_state = current, epoch, members.state()
+        elif settings.patience is not None and epoch - best_epoch >= settings.patience:
             break
-    return FinetuneResult(best.requires_grad_(False), best_epoch, best_loss, epoch)
+    projections = [members.linear(best_state, m, init) for m in range(len(masks))]
+    return FinetuneResult(projections[0], projections[1:], best_epoch, best_loss, epoch)
 
 
-def class_distinct_batches(
-    labels: torch.Tensor, generator: torch.Generator | int | None = None
-) -> list[torch.Tensor]:
-    """Split labelled examples into batches in which no class appears twice.
-
-    A class batch of the contrastive fit treats the batch's texts as the classes; with one
-    image per class and its class prompt as the text, the image head's curvature is exactly
-    that of the C-way classification (over the classes present in the batch).
-
-    Parameters
-    ----------
-    labels : torch.Tensor
-        `(N,)` class indices.
-    generator : torch.Generator or int, optional
-        shuffles the examples within each class.
-
-    Returns
-    -------
-    batches : list of torch.Tensor
-        index tensors; batch j holds the j-th example of every class that has one.
-    """
-    if not isinstance(generator, torch.Generator):
-        generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
-    labels = labels.cpu()
-    per_class = []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().squeeze(1)
-        per_class.append(idx[torch.randperm(len(idx), generator=generator)])
-    depth = max((len(idx) for idx in per_class), default=0)
-    return [torch.stack([idx[j] for idx in per_class if len(idx) > j]) for j in range(depth)]
+def _fold_masks(n_rows: int, folds: list[torch.Tensor]) -> torch.Tensor:
+    """`(1 + K, n_rows)` bool: member 0 trains on every row, member 1 + f on all but fold f."""
+    masks = torch.ones(1 + len(folds), n_rows, dtype=torch.bool)
+    for f, held_out in enumerate(folds):
+        masks[1 + f, held_out] = False
+    if (masks.sum(1) == 0).any():
+        raise ValueError("every fold must leave training points.")
+    return masks
 
 
-def update_posterior(
-    la,
-    projection: nn.Linear,
-    new: tuple[torch.Tensor, torch.Tensor] | None,
-    class_text: torch.Tensor,
-    generator: torch.Generator | int | None = None,
-) -> None:
-    """Move the posterior mean to ``projection`` and add the newly labelled pairs.
-
-    Parameters
-    ----------
-    la : DualEncoderLaplace
-        fitted posterior; its image projection is overwritten in place.
-    projection : nn.Linear
-        the fine-tuned image projection.
-    new : tuple of torch.Tensor, optional
-        ``(activations (M, d_img), labels (M,))`` labelled since the last update; each is
-        paired with its class text in class-distinct batches (:func:`class_distinct_batches`)
-        and added with ``la.fit(..., override=False)``. None or empty: only the mean moves.
-    class_text : torch.Tensor
-        `(C, d_txt)` class text activations.
-    generator : torch.Generator or int, optional
-        batch composition.
-    """
-    target = la.model.image_projection
-    if projection.weight.shape != target.weight.shape:
-        raise ValueError(
-            f"projection weight must be {tuple(target.weight.shape)}, got "
-            f"{tuple(projection.weight.shape)}."
-        )
+def _validation_loss(heads, members, text_unit, train, masks, val) -> float:
+    """Mean CE of member 0 on ``val``, or (CV) of each fold member on its held-out rows."""
     with torch.no_grad():
-        target.weight.copy_(projection.weight)
-        if target.bias is not None:
-            target.bias.copy_(projection.bias)
-    if new is None or len(new[1]) == 0:
-        la.refresh_mean()
-        return
-    acts, labels = new
-    _check_labelled("new", acts, labels, target.in_features, class_text.shape[0])
-    loader = [(acts[b], class_text[labels[b]]) for b in class_distinct_batches(labels, generator)]
-    la.fit(loader, override=False)  # recomputes curvature at the new weights, refreshes the mean
+        if val is not None:
+            return _member_ce(heads, members, *val, text_unit)[0].mean().item()
+        ce = _member_ce(heads, members, *train, text_unit)[1:]
+        return ce[~masks[1:]].mean().item()  # each row once, by the member without it
+
+
+def _train_epoch(heads, members, optimizer, text_unit, train, masks, batch_size, g) -> None:
+    """One shuffled pass; each member's loss is the mean CE over its rows of the batch."""
+    x, y = train
+    order = torch.randperm(len(y), generator=g)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        m = masks[:, idx].to(x)
+        ce = _member_ce(heads, members, x[idx], y[idx], text_unit)
+        loss = ((ce * m).sum(1) / m.sum(1).clamp_min(1.0)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()

@@ -53,6 +53,13 @@ def wasserstein2_sq(
 
     ``W2^2 = ||mu_a - mu_b||^2 + ||s_a - s_b||^2`` is a squared Euclidean distance in the
     stacked coordinates ``[mu, sqrt(var)]``, computed with one GEMM and clamped at 0.
+
+    Parameters
+    ----------
+    mu_a, var_a : torch.Tensor
+        `(N_a, D)` means and variances.
+    mu_b, var_b : torch.Tensor
+        `(N_b, D)`.
     """
     _check_pair(mu_a, var_a, "a")
     _check_pair(mu_b, var_b, "b")

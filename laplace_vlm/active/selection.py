@@ -1,0 +1,212 @@
+"""Choosing what to label with the posterior: targeting, scores, batches.
+
+The functions here read the posterior (``DualEncoderLaplace``) and the problem's inputs, never
+a label. BALD and EPIG take joint logit samples from ``la.functional_samples`` with
+``sample_pred_type`` (default ``"nn"``: weight samples of both heads through the exact
+normalisation, the faithful predictive); EPIG's targets are query inputs of the target domain,
+drawn afresh for every batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from laplace_vlm.active import acquisition, targeting
+from laplace_vlm.active.acquisition import Strategy
+from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
+
+Moments = tuple[torch.Tensor, torch.Tensor]
+
+
+def image_moments(la, images: torch.Tensor, class_text: torch.Tensor) -> Moments:
+    """Mean and variance `(N, D)` of the image embeddings under the posterior.
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        the posterior.
+    images : torch.Tensor
+        `(N, d_img)` activations.
+    class_text : torch.Tensor
+        `(C, d_txt)` (the moments need a text input; only the image side is returned).
+    """
+    return la.embedding_moments({"image": images, "text": class_text})["image"]
+
+
+def unlabelled_mask(n: int, labelled: torch.Tensor) -> torch.Tensor:
+    """`(n,)` bool, False at ``labelled``."""
+    free = torch.ones(n, dtype=torch.bool)
+    free[labelled] = False
+    return free
+
+
+def candidates(
+    la, problem: ActiveLearningProblem, labelled: torch.Tensor, config: ActiveLearningConfig
+) -> torch.Tensor:
+    """Unlabelled pool indices in the target neighbourhood (all unlabelled without targeting).
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        the posterior whose embedding moments the distances use.
+    problem : ActiveLearningProblem
+        pool and test inputs.
+    labelled : torch.Tensor
+        pool indices already labelled (never candidates).
+    config : ActiveLearningConfig
+        ``targeting`` and ``k``.
+    """
+    free = unlabelled_mask(len(problem.pool), labelled)
+    if config.targeting == "none":
+        return free.nonzero().squeeze(1)
+    pool = image_moments(la, problem.pool, problem.class_text)
+    targets = image_moments(la, problem.test, problem.class_text)
+    return targeting.nearest_neighbours(
+        targets, pool, k=config.k, metric=config.targeting, exclude=~free
+    )
+
+
+def score_inputs(
+    la,
+    images: torch.Tensor,
+    problem: ActiveLearningProblem,
+    score: str,
+    config: ActiveLearningConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores `(N,)` of ``images`` and their MAP classes `(N,)`.
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        the current posterior.
+    images : torch.Tensor
+        `(N, d_img)` activations to score (pool candidates or test targets).
+    problem : ActiveLearningProblem
+        its class texts, and its test inputs as EPIG's targets.
+    score : str
+        one of :data:`laplace_vlm.active.acquisition.SCORES`.
+    config : ActiveLearningConfig
+        samples, predictives and EPIG's target count.
+    generator : torch.Generator
+        randomness of the samples, EPIG's targets and ``random``.
+    """
+    x = {"image": images, "text": problem.class_text}
+    kwargs: dict[str, Any] = {}
+    with torch.no_grad():
+        map_logits = la.predictive_moments(x, pred_type="map")[0]
+        if score in ("entropy", "logit_variance"):
+            kwargs["mean"], kwargs["var"] = la.predictive_moments(x, pred_type=config.pred_type)
+        elif score == "bald":
+            kwargs["samples"] = la.functional_samples(
+                x, config.sample_pred_type, config.n_samples, generator=generator
+            )
+        elif score == "epig":
+            kwargs.update(_epig_samples(la, images, problem, config, generator))
+        mean = kwargs.pop("mean", map_logits)  # random reads N from it
+        scores = acquisition.acquisition_scores(
+            score, mean, map_logits=map_logits, generator=generator, **kwargs
+        )
+    return scores, map_logits.argmax(-1)
+
+
+def _epig_samples(la, images, problem, config, generator) -> dict[str, torch.Tensor]:
+    # one weight draw shared by the inputs and the targets: their predictions are correlated
+    pick = torch.randperm(len(problem.test), generator=generator)[: config.n_epig_targets]
+    joint = {"image": torch.cat([images, problem.test[pick]]), "text": problem.class_text}
+    f = la.functional_samples(joint, config.sample_pred_type, config.n_samples,
+                              generator=generator)  # fmt: skip
+    return {"samples": f[:, : len(images)], "target_samples": f[:, len(images) :]}
+
+
+def weighted_scores(
+    la,
+    images: torch.Tensor,
+    problem: ActiveLearningProblem,
+    strategy: Strategy,
+    config: ActiveLearningConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_inputs`, times the information density for ``*_density`` strategies.
+
+    Parameters are those of :func:`score_inputs`, with the :class:`Strategy` in place of the
+    score; the density is that of ``images`` against all test inputs of ``problem``, raised to
+    ``config.density_beta``.
+    """
+    scores, predicted = score_inputs(la, images, problem, strategy.score, config, generator)
+    if strategy.density:
+        density = acquisition.information_density(
+            image_moments(la, images, problem.class_text),
+            image_moments(la, problem.test, problem.class_text),
+        )
+        scores = scores * density**config.density_beta
+    return scores, predicted
+
+
+def select_batch(
+    la,
+    problem: ActiveLearningProblem,
+    strategy: Strategy,
+    labelled: torch.Tensor,
+    n_new: int,
+    config: ActiveLearningConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Pool indices `(n_new,)` to label next with ``strategy`` (the rounds protocol).
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        the current posterior.
+    problem : ActiveLearningProblem
+        pool, queries, class texts.
+    strategy : Strategy
+        scores, density weighting and selection rule.
+    labelled : torch.Tensor
+        pool indices already labelled.
+    n_new : int
+        batch size.
+    config : ActiveLearningConfig
+        targeting, samples, ``beta``.
+    generator : torch.Generator
+        randomness of the batch.
+    """
+    if not strategy.targeted:
+        free = unlabelled_mask(len(problem.pool), labelled).nonzero().squeeze(1)
+        return free[torch.randperm(len(free), generator=generator)[:n_new]]
+    cand = candidates(la, problem, labelled, config)
+    scores, predicted = weighted_scores(la, problem.pool[cand], problem, strategy, config,
+                                        generator)  # fmt: skip
+    chosen = acquisition.select(scores, n_new, strategy, config.beta,
+                                class_balanced=config.class_balanced, predicted_class=predicted,
+                                generator=generator)  # fmt: skip
+    return cand[chosen]
+
+
+def selection_order(
+    scores: torch.Tensor,
+    strategy: Strategy,
+    config: ActiveLearningConfig,
+    predicted: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Every index of ``scores`` in the order ``strategy`` would pick them (nested budgets).
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        `(N,)`.
+    strategy : Strategy
+        its selection rule.
+    config : ActiveLearningConfig
+        ``beta`` and ``class_balanced``.
+    predicted : torch.Tensor
+        `(N,)` MAP classes (for class balancing).
+    generator : torch.Generator
+        randomness of the order.
+    """
+    return acquisition.select(scores, len(scores), strategy, config.beta,
+                              class_balanced=config.class_balanced, predicted_class=predicted,
+                              generator=generator)  # fmt: skip

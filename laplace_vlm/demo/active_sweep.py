@@ -1,0 +1,290 @@
+"""The active-learning sweep (``laplace-vlm active --sweep``): where does each strategy win?
+
+Cells: every data set, clean (severity 0) and every shift at increasing severities; a shift's
+severities stop at the first cell whose zero-shot accuracy on the target is below
+``min_zero_shot`` (that cell is not run). Every cell runs every strategy on the same paired
+seeds; the report gives, for every strategy and budget, the paired accuracy difference to
+targeted random and to MAP entropy with its standard error, and plots them against the
+cell's zero-shot accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from laplace_vlm.active.config import ActiveLearningConfig, comma_list, option, positive_int
+from laplace_vlm.active.experiment import run_experiment
+from laplace_vlm.active.report import (
+    differences_vs_zero_shot_figure,
+    format_differences,
+    learning_curves_figure,
+    paired_differences,
+    save_figure,
+    summarize,
+)
+from laplace_vlm.demo import recipe
+from laplace_vlm.demo.active import BASELINES, DemoSetting, describe, prepare
+
+Chain = tuple[str, str, tuple[float, ...]]
+"""``(dataset, shift, severities)``: cells run in order, stopping below ``min_zero_shot``."""
+
+
+def severity_grid(text: str) -> dict[str, tuple[float, ...]]:
+    """``"rotation:0.1,0.2;noise:0.4"`` -> ``{"rotation": (0.1, 0.2), "noise": (0.4,)}``.
+
+    Parameters
+    ----------
+    text : str
+        ``shift:severities`` parts separated by ``;``; a ``ValueError`` names ``grid``.
+    """
+    grid = {}
+    for chunk in (c for c in text.split(";") if c.strip()):
+        shift, _, values = chunk.partition(":")
+        shift = shift.strip()
+        if shift not in recipe.SHIFTS or not values.strip():
+            raise ValueError(f"grid: expected shift:severities with a shift of "
+                             f"{tuple(recipe.SHIFTS)}, got {chunk!r}")  # fmt: skip
+        grid[shift] = tuple(sorted(float(v) for v in comma_list(values)))
+    return grid
+
+
+@dataclass
+class SweepSetting:
+    """The cells of the sweep.
+
+    Attributes
+    ----------
+    datasets : tuple of str
+        from :data:`laplace_vlm.demo.recipe.DATASETS`.
+    grid : str
+        ``"shift:s1,s2;shift:..."`` severities (> 0) per shift, in increasing order.
+    clean : bool
+        also run severity 0 (once per data set).
+    min_zero_shot : float
+        a shift stops at its first severity with zero-shot accuracy below this.
+    workers : int
+        processes running chains of cells at once (each with one torch thread).
+    """
+
+    datasets: tuple[str, ...] = field(default=recipe.DATASETS, metadata=option(
+        "data sets of the sweep", type=comma_list))  # fmt: skip
+    grid: str = field(default="rotation:0.1,0.2,0.3,0.4;noise:0.4,1.0", metadata=option(
+        "severities per shift, 'shift:s1,s2;shift:...'"))  # fmt: skip
+    clean: bool = field(default=True, metadata=option("also run the unshifted target"))
+    min_zero_shot: float = field(
+        default=0.3,
+        metadata=option("stop a shift at the first severity with zero-shot accuracy below this"),
+    )
+    workers: int = field(default=1, metadata=option("processes (one torch thread each)",
+                                                    type=positive_int))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.datasets if d not in recipe.DATASETS]
+        if unknown or not self.datasets:
+            raise ValueError(f"datasets must be among {recipe.DATASETS}, got {self.datasets}.")
+        severity_grid(self.grid)
+        if not 0.0 <= self.min_zero_shot < 1.0:
+            raise ValueError(f"min_zero_shot must lie in [0, 1), got {self.min_zero_shot}.")
+
+    def chains(self) -> list[Chain]:
+        """The chains of cells, clean ones first."""
+        grid = severity_grid(self.grid)
+        clean = [(d, next(iter(grid)), (0.0,)) for d in self.datasets if self.clean and grid]
+        return clean + [(d, shift, sev) for d in self.datasets for shift, sev in grid.items()]
+
+
+def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
+              min_zero_shot: float) -> list[dict]:  # fmt: skip
+    """The cells of one chain, stopping at the first zero-shot accuracy below the threshold.
+
+    Parameters
+    ----------
+    chain : tuple
+        ``(dataset, shift, severities)``.
+    base : DemoSetting
+        sizes and folders (data set, shift and severity are replaced).
+    config : ActiveLearningConfig
+        the experiment of every cell.
+    min_zero_shot : float
+        the threshold; the cell below it is recorded as skipped.
+    """
+    dataset, shift, severities = chain
+    cells = []
+    for severity in severities:
+        start = time.perf_counter()
+        setting = dataclasses.replace(base, dataset=dataset, shift=shift, severity=severity)
+        prepared = prepare(setting, config)
+        zero_shot = prepared.zero_shot_acc
+        if zero_shot < min_zero_shot:
+            cells.append({"dataset": dataset, "shift": shift, "severity": severity,
+                          "zero_shot_acc": zero_shot, "skipped": True})  # fmt: skip
+            break
+        summary = summarize(run_experiment(prepared.la, prepared.problem, config))
+        cells.append({
+            "dataset": dataset, "shift": "none" if severity == 0 else shift,
+            "severity": severity, "zero_shot_acc": zero_shot, "summary": summary,
+            "differences": {b: paired_differences(summary, b) for b in BASELINES if b in summary},
+            "description": describe(setting, config, zero_shot),
+            "seconds": time.perf_counter() - start,
+        })  # fmt: skip
+    return cells
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_sweep(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting,
+              on_chain=None) -> list[dict]:  # fmt: skip
+    """Every chain of ``sweep``, in ``sweep.workers`` processes; ``on_chain(cells)`` after each.
+
+    Parameters
+    ----------
+    sweep : SweepSetting
+        the cells and workers.
+    config : ActiveLearningConfig
+        the experiment of every cell.
+    base : DemoSetting
+        sizes and folders.
+    on_chain : callable, optional
+        called with all cells finished so far, after every chain.
+
+    Returns
+    -------
+    list of dict
+        the cells in chain order (skipped cells flagged ``"skipped": True``).
+    """
+    chains, done = sweep.chains(), {}
+    if sweep.workers == 1:
+        for i, chain in enumerate(chains):
+            done[i] = run_chain(chain, base, config, sweep.min_zero_shot)
+            if on_chain:
+                on_chain([c for j in sorted(done) for c in done[j]])
+        return [c for j in sorted(done) for c in done[j]]
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    longest_first = sorted(range(len(chains)), key=lambda i: -len(chains[i][2]))
+    with ProcessPoolExecutor(sweep.workers, context, initializer=_worker_init) as pool:
+        futures = {pool.submit(run_chain, chains[i], base, config, sweep.min_zero_shot): i
+                   for i in longest_first}  # fmt: skip
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            if on_chain:
+                on_chain([c for j in sorted(done) for c in done[j]])
+    return [c for j in sorted(done) for c in done[j]]
+
+
+def posterior_strategies(config: ActiveLearningConfig) -> list[str]:
+    """The strategies whose scores come from the posterior (BALD, EPIG, entropies of it).
+
+    Parameters
+    ----------
+    config : ActiveLearningConfig
+        its strategies.
+    """
+    return [s.name for s in config.parsed_strategies
+            if s.targeted and s.score not in ("random", "map_entropy")]  # fmt: skip
+
+
+def verdicts(cells: list[dict], config: ActiveLearningConfig) -> list[str]:
+    """Per cell, the posterior strategies that beat both baselines at every budget.
+
+    "Beat" is a positive mean paired difference at every budget (the tables give the SEs).
+
+    Parameters
+    ----------
+    cells : list of dict
+        sweep cells with ``differences``.
+    config : ActiveLearningConfig
+        which strategies are posterior-based.
+    """
+    lines = []
+    for cell in (c for c in cells if not c.get("skipped")):
+        diffs = cell["differences"]
+        if not all(b in diffs for b in BASELINES):
+            continue
+        wins = [s for s in posterior_strategies(config)
+                if all(d["mean"] > 0 for b in BASELINES for d in diffs[b][s].values())]  # fmt: skip
+        name = f"{cell['dataset']} {cell['shift']} {cell['severity']:g}"
+        lines.append(f"{name} (zero-shot {cell['zero_shot_acc']:.3f}): "
+                     + (", ".join(wins) if wins else "none beats both at every budget"))  # fmt: skip
+    return lines
+
+
+def write_outputs(cells: list[dict], config, json_path: Path, out: Path | None) -> None:
+    """The sweep JSON and, with ``out``, the difference plots and every cell's curves.
+
+    Parameters
+    ----------
+    cells : list of dict
+        the cells so far.
+    config : ActiveLearningConfig
+        written with them; its budgets and strategies label the plots.
+    json_path : Path
+        the JSON file.
+    out : Path, optional
+        the plot folder.
+    """
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": dataclasses.asdict(config), "cells": cells}
+    json_path.write_text(json.dumps(payload, indent=1))
+    if out is None:
+        return
+    ran = [c for c in cells if not c.get("skipped")]
+    budgets = [str(b) for b in config.budgets]
+    for baseline in BASELINES:
+        if ran and all(baseline in c["differences"] for c in ran):
+            strategies = [s for s in config.strategies if s != baseline]
+            fig = differences_vs_zero_shot_figure(ran, baseline, budgets, strategies)
+            save_figure(fig, out / f"differences_vs_{baseline}.png")
+    for c in ran:
+        title = (
+            f"{c['dataset']}, {c['shift']} {c['severity']:g} (zero-shot {c['zero_shot_acc']:.2f})"
+        )
+        name = f"curves_{c['dataset']}_{c['shift']}_{c['severity']:g}.png"
+        save_figure(learning_curves_figure(c["summary"], title=title), out / name)
+
+
+def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, json_path: Path,
+         out: Path | None = None, progress_bar: bool = True) -> int:  # fmt: skip
+    """Run the sweep, writing the JSON (and plots) after every chain; print the differences.
+
+    Parameters
+    ----------
+    sweep : SweepSetting
+        the cells.
+    config : ActiveLearningConfig
+        the experiment of every cell.
+    base : DemoSetting
+        sizes and folders.
+    json_path : Path
+        ``{"config": ..., "cells": [...]}``.
+    out : Path, optional
+        folder of the plots.
+    progress_bar : bool
+        print progress after every chain.
+    """
+    start = time.perf_counter()
+
+    def on_chain(cells: list[dict]) -> None:
+        write_outputs(cells, config, json_path, out)
+        if progress_bar:
+            print(f"[sweep: {len(cells)} cells after {time.perf_counter() - start:.0f} s]",
+                  flush=True)  # fmt: skip
+
+    cells = run_sweep(sweep, config, base, on_chain)
+    for cell in (c for c in cells if not c.get("skipped")):
+        print(f"\n{cell['description']} [{cell['seconds']:.0f} s]")
+        for baseline, diffs in cell["differences"].items():
+            print(format_differences(diffs, baseline))
+    print("\nposterior strategies beating targeted random and MAP entropy at every budget:")
+    print("\n".join(verdicts(cells, config)))
+    print(f"[sweep: {time.perf_counter() - start:.0f} s; {json_path}]")
+    return 0

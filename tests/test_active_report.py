@@ -1,0 +1,78 @@
+"""Summaries, paired differences, figures and the sweep's cell logic (no experiment runs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from matplotlib.figure import Figure
+
+from laplace_vlm.active import report
+from laplace_vlm.active.config import ActiveLearningConfig
+
+
+def _runs(accs, ece=0.1):
+    return [{"acc": a, "ece": ece, "nlpd": 1.0, "map_acc": a, "labels_used": 20} for a in accs]
+
+
+def test_paired_difference_against_the_direct_formula():
+    a, b = [0.61, 0.70, 0.55, 0.68], [0.60, 0.64, 0.58, 0.61]
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / 4
+    se = math.sqrt(sum((v - mean) ** 2 for v in d) / 3) / 2
+    got = report.paired_difference(a, b)
+    assert got["mean"] == pytest.approx(mean, abs=1e-15) and got["se"] == pytest.approx(se)
+    assert got["wins"] == 3 and got["n"] == 4
+    assert report.paired_difference([0.3], [0.1])["se"] == 0.0
+    with pytest.raises(ValueError, match="paired"):
+        report.paired_difference([0.1, 0.2], [0.1])
+
+
+def test_summary_and_differences_keep_the_seed_pairing():
+    results = {"random": {0: _runs([0.5, 0.5]), 20: _runs([0.6, 0.7])},
+               "bald": {0: _runs([0.5, 0.5]), 20: _runs([0.65, 0.68])}}  # fmt: skip
+    summary = report.summarize(results)
+    assert summary["bald"]["20"]["acc_per_seed"] == [0.65, 0.68]
+    assert summary["bald"]["20"]["acc_std"] == pytest.approx(math.sqrt(0.00045))
+    assert summary["random"]["20"]["labels_used_max"] == 20
+    diffs = report.paired_differences(summary, "random")
+    assert list(diffs) == ["bald"] and list(diffs["bald"]) == ["20"]  # budget 0 is no contest
+    assert diffs["bald"]["20"]["mean"] == pytest.approx(0.015) and diffs["bald"]["20"]["wins"] == 1
+    assert "+0.015" in report.format_differences(diffs, "random")
+    table = report.format_table(summary)
+    assert "labels used in total: n=0: 20, n=20: 20" in table
+    with pytest.raises(ValueError, match="baseline"):
+        report.paired_differences(summary, "epig")
+
+
+def test_figures_are_figure_objects_and_save(tmp_path):
+    results = {"random": {0: _runs([0.5]), 20: _runs([0.6])},
+               "bald": {0: _runs([0.5]), 20: _runs([0.65])}}  # fmt: skip
+    summary = report.summarize(results)
+    fig = report.learning_curves_figure(summary, title="t")
+    assert isinstance(fig, Figure)
+    png = report.save_figure(fig, tmp_path / "a" / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    diffs = {"random": report.paired_differences(summary, "random")}
+    cells = [{"zero_shot_acc": z, "dataset": ds, "differences": diffs}
+             for z, ds in ((0.6, "digits"), (0.7, "fashion-mnist"))]  # fmt: skip
+    fig = report.differences_vs_zero_shot_figure(cells, "random", ["20"], ["bald"])
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel().startswith("zero-shot")
+
+
+def test_sweep_cells_grid_and_verdicts():
+    from laplace_vlm.demo.active_sweep import SweepSetting, severity_grid, verdicts
+
+    assert severity_grid("rotation:0.2,0.1;noise:1") == {"rotation": (0.1, 0.2), "noise": (1.0,)}
+    for bad in ("spin:0.1", "rotation:"):
+        with pytest.raises(ValueError, match="grid"):
+            severity_grid(bad)
+    sweep = SweepSetting(datasets=("digits",), grid="rotation:0.1;noise:0.5")
+    assert sweep.chains() == [("digits", "rotation", (0.0,)), ("digits", "rotation", (0.1,)),
+                              ("digits", "noise", (0.5,))]  # fmt: skip
+    diff = lambda m: {"20": {"mean": m, "se": 0.01}, "40": {"mean": 0.02, "se": 0.01}}  # noqa: E731
+    cell = {"dataset": "digits", "shift": "rotation", "severity": 0.2, "zero_shot_acc": 0.6,
+            "differences": {"random": {"bald": diff(0.01), "epig": diff(-0.01)},
+                            "map_entropy": {"bald": diff(0.03), "epig": diff(0.03)}}}  # fmt: skip
+    config = ActiveLearningConfig(strategies=("random", "map_entropy", "bald", "epig"))
+    assert verdicts([cell], config) == ["digits rotation 0.2 (zero-shot 0.600): bald"]
