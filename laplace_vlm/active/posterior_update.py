@@ -16,7 +16,6 @@ from torch.nn import functional as F
 
 from laplace_vlm.active.adaptation import Labelled, check_labelled, class_embeddings
 from laplace_vlm.curvature import get_curvature_backend
-from laplace_vlm.curvature.factor_sums import FactorSums
 
 
 def classification_factor_sums(
@@ -79,15 +78,14 @@ def add_image_curvature(la, B: torch.Tensor, A: torch.Tensor, n: int, loss: torc
     """
     if la.H_facs is None:
         raise ValueError("la must be fitted (la.fit) before labelled images are added.")
-    total = FactorSums.from_kron(la.H_facs, la.n_data, la.loss)
+    total = la.factor_sums()
     keep = (la.n_data + n) / la.n_data
     total.B_image += B
     total.A_image += A
     total.A_text *= keep
     total.loss += loss
     total.n += n
-    # proposed as public API: DualEncoderLaplace.add_factor_sums(sums)
-    la._set_factors(total)
+    la.set_factor_sums(total)
 
 
 def update_posterior(

@@ -62,7 +62,7 @@ class FitMixin:
         """
         previous = None
         if not override and self.H_facs is not None:
-            previous = FactorSums.from_kron(self.H_facs, self.n_data, self.loss)
+            previous = self.factor_sums()
         sums = FactorSums.zeros(self._dims, self.heads.image_projection.weight)
         ckpt, done = None, 0
         if checkpoint is not None:
@@ -89,7 +89,7 @@ class FitMixin:
         if previous is not None:
             previous += sums
             sums = previous
-        self._set_factors(sums)
+        self.set_factor_sums(sums)
         if ckpt is not None:  # the sums are in the posterior now: a stale file must not be reused
             ckpt.finish()
 
@@ -114,7 +114,27 @@ class FitMixin:
         n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
         return FactorSums(B_i, A_i, B_t, A_t, loss, n)
 
-    def _set_factors(self, sums: FactorSums) -> None:
+    def factor_sums(self) -> FactorSums:
+        """The fitted sums behind ``H_facs`` (additive: add pairs, then :meth:`set_factor_sums`).
+
+        Returns
+        -------
+        FactorSums
+            ``sum B``, ``sum a a^T`` per head, the summed loss and the pair count.
+        """
+        if self.H_facs is None:
+            raise ValueError("the posterior is not fitted: call fit() first.")
+        return FactorSums.from_kron(self.H_facs, self.n_data, self.loss)
+
+    def set_factor_sums(self, sums: FactorSums) -> None:
+        """Make ``sums`` the curvature of the posterior (laplace's ``Kron`` scaling).
+
+        Parameters
+        ----------
+        sums : FactorSums
+            e.g. :meth:`factor_sums` with labelled examples added (active learning), or
+            the released BayesVLM factors; checked for a positive count and finite values.
+        """
         if int(sums.n) == 0:
             raise ValueError("train_loader yielded no pairs: cannot fit the curvature.")
         for name, value in sums.tensors().items():

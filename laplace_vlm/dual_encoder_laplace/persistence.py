@@ -214,7 +214,7 @@ class PersistenceMixin:
                     f"({dim}, {dim}): these factors belong to another model."
                 )
         like = la.heads.image_projection.weight
-        la._set_factors(FactorSums.from_bayesvlm(factors, n_data, like))
+        la.set_factor_sums(FactorSums.from_bayesvlm(factors, n_data, like))
         return la
 
 
