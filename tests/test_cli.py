@@ -312,3 +312,9 @@ def test_numeric_options_are_validated_by_argparse(tmp_path, capsys, flag, value
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and ("must be positive" in err or "expected an integer" in err), err
+
+
+def test_active_sweep_needs_a_json_path(capsys):
+    assert main(["active", "--sweep"]) == 2
+    err = capsys.readouterr().err
+    assert "--sweep needs --json" in err and len(err.strip().splitlines()) == 1

@@ -15,8 +15,6 @@ from typing import Any
 
 from laplace_vlm.cli.errors import CliError
 
-_DEFAULT_SWEEP_JSON = Path("/tmp/al_sweep.json")
-
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One ``--field-name`` option per field of the dataclass ``cls``.
@@ -96,7 +94,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--sweep", action="store_true", help="run the sweep over data sets, "
                         "shifts and severities instead of one cell")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write the summary JSON here "
-                        f"(the sweep's default: {_DEFAULT_SWEEP_JSON})")  # fmt: skip
+                        "(required with --sweep, which writes it after every cell)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG plots")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (the matrices are tiny: 1 is fastest)")  # fmt: skip
@@ -124,9 +122,12 @@ def run(args: argparse.Namespace) -> int:
     setting = dataclass_from_args(active.DemoSetting, args)
     with recipe.torch_threads(args.threads):
         if args.sweep:
+            if args.json is None:
+                raise CliError("--sweep needs --json PATH: it writes its results there after "
+                               "every cell")  # fmt: skip
             sweep = dataclass_from_args(active_sweep.SweepSetting, args)
-            return active_sweep.main(sweep, config, setting, args.json or _DEFAULT_SWEEP_JSON,
-                                     args.out, args.progress_bar)  # fmt: skip
+            return active_sweep.main(sweep, config, setting, args.json, args.out,
+                                     args.progress_bar)  # fmt: skip
         return active.main(setting, config, args.json, args.out, args.progress_bar)
 
 
