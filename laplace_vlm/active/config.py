@@ -103,7 +103,20 @@ positive_float = _positive(float)
 
 def option(help: str, **extra) -> dict:
     """Field metadata for generated command lines: ``help`` and argparse keywords (``type``,
-    ``choices``)."""
+    ``choices``).
+
+    Parameters
+    ----------
+    help : str
+        the option's help text.
+    **extra
+        argparse keywords of the option, e.g. ``type`` or ``choices``.
+
+    Returns
+    -------
+    dict
+        ``{"help": help, **extra}``.
+    """
     return {"help": help, **extra}
 
 

@@ -51,6 +51,18 @@ class LabelOracle:
         self.revealed = torch.zeros(len(labels), dtype=torch.bool)
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+        """Reveal the labels of ``indices`` and mark them as asked.
+
+        Parameters
+        ----------
+        indices : torch.Tensor
+            `(n,)` pool indices to label.
+
+        Returns
+        -------
+        torch.Tensor
+            the labels of ``indices``.
+        """
         self.revealed[indices] = True
         return self._labels[indices]
 

@@ -131,9 +131,30 @@ def weighted_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`score_inputs`, times the information density for ``*_density`` strategies.
 
-    Parameters are those of :func:`score_inputs`, with the :class:`Strategy` in place of the
-    score; the density is that of ``images`` against all test inputs of ``problem``, raised to
+    The density is that of ``images`` against all test inputs of ``problem``, raised to
     ``config.density_beta``.
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        the current posterior.
+    images : torch.Tensor
+        `(N, d_img)` activations to score.
+    problem : ActiveLearningProblem
+        its class texts, and its test inputs (EPIG's targets, the density's reference).
+    strategy : Strategy
+        its ``score`` and whether it is density-weighted.
+    config : ActiveLearningConfig
+        samples, predictives, EPIG's target count and ``density_beta``.
+    generator : torch.Generator
+        randomness of the samples, EPIG's targets and ``random``.
+
+    Returns
+    -------
+    scores : torch.Tensor
+        `(N,)` scores, density-weighted for ``*_density`` strategies.
+    predicted : torch.Tensor
+        `(N,)` MAP classes.
     """
     scores, predicted = score_inputs(la, images, problem, strategy.score, config, generator)
     if strategy.density:

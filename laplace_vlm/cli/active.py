@@ -64,6 +64,11 @@ def dataclass_from_args(cls: type, args: argparse.Namespace):
     args : argparse.Namespace
         parsed arguments.
 
+    Returns
+    -------
+    object
+        the ``cls`` instance.
+
     The dataclass's validation error (a ``ValueError`` naming the field) ends the command
     with that message and exit code 2.
     """
@@ -81,6 +86,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     ----------
     parser : argparse.ArgumentParser
         the subcommand's parser, filled in and returned.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        ``parser``.
     """
     from laplace_vlm.active.config import ActiveLearningConfig
     from laplace_vlm.demo.active import DemoSetting
@@ -112,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
     ----------
     args : argparse.Namespace
         from :func:`configure_parser`.
+
+    Returns
+    -------
+    int
+        the exit code of the one-cell run or of the sweep.
     """
     from laplace_vlm.active.config import ActiveLearningConfig
     from laplace_vlm.demo import active, active_sweep, recipe

@@ -12,7 +12,13 @@ DATASETS = ("digits", "fashion-mnist")  # laplace_vlm.demo.recipe.DATASETS, with
 
 
 def add_parser(sub) -> None:
-    """Add the ``benchmark`` subcommand to ``sub`` (argparse's subparsers action)."""
+    """Add the ``benchmark`` subcommand to ``sub``.
+
+    Parameters
+    ----------
+    sub : argparse subparsers
+        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    """
     p = sub.add_parser(
         "benchmark",
         help="uncertainty benchmark (calibration, selective, failure, OOD, conformal) offline",
@@ -33,7 +39,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark of ``args.dataset``, print its tables, write ``--json`` and ``--out``."""
+    """Run the benchmark of ``args.dataset``, print its tables, write ``--json`` and ``--out``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        parsed arguments of ``laplace-vlm benchmark``.
+
+    Returns
+    -------
+    int
+        the exit code, 0.
+    """
     from laplace_vlm.demo.benchmark import run_benchmark
     from laplace_vlm.demo.experiment import ExperimentConfig
     from laplace_vlm.demo.figures import write_plots
@@ -68,7 +85,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(result) -> str:
-    """The text tables of a ``BenchmarkResult``: calibration, then each task's headline metrics."""
+    """The text tables of a ``BenchmarkResult``: calibration, then each task's headline metrics.
+
+    Parameters
+    ----------
+    result : BenchmarkResult
+        from :func:`laplace_vlm.demo.benchmark.run_benchmark`.
+
+    Returns
+    -------
+    str
+        the tables, separated by blank lines, ending with the pseudo-counts and temperature.
+    """
     from laplace_vlm.evaluation.tables import pivot_table, select
 
     rows, tables = result.rows, []

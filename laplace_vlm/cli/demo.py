@@ -10,7 +10,13 @@ DEFAULT_OUT = Path("laplace-vlm-demo")
 
 
 def add_parser(sub) -> None:
-    """Add the ``demo`` subcommand to ``sub`` (argparse's subparsers action)."""
+    """Add the ``demo`` subcommand to ``sub``.
+
+    Parameters
+    ----------
+    sub : argparse subparsers
+        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    """
     p = sub.add_parser("demo", help="offline zero-shot calibration demo on handwritten digits")
     p.add_argument("--json", type=Path, help='write {"settings", "rows"} as JSON here')
     p.add_argument(
@@ -28,7 +34,18 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo, print its tables, write the figures (unless ``--no-plots``) and ``--json``."""
+    """Run the demo, print its tables, write the figures (unless ``--no-plots``) and ``--json``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        parsed arguments of ``laplace-vlm demo``.
+
+    Returns
+    -------
+    int
+        the exit code, 0.
+    """
     from laplace_vlm.demo.run import format_report, run_demo
 
     start = time.perf_counter()

@@ -12,6 +12,15 @@ class CliError(Exception):
 
 
 def check_output(path: Path, overwrite: bool) -> None:
+    """Fail with a :class:`CliError` unless ``--output`` ``path`` may be written.
+
+    Parameters
+    ----------
+    path : Path
+        the output file.
+    overwrite : bool
+        whether an existing ``path`` may be replaced.
+    """
     if path.exists() and not overwrite:
         raise CliError(f"--output: {path} exists; pass --overwrite to replace it")
     if not path.parent.is_dir():
@@ -25,6 +34,11 @@ def positive(kind: type) -> Callable[[str], float]:
     ----------
     kind : type
         ``int`` or ``float``.
+
+    Returns
+    -------
+    Callable[[str], float]
+        the parser; it raises ``argparse.ArgumentTypeError`` for a non-number or a value <= 0.
     """
 
     def parse(text: str):

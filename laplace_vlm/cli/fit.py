@@ -17,6 +17,13 @@ CAPTION_SUFFIXES = (".txt", ".caption")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Add ``--model``, ``--pretrained``, ``--device`` and ``--no-progress`` to ``p``.
+
+    Parameters
+    ----------
+    p : argparse.ArgumentParser
+        a subcommand's parser (``fit`` and ``zeroshot``).
+    """
     p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture name")
     p.add_argument(
         "--pretrained", default=DEFAULT_PRETRAINED, help="open_clip tag or checkpoint path"
@@ -26,6 +33,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
+    """Add the ``fit`` subcommand to ``sub``.
+
+    Parameters
+    ----------
+    sub : argparse subparsers
+        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    """
     p = sub.add_parser("fit", help="fit the posterior of an open_clip model on image-caption pairs")
     add_model_args(p)
     p.add_argument(
@@ -60,6 +74,22 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Fit a posterior on the pairs of ``--data`` and save it to ``--output``.
+
+    The likelihood is ``--contrastive`` (default: ``siglip`` if the model has a logit bias,
+    else ``clip``); the layerwise prior precision is optimised by the marginal likelihood at
+    temperature ``1 / --pseudo-count``.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        parsed arguments of ``laplace-vlm fit``.
+
+    Returns
+    -------
+    int
+        the exit code, 0.
+    """
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 
     check_output(args.output, args.overwrite)
@@ -85,6 +115,18 @@ def image_caption_pairs(data: Sequence[str], captions: Path | None) -> Iterator[
     """``(PIL image, caption)`` pairs from a folder + CSV or from webdataset tar shards.
 
     Paths are checked before anything is read, so a typo fails before the model loads.
+
+    Parameters
+    ----------
+    data : Sequence of str
+        one folder of images (without ``.tar`` files), or tar shards and folders of them.
+    captions : Path or None
+        CSV with columns ``filename,caption`` for a folder; None: ``captions.csv`` in it.
+
+    Returns
+    -------
+    Iterator of tuple
+        the pairs, read lazily.
     """
     paths = [Path(d) for d in data]
     missing = [str(p) for p in paths if not p.exists()]
@@ -113,6 +155,20 @@ def _read_captions(path: Path) -> list[tuple[str, str]]:
 
 
 def folder_pairs(folder: Path, rows: Iterable[tuple[str, str]]) -> Iterator[tuple]:
+    """``(PIL image, caption)`` pairs of the files in ``folder`` that ``rows`` name, RGB.
+
+    Parameters
+    ----------
+    folder : Path
+        the images' folder.
+    rows : Iterable of (str, str)
+        ``(filename, caption)`` rows of the captions CSV; a missing file is a :class:`CliError`.
+
+    Returns
+    -------
+    Iterator of tuple
+        the pairs, in the order of ``rows``.
+    """
     from PIL import Image
 
     for filename, caption in rows:
@@ -128,6 +184,16 @@ def tar_pairs(shards: Iterable[Path]) -> Iterator[tuple]:
 
     A sample is the files sharing a key; it needs one image and one ``.txt`` / ``.caption``
     file, and samples without both are skipped (webdataset's grouping and decoding).
+
+    Parameters
+    ----------
+    shards : Iterable of Path
+        the tar files.
+
+    Returns
+    -------
+    Iterator of tuple
+        RGB images and stripped captions.
     """
     try:
         import webdataset as wds
@@ -152,7 +218,24 @@ def _has(sample: dict, suffixes: tuple[str, ...]) -> bool:
 
 
 def pair_batches(pairs: Iterable[tuple], preprocess, tokenizer, batch_size: int) -> Iterator[tuple]:
-    """``(images (B, 3, H, W), tokens (B, L))`` class batches of ``batch_size`` pairs."""
+    """``(images (B, 3, H, W), tokens (B, L))`` class batches of ``batch_size`` pairs.
+
+    Parameters
+    ----------
+    pairs : Iterable of tuple
+        ``(PIL image, caption)`` pairs.
+    preprocess : callable
+        open_clip's image transform, PIL image to `(3, H, W)` tensor.
+    tokenizer : callable
+        open_clip's tokenizer, list of captions to `(B, L)` tokens.
+    batch_size : int
+        pairs per batch; the last batch may be smaller.
+
+    Returns
+    -------
+    Iterator of tuple
+        the batches.
+    """
     import torch
 
     pairs = iter(pairs)

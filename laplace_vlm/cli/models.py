@@ -12,7 +12,22 @@ DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-B-32", "laion2b_s34b_b79k"
 
 
 def load_open_clip(name: str, pretrained: str, device: str | None):
-    """``(model, preprocess, tokenizer)``; a checkpoint that cannot be had is a :class:`CliError`."""
+    """``(model, preprocess, tokenizer)``; a checkpoint that cannot be had is a :class:`CliError`.
+
+    Parameters
+    ----------
+    name : str
+        open_clip architecture name.
+    pretrained : str
+        open_clip pretrained tag or checkpoint path.
+    device : str or None
+        torch device; None: ``cuda`` if available, else ``cpu``.
+
+    Returns
+    -------
+    tuple
+        the model in eval mode, its image transform and its tokenizer.
+    """
     import open_clip
     import torch
 

@@ -16,6 +16,13 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def add_parser(sub) -> None:
+    """Add the ``zeroshot`` subcommand to ``sub``.
+
+    Parameters
+    ----------
+    sub : argparse subparsers
+        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    """
     p = sub.add_parser("zeroshot", help="zero-shot predictions with uncertainty for image files")
     add_model_args(p)
     p.add_argument("--posterior", type=Path, required=True, help="file written by `fit`")
@@ -40,6 +47,21 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write zero-shot predictions for the images of ``--images`` as CSV.
+
+    Columns: filename, prediction, probability, entropy, mutual_information; to ``--output``
+    or standard output.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        parsed arguments of ``laplace-vlm zeroshot``.
+
+    Returns
+    -------
+    int
+        the exit code, 0.
+    """
     from laplace_vlm.adapters.features import extract_features
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
     from laplace_vlm.tasks.zeroshot import ZeroShotClassifier, format_prompts
@@ -70,6 +92,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_classnames(inline: str | None, path: Path | None) -> list[str]:
+    """The class names of ``--classnames-file`` or ``--classnames``, stripped, blanks dropped.
+
+    Parameters
+    ----------
+    inline : str or None
+        comma-separated names; read only if ``path`` is None.
+    path : Path or None
+        file of one name per line.
+
+    Returns
+    -------
+    list of str
+        the names; none at all is a :class:`CliError`.
+    """
     if path is not None:
         if not path.is_file():
             raise CliError(f"--classnames-file: no such file {path}")
@@ -83,6 +119,18 @@ def read_classnames(inline: str | None, path: Path | None) -> list[str]:
 
 
 def list_images(folder: Path) -> list[Path]:
+    """The image files of ``folder`` (by suffix, :data:`IMAGE_SUFFIXES`), sorted.
+
+    Parameters
+    ----------
+    folder : Path
+        the ``--images`` folder; not a folder, or no images, is a :class:`CliError`.
+
+    Returns
+    -------
+    list of Path
+        the files.
+    """
     if not folder.is_dir():
         raise CliError(f"--images: not a folder: {folder}")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -92,6 +140,22 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def image_batches(files: Sequence[Path], preprocess, batch_size: int) -> Iterator:
+    """Batches `(B, 3, H, W)` of the preprocessed RGB images of ``files``, in order.
+
+    Parameters
+    ----------
+    files : Sequence of Path
+        image files.
+    preprocess : callable
+        open_clip's image transform, PIL image to `(3, H, W)` tensor.
+    batch_size : int
+        images per batch; the last batch may be smaller.
+
+    Returns
+    -------
+    Iterator of torch.Tensor
+        the batches.
+    """
     import torch
     from PIL import Image
 

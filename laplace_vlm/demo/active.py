@@ -86,7 +86,18 @@ class DemoSetting:
 
 @dataclass
 class Prepared:
-    """The zero-shot posterior, the problem of every seed and the zero-shot accuracy."""
+    """The zero-shot posterior, the problem of every seed and the zero-shot accuracy.
+
+    Attributes
+    ----------
+    la : DualEncoderLaplace
+        the zero-shot posterior (feature mode) at the config's ``pseudo_count``.
+    problem : callable
+        ``seed -> ActiveLearningProblem``; the pool's shifted half is re-drawn per seed
+        (cached).
+    zero_shot_acc : float
+        MAP accuracy of ``la`` on the shifted target test set.
+    """
 
     la: DualEncoderLaplace
     problem: Callable[[int], ActiveLearningProblem]
@@ -100,6 +111,11 @@ def feature_mode(la: DualEncoderLaplace) -> DualEncoderLaplace:
     ----------
     la : DualEncoderLaplace
         a fitted posterior (model or feature mode).
+
+    Returns
+    -------
+    DualEncoderLaplace
+        a feature-mode copy: ``la``'s heads and state, no model.
     """
     h = la.heads
     out = DualEncoderLaplace(None, image_projection=h.image_projection,
@@ -134,6 +150,11 @@ def prepare(setting: DemoSetting, config: ActiveLearningConfig) -> Prepared:
         data set, target shift and sizes.
     config : ActiveLearningConfig
         its ``pseudo_count`` (the posterior before any label).
+
+    Returns
+    -------
+    Prepared
+        the posterior, the problem factory and the zero-shot accuracy.
     """
     model, splits, class_text, la0 = _zero_shot(setting.dataset, setting.cache_dir,
                                                 setting.data_dir)  # fmt: skip

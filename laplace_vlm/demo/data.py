@@ -48,12 +48,34 @@ def digits_to_images(pixels: np.ndarray) -> torch.Tensor:
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """`(N, 3, H, W)` pixels in ``[0, 1]`` -> model inputs."""
+    """`(N, 3, H, W)` pixels in ``[0, 1]`` -> model inputs.
+
+    Parameters
+    ----------
+    pixels : torch.Tensor
+        `(N, 3, H, W)` pixels in ``[0, 1]``.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, H, W)` ``(pixels - MEAN) / STD``.
+    """
     return (pixels - MEAN) / STD
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Model inputs -> `(N, 3, H, W)` pixels in ``[0, 1]`` (inverse of :func:`normalize`)."""
+    """Model inputs -> `(N, 3, H, W)` pixels in ``[0, 1]`` (inverse of :func:`normalize`).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(N, 3, H, W)` normalised model inputs.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, H, W)` ``images * STD + MEAN``.
+    """
     return images * STD + MEAN
 
 
@@ -123,7 +145,24 @@ def _check_severity(severity: float) -> float:
 def gaussian_noise(
     images: torch.Tensor, severity: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Additive Gaussian pixel noise with standard deviation ``0.5 * severity`` (pixels in [0, 1])."""
+    """Additive Gaussian pixel noise with standard deviation ``0.5 * severity``.
+
+    The noisy pixels are clamped to ``[0, 1]``.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(N, 3, H, W)` normalised model inputs.
+    severity : float
+        in ``[0, 1]``; 0 leaves the images unchanged.
+    generator : torch.Generator
+        randomness of the noise.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, H, W)` shifted, normalised model inputs.
+    """
     std = 0.5 * _check_severity(severity)
     pixels = to_pixels(images)
     noise = torch.randn(pixels.shape, generator=generator, dtype=pixels.dtype)
@@ -131,7 +170,22 @@ def gaussian_noise(
 
 
 def rotation(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
-    """Rotate each image by ``90 * severity`` degrees, clockwise or anticlockwise at random."""
+    """Rotate each image by ``90 * severity`` degrees, clockwise or anticlockwise at random.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(N, 3, H, W)` normalised model inputs.
+    severity : float
+        in ``[0, 1]``; 0 leaves the images unchanged.
+    generator : torch.Generator
+        randomness of the directions.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, H, W)` shifted, normalised model inputs.
+    """
     angle = math.radians(90.0 * _check_severity(severity))
     pixels = to_pixels(images)
     sign = torch.randint(0, 2, (len(pixels),), generator=generator).to(pixels.dtype) * 2 - 1
@@ -145,7 +199,22 @@ def rotation(images: torch.Tensor, severity: float, generator: torch.Generator) 
 
 
 def invert(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
-    """Colour-invert a random fraction ``severity`` of the images (white background, dark strokes)."""
+    """Colour-invert a random fraction ``severity`` of the images (white background, dark strokes).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(N, 3, H, W)` normalised model inputs.
+    severity : float
+        in ``[0, 1]``; 0 leaves the images unchanged.
+    generator : torch.Generator
+        randomness of which images are inverted.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, H, W)` shifted, normalised model inputs.
+    """
     fraction = _check_severity(severity)
     pixels = to_pixels(images)
     chosen = torch.rand(len(pixels), generator=generator) < fraction
@@ -157,6 +226,20 @@ def blur(images: torch.Tensor, severity: float, generator: torch.Generator) -> t
     """Gaussian blur with standard deviation ``3 * severity`` pixels (of the 32x32 image).
 
     ``generator`` is unused (the blur is deterministic); it keeps the signature of every shift.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(N, 3, H, W)` normalised model inputs.
+    severity : float
+        in ``[0, 1]``; 0 leaves the images unchanged.
+    generator : torch.Generator
+        unused.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, H, W)` shifted, normalised model inputs.
     """
     sigma = 3.0 * _check_severity(severity)
     if sigma == 0.0:
@@ -170,6 +253,20 @@ def contrast(images: torch.Tensor, severity: float, generator: torch.Generator) 
 
     At severity 1 a tenth of the contrast is left (torchvision's ``adjust_contrast``), so the
     strongest shift still carries the object. ``generator`` is unused (deterministic).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(N, 3, H, W)` normalised model inputs.
+    severity : float
+        in ``[0, 1]``; 0 leaves the images unchanged.
+    generator : torch.Generator
+        unused.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, H, W)` shifted, normalised model inputs.
     """
     factor = 1.0 - 0.9 * _check_severity(severity)
     return normalize(TF.adjust_contrast(to_pixels(images), factor))

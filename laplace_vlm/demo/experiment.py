@@ -133,7 +133,18 @@ class Experiment:
         return ("map", "temperature", *self.settings)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """`(N, 3, 32, 32)` images -> `(N, d_img)` activations of this experiment's model."""
+        """`(N, 3, 32, 32)` images -> `(N, d_img)` activations of this experiment's model.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            `(N, 3, 32, 32)` normalised model inputs.
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, d_img)` pre-projection image activations.
+        """
         return encode_images(self.model, images)
 
     def predict(self, image_acts: torch.Tensor) -> dict[str, Prediction]:
@@ -155,7 +166,18 @@ class Experiment:
         return out
 
     def deterministic(self, image_acts: torch.Tensor) -> dict[str, Prediction]:
-        """``"map"`` and ``"temperature"`` predictions (see :meth:`predict`)."""
+        """``"map"`` and ``"temperature"`` predictions (see :meth:`predict`).
+
+        Parameters
+        ----------
+        image_acts : torch.Tensor
+            `(N, d_img)` pre-projection activations.
+
+        Returns
+        -------
+        dict of str to Prediction
+            the MAP softmax and its temperature-scaled version, with their entropies.
+        """
         logits = self.classifier.predict(image_acts, pred_type="map").logit_mean
         probs = {"map": torch.softmax(logits, -1), "temperature": self.scaler(logits)}
         return {m: Prediction(p, logits, None, entropy(p), None) for m, p in probs.items()}

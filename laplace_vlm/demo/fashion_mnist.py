@@ -80,7 +80,20 @@ def available(data_dir: str | os.PathLike | None = None) -> bool:
 
 
 def to_images(pixels: torch.Tensor) -> torch.Tensor:
-    """`(N, 28, 28)` uint8 grey values -> `(N, 3, 32, 32)` float32 normalised model inputs."""
+    """`(N, 28, 28)` uint8 grey values -> `(N, 3, 32, 32)` float32 normalised model inputs.
+
+    Bilinear resizing; the grey channel is repeated three times.
+
+    Parameters
+    ----------
+    pixels : torch.Tensor
+        `(N, 28, 28)` uint8 grey values.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N, 3, 32, 32)` model inputs (see :func:`laplace_vlm.demo.data.normalize`).
+    """
     grey = pixels.float().div(255.0)[:, None]
     grey = F.interpolate(grey, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
     return normalize(grey.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous())

@@ -56,7 +56,18 @@ SWEEP_METRICS: tuple[str, ...] = ("ece20", "nlpd")
 
 
 def figure_methods(result: BenchmarkResult) -> list[str]:
-    """The methods drawn: MAP, temperature, each predictive at its chosen n, probcosine at 10."""
+    """The methods drawn: MAP, temperature, each predictive at its chosen n, probcosine at 10.
+
+    Parameters
+    ----------
+    result : BenchmarkResult
+        a finished run; probcosine at the paper's pseudo-count is drawn only if it has it.
+
+    Returns
+    -------
+    list of str
+        method names.
+    """
     methods = ["map", "temperature", *(laplace_method(p) for p in LAPLACE_PREDICTIVES)]
     paper = laplace_method("probcosine", PAPER_PSEUDO_COUNT)
     return methods + [paper] if paper in result.experiment.methods else methods

@@ -195,12 +195,31 @@ def cache_path(cache_dir: str | os.PathLike | None, dataset: str, key: dict) -> 
 
 
 def load_cached(path: Path) -> open_clip.model.CLIP:
-    """A demo CLIP with the weights of ``path``, in eval mode."""
+    """A demo CLIP with the weights of ``path``, in eval mode.
+
+    Parameters
+    ----------
+    path : Path
+        a safetensors file written by :func:`save`.
+
+    Returns
+    -------
+    open_clip.model.CLIP
+        the model.
+    """
     model = build_clip()
     model.load_state_dict(load_file(path))
     return model.eval()
 
 
 def save(model: open_clip.model.CLIP, path: Path) -> None:
-    """Write the weights atomically: a concurrent or interrupted run never reads half a file."""
+    """Write the weights atomically: a concurrent or interrupted run never reads half a file.
+
+    Parameters
+    ----------
+    model : open_clip.model.CLIP
+        the model whose ``state_dict`` is written.
+    path : Path
+        the safetensors file; an existing one is replaced.
+    """
     write_safetensors(path, model.state_dict(), overwrite=True)

@@ -22,20 +22,42 @@ PSEUDO_COUNTS: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 3
 
 @dataclass
 class PosteriorSetting:
-    """Posterior hyperparameters: the pseudo-count and the prior precision tuned at it."""
+    """Posterior hyperparameters: the pseudo-count and the prior precision tuned at it.
+
+    Attributes
+    ----------
+    pseudo_count : float
+        the pseudo-data count ``n`` (temperature ``1 / n``).
+    prior_precision : torch.Tensor
+        the prior precision tuned at ``pseudo_count``.
+    """
 
     pseudo_count: float
     prior_precision: torch.Tensor
 
     def apply(self, la: Any) -> None:
-        """Set ``la``'s temperature and prior precision to this setting."""
+        """Set ``la``'s temperature and prior precision to this setting.
+
+        Parameters
+        ----------
+        la : DualEncoderLaplace
+            the posterior, changed in place (the prior precision is copied).
+        """
         la.temperature = 1.0 / self.pseudo_count
         la.prior_precision = self.prior_precision.clone()
 
 
 @dataclass
 class PseudoCountChoice:
-    """The chosen setting of one predictive and the validation NLPD at every pseudo-count."""
+    """The chosen setting of one predictive and the validation NLPD at every pseudo-count.
+
+    Attributes
+    ----------
+    setting : PosteriorSetting
+        the setting of lowest validation NLPD.
+    nlpd_by_pseudo_count : dict of float to float
+        validation NLPD at every grid point.
+    """
 
     setting: PosteriorSetting
     nlpd_by_pseudo_count: dict[float, float]
@@ -43,6 +65,17 @@ class PseudoCountChoice:
 
 def tune_prior_at(la: Any, pseudo_count: float, prior_structure: str = "layerwise"):
     """Set ``temperature = 1 / pseudo_count`` and the marginal-likelihood prior precision.
+
+    The prior precision is reset to 1 before it is optimised.
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        a fitted posterior, changed in place.
+    pseudo_count : float
+        the pseudo-data count ``n`` (> 0).
+    prior_structure : str, default="layerwise"
+        ``prior_structure`` of ``la.optimize_prior_precision``.
 
     Returns
     -------
