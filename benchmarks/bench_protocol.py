@@ -40,11 +40,10 @@ counted as ``2 p q r`` (normalisation, softmax/sigmoid, reductions and GEMVs are
                                             T^T diag(c) T   (SigLIP: 2 M D^2 + 2 K D^2)
     floor = fit / MAP
 
-``G``: per head the logits ``s U T^T`` and one stacked GEMM ``[e * l; e] @ T`` (CLIP: 3) or
+``G``: per head the logits ``s U T^T`` and one stacked GEMM ``[p * l; p] @ T`` (CLIP: 3) or
 ``(w * l) @ T`` (SigLIP: 2). ``fit`` (per head + ``pair_loss``): CLIP 3 + 3 + 2 = 8, SigLIP
-2 + 2 + 1 = 5. ``fit_pair``: CLIP 6 when the batch is chunked (each head its own row-chunked
-softmax; the loss from their log-sum-exps), 5 when one chunk holds the batch (one logit
-matrix for both heads); SigLIP 3 (one logit matrix, both heads' GEMMs and the loss).
+2 + 2 + 1 = 5. ``fit_pair``: CLIP 6 (each head its own row chunks; the loss from their
+softmax), SigLIP 3 (one logit matrix for both heads and the loss).
 
 Output: absolute times on CPU (or on the CUDA device with ``--device cuda``), peak memory,
 ratio to ``map``, the floor and measured/floor, pairs per second.
@@ -79,31 +78,30 @@ def map_flops(M: int, K: int, d_img: int, d_txt: int, D: int) -> int:
     return 2 * M * (d_img + d_txt) * D + 2 * M * K * D
 
 
-def logit_gemms(config: str, contrastive: str, chunked: bool) -> int:
+def logit_gemms(config: str, contrastive: str) -> int:
     """``G``: GEMMs of the size of one logit matrix (``2 M K D`` FLOPs each) per class batch."""
     if config == "fit":
         return 8 if contrastive == "clip" else 5
-    if contrastive == "siglip":
-        return 3
-    return 6 if chunked else 5
+    return 6 if contrastive == "clip" else 3
 
 
-def fit_flops(config, M, K, d_img, d_txt, D, contrastive, chunked) -> int:
+def fit_flops(config, M, K, d_img, d_txt, D, contrastive) -> int:
     embeds = 2 if config == "fit" else 1
     d2 = 2 * ((4 if contrastive == "clip" else 2) * M * D**2 + 2 * K * D**2)
     return (
         embeds * 2 * M * (d_img + d_txt) * D
         + 2 * M * (d_img**2 + d_txt**2)
-        + logit_gemms(config, contrastive, chunked) * 2 * M * K * D
+        + logit_gemms(config, contrastive) * 2 * M * K * D
         + d2
     )
 
 
 def floor(config, args) -> float:
+    if config == "fit" and library_uses_pair_factors():
+        config = "fit_pair"  # the library's fit is that one
     M = K = args.batch
-    chunked = args.chunk is not None and args.chunk < M
     dims = (args.d_img, args.d_txt, args.dim)
-    return fit_flops(config, M, K, *dims, args.contrastive, chunked) / map_flops(M, K, *dims)
+    return fit_flops(config, M, K, *dims, args.contrastive) / map_flops(M, K, *dims)
 
 
 # ------------------------------------------------------------------ the configurations
@@ -131,17 +129,18 @@ class Batches:
     def __init__(self, args, device, dtype, n=None, batch=None):
         self.args, self.device, self.dtype = args, device, dtype
         self.n, self.batch = n or args.batches, batch or args.batch
-        self.generating = 0.0
+        self.generating = self.generating_cpu = 0.0
 
     def __iter__(self):
         for b in range(self.n):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             g = torch.Generator(self.device).manual_seed(1000 + b)
             a_i = torch.randn(self.batch, self.args.d_img, generator=g, device=self.device)
             a_t = torch.randn(self.batch, self.args.d_txt, generator=g, device=self.device)
             a_i, a_t = a_i.to(self.dtype), a_t.to(self.dtype)
             _sync(self.device)
             self.generating += time.perf_counter() - start
+            self.generating_cpu += time.process_time() - start_cpu
             yield a_i, a_t
 
 
@@ -241,13 +240,14 @@ def worker(args) -> dict:
         base = torch.cuda.memory_allocated(device)
     else:
         base = _rss_bytes()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     run(loader)
     _sync(device)
     seconds = time.perf_counter() - start - loader.generating
+    cpu = time.process_time() - start_cpu - loader.generating_cpu
     peak = (torch.cuda.max_memory_allocated(device) if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
-    return dict(seconds=seconds, peak=peak, base=base)
+    return dict(seconds=seconds, cpu=cpu, peak=peak, base=base)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -269,6 +269,9 @@ def parse(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="what the ratios compare: wall time, or the process's CPU time (with "
+                        "--threads 1 the measure least disturbed by other load)")  # fmt: skip
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {CONFIGS}")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -301,18 +304,19 @@ def main(argv=None) -> None:
     print(f"curvature protocol: {pairs:,} pairs in {args.batches} class batches of {M:,} "
           f"(K = {K:,} classes), d_img = {args.d_img}, d_txt = {args.d_txt}, D = {args.dim}, "
           f"{args.contrastive}, {args.dtype}, chunk_size = {args.chunk}, {args.threads} threads; "
-          f"absolute times on {where}, median of {args.rounds} interleaved rounds, "
+          f"absolute times on {where}, {args.clock} clock, median of {args.rounds} interleaved rounds, "
           f"a fresh process each")  # fmt: skip
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for _ in range(args.rounds):
         for config in configs:
             runs[config].append(spawn(config, raw))
-    t = {c: statistics.median(r["seconds"] for r in runs[c]) for c in configs}
+    key = "seconds" if args.clock == "wall" else "cpu"
+    t = {c: statistics.median(r[key] for r in runs[c]) for c in configs}
     peak = {c: max(r["peak"] for r in runs[c]) for c in configs}
     base = {c: min(r["base"] for r in runs[c]) for c in configs}
     ref, gemm = t.get("map"), t.get("logits")
     mem = "peak alloc" if where != "CPU" else "peak RSS"
-    print(f"{'configuration':14s} {'wall (s)':>9s} {mem + ' GiB':>13s} {'beyond base':>11s} "
+    print(f"{'configuration':14s} {args.clock + ' (s)':>9s} {mem + ' GiB':>13s} {'beyond base':>11s} "
           f"{'x MAP':>7s} {'floor':>6s} {'meas/floor':>10s} {'x logits':>9s} "
           f"{'logits/floor':>12s} {'pairs/s':>10s}")  # fmt: skip
     dash = "-"
@@ -332,7 +336,7 @@ def main(argv=None) -> None:
           f"'beyond base' = peak minus the process's memory before the timed pass")  # fmt: skip
     print("floor = GEMM FLOPs of the configuration / GEMM FLOPs of MAP (embeddings + one logit "
           "matrix; the loss adds none), see the module docstring; 'x MAP' and 'x logits' are "
-          "wall-time ratios to the map and logits rows")  # fmt: skip
+          f"{args.clock}-time ratios to the map and logits rows")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,24 +15,27 @@ with ``c_k = sum_i w_ik / n_i^2``, the rows ``x_i = u_i / n_i^2``, ``y_i = r_i -
 ``U_w`` the rows ``x_i``.)
 
 Cost per head of a class batch of ``M`` rows and ``K`` classes: the logits ``(s U) T^T`` and
-one stacked `(2M, K) @ (K, D)` product ``[e * l; e] T`` (CLIP: ``e = exp(l - max_k l)``, the
-softmax before its row normalisation, which is applied to the `(M, D)` results) or
+one stacked `(2M, K) @ (K, D)` product ``[p * l; p] T`` (CLIP, ``p`` the row softmax) or
 ``(w * l) T`` (SigLIP): 3 (CLIP) or 2 (SigLIP) GEMMs of ``2 M K D`` FLOPs; then ``[X; Q]^T
-[Y; Q/2]`` (``4 M D^2``) and ``T^T diag(c) T`` (``2 K D^2``, once per batch). Row chunks of
-``chunk_size`` bound the working set at two `(chunk, K)` buffers, reused across chunks;
-elementwise work runs in place in them.
+[Y; Q/2]`` (``4 M D^2``; SigLIP ``X^T Y``, ``2 M D^2``) and ``T^T diag(c) T`` (``2 K D^2``).
+Row chunks of ``chunk_size`` bound the working set at two `(chunk, K)` buffers, allocated
+once and reused; the elementwise work runs in them in place, in row tiles that stay in
+cache on CPU (:data:`_TILE`).
 
 :func:`pair_factors` does both heads of a class batch (the texts are the classes of the
-images and vice versa) and its loss. SigLIP's weights are one matrix for both heads, so one
-logit matrix serves both, chunked or not (3 GEMMs of ``2 M K D`` in all). CLIP's text head
-needs a softmax over the images (the columns): one logit matrix serves both heads when one
-chunk holds the batch (5 GEMMs), otherwise each head runs its own row chunks (6). The loss
-comes from the log-sum-exps (CLIP) or log-sigmoids (SigLIP) computed anyway.
+images and vice versa) and its loss, which comes from the softmax (CLIP) or log-sigmoid
+(SigLIP) computed anyway: no logit matrix of its own. SigLIP's weights are one matrix for
+both heads, so one logit matrix serves both (3 GEMMs of ``2 M K D`` in all). CLIP's text
+head needs a softmax over the images, the columns of the image head's logits: each head
+runs its own row chunks (6 GEMMs), which bounds memory by ``chunk_size`` and keeps every
+reduction along contiguous rows (column passes cost more than the GEMM they would save).
 """
 
 from __future__ import annotations
 
 import torch
+
+from laplace_vlm.curvature.backend import HeadCurvature
 
 
 def input_factor(activations: torch.Tensor) -> torch.Tensor:
@@ -88,54 +91,30 @@ def output_factor(
     return _sigmoid_heads(U, inv_n, targets, scale, bias, step)[0]
 
 
-@torch.no_grad()
-def head_factors(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activations: torch.Tensor,
-    residual: torch.Tensor | None,
-    targets: torch.Tensor,
-    scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-    contrastive: str,
-    labels: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KFAC factors ``(B, A)`` of one head on one class batch (the curvature-backend interface).
+class ClosedFormCurvature(HeadCurvature):
+    """The GGN from GEMMs (the default backend); both heads at once with :meth:`pair_factors`."""
 
-    Parameters
-    ----------
-    weight : torch.Tensor
-        `(D, d)` head weight.
-    bias : torch.Tensor, optional
-        `(D,)` head bias.
-    activations : torch.Tensor
-        `(M, d)` inputs of the head.
-    residual : torch.Tensor, optional
-        `(M, D)` per-row offset added after the head (SigLIP image tower).
-    targets : torch.Tensor
-        `(K, D)` normalised embeddings of the other tower, the classes.
-    scale : torch.Tensor
-        linear logit scale.
-    logit_bias : torch.Tensor, optional
-    contrastive : {'clip', 'siglip'}
-    labels : torch.Tensor, optional
-        `(M,)` matching class per row; unused here (the GGN does not depend on the labels).
-    chunk_size : int, optional
+    @torch.no_grad()
+    def factors(
+        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
+        labels, step,
+    ):  # fmt: skip
+        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
+        z = activations @ weight.T
+        if bias is not None:
+            z += bias
+        if residual is not None:
+            z += residual
+        B = output_factor(z, targets, scale, logit_bias, contrastive, step)
+        return B, input_factor(activations)
 
-    Returns
-    -------
-    B, A : torch.Tensor
-        `(D, D)` sum of per-row GGNs, `(d, d)` sum of input outer products.
-    """
-    z = activations @ weight.T
-    if bias is not None:
-        z += bias
-    if residual is not None:
-        z += residual
-    return output_factor(z, targets, scale, logit_bias, contrastive, chunk_size), input_factor(
-        activations
-    )
+    @staticmethod
+    def pair_factors(*args, **kwargs):
+        """Both heads' factors and the loss from shared logits: :func:`pair_factors`."""
+        return pair_factors(*args, **kwargs)
+
+
+head_factors = ClosedFormCurvature()
 
 
 @torch.no_grad()
@@ -179,14 +158,17 @@ def pair_factors(
     V, inv_m = _tower(t)
     step = _step(chunk_size, len(z))
     if contrastive == "clip":
-        B_i, B_t, loss = _softmax_pair(U, inv_n, V, inv_m, scale, step)
+        work = U.new_empty(2 * step * max(len(U), len(V)))  # shared by the two heads
+        B_i, loss_i = _softmax_head(U, inv_n, V, scale, step, work, loss=True)
+        B_t, loss_t = _softmax_head(V, inv_m, U, scale, step, work, loss=True)
+        loss = loss_i + loss_t
     else:
         B_i, B_t, loss = _sigmoid_heads(U, inv_n, V, scale, logit_bias, step, inv_m)
     return B_i, input_factor(image_activations), B_t, input_factor(text_activations), loss
 
 
 # ----------------------------------------------------------------------------- helpers
-_TILE = 1 << 19  # elements per tile of the elementwise passes on CPU: 2 MiB in float32
+_TILE = 1 << 21  # elements per row tile of the elementwise passes on CPU (8 MiB in float32)
 
 
 def _tower(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,9 +182,10 @@ def _step(chunk_size: int | None, rows: int) -> int:
 
 
 def _tiles(rows: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
-    """Row ranges for the elementwise work on a `(rows, cols)` block. On CPU, tiles small
-    enough to stay in cache, so that the passes after the first one do not go to memory
-    (one pass over a `(4096, 32768)` block from memory costs about a tenth of its GEMM)."""
+    """Row ranges for the elementwise work on a `(rows, cols)` block: on CPU tiles of about
+    ``_TILE`` elements, so that a tile's passes after its first one hit cache (a pass over a
+    `(4096, 32768)` block from memory costs about a tenth of its GEMM) while each op stays
+    large enough for its threads; one tile elsewhere."""
     step = rows if device.type != "cpu" else max(1, min(rows, _TILE // max(cols, 1)))
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
@@ -224,6 +207,19 @@ def _diag_term(T: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.mm(T.T * c.to(T.dtype), T)
 
 
+def _add_colsum(c: torch.Tensor, E: torch.Tensor, w: torch.Tensor, block: int = 64) -> None:
+    """``c += E^T w``. Down the rows of a row-major ``E``, BLAS's GEMV adds one row at a time
+    (float32 error growing with the rows); blocks of rows summed afterwards keep it at the
+    level of a pairwise sum, at the GEMV's speed."""
+    r = len(E)
+    nb = r // block
+    if nb:
+        blocks = E[: nb * block].unflatten(0, (nb, block))
+        c += torch.bmm(w[: nb * block].view(nb, 1, block), blocks).sum(0).squeeze(0)
+    if nb * block < r:
+        c += torch.mv(E[nb * block :].T, w[nb * block :])
+
+
 def _softmax_head(U, inv_n, T, scale, step, work=None, loss=False):
     """CLIP factor ``B`` of rows ``U`` against classes ``T`` in row chunks; their NLL if
     ``loss`` (row ``i``'s class is ``i``)."""
@@ -235,7 +231,7 @@ def _softmax_head(U, inv_n, T, scale, step, work=None, loss=False):
         work = U.new_empty(2 * step * K)
     rows = U.new_empty(2, 2 * step, D)
     c, N = _accumulator(K, U), U.new_zeros(D, D)
-    nll = U.new_zeros(())
+    nll = _accumulator(1, U)
     for s in range(0, M, step):
         m = min(step, M - s)
         S = work[: 2 * m * K].view(2 * m, K)
@@ -244,35 +240,30 @@ def _softmax_head(U, inv_n, T, scale, step, work=None, loss=False):
                               rows[0, : 2 * m], rows[1, : 2 * m], s if loss else None)  # fmt: skip
         if loss:
             nll += part
-    return _assemble(_diag_term(T, c), N, scale), nll
+    return _assemble(_diag_term(T, c), N, scale), nll[0].to(U.dtype)
 
 
 def _softmax_block(L, S, U, inv_n, T, scale, c, N, out, left, diag):
     """Add one block of rows to ``c`` (``sum_i p_ik / n_i^2``) and ``N``.
 
-    ``L`` `(r, K)` logits of the rows ``U`` against ``T``; ``S`` `(2r, K)` scratch laid out
-    like ``L`` (``S[:r]`` may be ``L``, which is then overwritten); ``out``, ``left`` `(2r, D)`
-    scratch. Returns the rows' NLL of class ``diag + i`` if ``diag`` is given.
+    ``L`` `(r, K)` logits of the rows ``U`` against ``T``, stored as ``S[:r]`` of the
+    contiguous scratch ``S`` `(2r, K)` (overwritten); ``out``, ``left`` `(2r, D)` scratch.
+    Returns the rows' NLL of class ``diag + i`` if ``diag`` is given.
     """
     r, K = L.shape
-    E = S[r:]
-    mx, Z, col = L.new_empty(r, 1), L.new_empty(r, 1), L.new_empty(K)
+    P = S[r:]
     inv_n2 = inv_n.square()
-    nll = None if diag is None else -L.diagonal(diag).sum()
+    nll = None if diag is None else _accumulator(1, L)
     for i, j in _tiles(r, K, L.device):
-        Lt, Et = L[i:j], E[i:j]
-        torch.amax(Lt, 1, keepdim=True, out=mx[i:j])
-        torch.sub(Lt, mx[i:j], out=Et).exp_()  # e = exp(l - max): the softmax unnormalised
-        torch.sum(Et, 1, keepdim=True, out=Z[i:j])
-        c += torch.mv(Et.T, (inv_n2[i:j] / Z[i:j]).squeeze(1), out=col)
-        torch.mul(Et, Lt, out=S[i:j])
-    if nll is not None:
-        nll += (mx + Z.log()).sum()
-    torch.mm(S, T, out=out)  # [sum_k e_ik l_ik t_k; sum_k e_ik t_k]
-    inv_Z = Z.reciprocal_()
+        Lt, Pt = L[i:j], P[i:j]
+        torch.ops.aten._softmax.out(Lt, 1, False, out=Pt)  # one fused pass per row
+        if nll is not None:
+            nll += _nll_rows(Lt, Pt, diag + i)
+        _add_colsum(c, Pt, inv_n2[i:j].squeeze(1))
+        Lt.mul_(Pt)  # p * l
+    torch.mm(S, T, out=out)  # [sum_k p_ik l_ik t_k; sum_k p_ik t_k]
     R, Tp = out[:r], out[r:]
-    R.mul_(inv_Z / scale)  # r_i = sum_k p_ik cos_ik t_k
-    Tp.mul_(inv_Z)  # T^T p_i
+    R.div_(scale)  # r_i = sum_k p_ik cos_ik t_k; Tp_i = T^T p_i
     g = torch.linalg.vecdot(U, R, dim=1).unsqueeze(1)
     a = torch.linalg.vecdot(U, Tp, dim=1).unsqueeze(1)
     X, Q = left[:r], left[r:]
@@ -284,29 +275,17 @@ def _softmax_block(L, S, U, inv_n, T, scale, c, N, out, left, diag):
     return nll
 
 
-def _softmax_pair(U, inv_n, V, inv_m, scale, step):
-    """CLIP: both heads and the InfoNCE loss both ways of a batch of matched pairs."""
-    M, D = U.shape
-    K = len(V)
-    if step < M:  # each head its own row chunks (the text head's softmax runs over images)
-        work = U.new_empty(2 * step * max(M, K))
-        B_i, loss_i = _softmax_head(U, inv_n, V, scale, step, work, loss=True)
-        B_t, loss_t = _softmax_head(V, inv_m, U, scale, step, work, loss=True)
-        return B_i, B_t, loss_i + loss_t
-    # one logit matrix for both heads; the text head reads its columns
-    L = torch.mm(U * scale, V.T)
-    work = U.new_empty(2 * M * K)
-    rows = U.new_empty(2, 2 * max(M, K), D)
-    c_t, N_t = _accumulator(M, U), U.new_zeros(D, D)
-    S_t = work.view(M, 2 * K).T  # (2K, M), laid out like L.T
-    loss_t = _softmax_block(L.T, S_t, V, inv_m, U, scale, c_t, N_t,
-                            rows[0, : 2 * K], rows[1, : 2 * K], 0)  # fmt: skip
-    c_i, N_i = _accumulator(K, U), U.new_zeros(D, D)
-    loss_i = _softmax_block(L, work.view(2 * M, K), U, inv_n, V, scale, c_i, N_i,
-                            rows[0, : 2 * M], rows[1, : 2 * M], 0)  # fmt: skip
-    B_i = _assemble(_diag_term(V, c_i), N_i, scale)
-    B_t = _assemble(_diag_term(U, c_t), N_t, scale)
-    return B_i, B_t, loss_i + loss_t
+def _nll_rows(L: torch.Tensor, P: torch.Tensor, offset: int) -> torch.Tensor:
+    """``sum_i -log p_{i, offset + i}`` of softmax rows ``P`` of logits ``L``; rows whose
+    ``p`` is below the normal range get ``logsumexp - l`` from their logits instead."""
+    p = P.diagonal(offset)
+    nll = -p.log()
+    low = p < torch.finfo(p.dtype).tiny
+    if low.any():
+        rows = low.nonzero().squeeze(1)
+        lr = L[rows]
+        nll[rows] = torch.logsumexp(lr, 1) - lr.gather(1, (rows + offset)[:, None]).squeeze(1)
+    return nll.sum()
 
 
 def _sigmoid_heads(U, inv_n, T, scale, bias, step, inv_m=None):
@@ -320,7 +299,7 @@ def _sigmoid_heads(U, inv_n, T, scale, bias, step, inv_m=None):
     Us = U * scale
     work = U.new_empty(2 * step * K)
     rows = U.new_empty(2, step, D)
-    c, N, col = _accumulator(K, U), U.new_zeros(D, D), U.new_empty(K)
+    c, N = _accumulator(K, U), U.new_zeros(D, D)
     if pair:
         inv_m2 = inv_m.square().squeeze(1)
         R_T = U.new_zeros(K, D)  # s sum_i w_ik cos_ik u_i: s times the text head's r_k
@@ -337,18 +316,25 @@ def _sigmoid_heads(U, inv_n, T, scale, bias, step, inv_m=None):
             loss -= L.diagonal(s).sum() + (0.0 if bias is None else m * bias)
         for i, j in _tiles(m, K, L.device):
             Lt, Wt = L[i:j], W[i:j]
-            if bias is None:
-                torch.neg(Lt, out=Wt)
-            else:
-                torch.sub(-bias, Lt, out=Wt)  # -l
-            torch._C._nn.log_sigmoid(Wt, out=Wt)  # log sigmoid(-l)
-            if pair:
+            if pair:  # the loss needs log sigmoid(-l); w = exp(l + 2 log sigmoid(-l))
+                if bias is None:
+                    torch.neg(Lt, out=Wt)
+                else:
+                    torch.sub(-bias, Lt, out=Wt)  # -l
+                torch._C._nn.log_sigmoid(Wt, out=Wt)
                 loss -= Wt.sum()
-            torch.add(Lt, Wt, alpha=2.0, out=Wt)  # log w - b = l - b + 2 log sigmoid(-l)
-            if bias is not None:
-                Wt.add_(bias)
-            Wt.exp_()  # w = sigmoid(l) sigmoid(-l), accurate on both tails
-            c += torch.mv(Wt.T, inv_n2[i:j].squeeze(1), out=col)
+                torch.add(Lt, Wt, alpha=2.0, out=Wt)  # log w - b
+                if bias is not None:
+                    Wt.add_(bias)
+                Wt.exp_()
+            else:  # w = q (1 - q), q = sigmoid(-|l|) the smaller factor: exact on both tails
+                if bias is None:
+                    torch.abs(Lt, out=Wt)
+                else:
+                    torch.add(Lt, bias, out=Wt).abs_()
+                Wt.neg_().sigmoid_()
+                Wt.addcmul_(Wt, Wt, value=-1.0)
+            _add_colsum(c, Wt, inv_n2[i:j].squeeze(1))
             if pair:
                 torch.mv(Wt, inv_m2, out=c_T[i:j])
             Lt.mul_(Wt)  # s w cos

@@ -99,6 +99,10 @@ class FitMixin:
             a_i, r_i, a_t, r_t = self.inputs.pair(batch)
             z = check_nonzero_norm("image embeddings", heads.embed_image(a_i, r_i))
             t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
+            n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
+            if hasattr(fn, "pair_factors"):  # both heads and the loss from the same logits
+                return FactorSums(*fn.pair_factors(z, a_i, t, a_t, heads.scale, heads.logit_bias,
+                                                   self.contrastive, self.chunk_size), n)  # fmt: skip
             u, v = F.normalize(z, dim=-1), F.normalize(t, dim=-1)
         labels = torch.arange(len(a_i), device=a_i.device)
 
@@ -111,7 +115,6 @@ class FitMixin:
         B_i, A_i = factors(heads.image_projection, a_i, r_i, v)
         B_t, A_t = factors(heads.text_projection, a_t, r_t, u)
         loss = pair_loss(u, v, labels, heads.logits, self.contrastive, self.chunk_size)
-        n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
         return FactorSums(B_i, A_i, B_t, A_t, loss, n)
 
     def factor_sums(self) -> FactorSums:
