@@ -1,4 +1,4 @@
-"""``laplace-vlm``: the offline demo, and fitting / zero-shot prediction with real open_clip models.
+"""``laplace-vlm``: the offline demo and benchmark, active learning, and fitting / zero-shot with open_clip.
 
 Subcommands:
 

@@ -1,4 +1,4 @@
-"""Analytic moments of similarity logits under Gaussian embeddings, and the probit links.
+"""Analytic moments of similarity logits under Gaussian embeddings: glm and ProbCosine.
 
 Three forms, all `(N, C)` and built from GEMMs (never an `(N, C, P)` Jacobian). For speed,
 every normalisation and the logit scale are folded into the GEMM operands, what depends only
