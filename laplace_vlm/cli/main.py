@@ -1,4 +1,4 @@
-"""``laplace-vlm``: the offline demo and benchmark, active learning, and fitting / zero-shot with open_clip.
+"""``laplace-vlm``: the offline demo, benchmark and active learning; fit and zero-shot with open_clip.
 
 Subcommands:
 
