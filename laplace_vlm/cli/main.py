@@ -1,4 +1,4 @@
-"""``laplace-vlm``: the offline demo, benchmark and active learning; fit and zero-shot with open_clip.
+"""``laplace-vlm``: offline demo, benchmark and active learning; fit and zero-shot with open_clip.
 
 Subcommands:
 
