@@ -152,3 +152,26 @@ def test_bad_input_names_the_argument(setup):
         ZeroShotClassifier(la, clf.class_activations, classnames=["a"])
     with pytest.raises(ValueError, match="pred_type"):
         clf.predict(acts, pred_type="bayes")
+
+
+def test_exact_monte_carlo_prediction_is_the_joint_samples():
+    """``pred_type='nn'``: probabilities, moments and mutual information of the same draws."""
+    from laplace_vlm.predictive.uncertainty import bald_from_samples
+
+    g = torch.Generator().manual_seed(0)
+    W_img, W_txt = torch.randn(6, 10, generator=g), torch.randn(6, 8, generator=g)
+    la = DualEncoderLaplace(None, image_projection=W_img, text_projection=W_txt, logit_scale=2.0)
+    la.fit([(torch.randn(12, 10, generator=g), torch.randn(12, 8, generator=g))])
+    clf = ZeroShotClassifier(la, torch.randn(4, 8, generator=g))
+    acts = torch.randn(5, 10, generator=g)
+    pred = clf.predict(acts, pred_type="nn", link_approx="mc", n_samples=300,
+                       generator=torch.Generator().manual_seed(3))  # fmt: skip
+    f = la.functional_samples(clf.inputs(acts), "nn", 300, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(pred.probs, torch.softmax(f, -1).mean(0))
+    torch.testing.assert_close(pred.probs, la(clf.inputs(acts), "nn", link_approx="mc",
+                                              n_samples=300,
+                                              generator=torch.Generator().manual_seed(3)))  # fmt: skip
+    torch.testing.assert_close(pred.logit_var, f.var(0))
+    torch.testing.assert_close(pred.mutual_information, bald_from_samples(f))
+    with pytest.raises(ValueError, match="link_approx='mc'"):
+        clf.predict(acts, pred_type="nn")

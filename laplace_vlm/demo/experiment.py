@@ -41,7 +41,7 @@ from laplace_vlm.evaluation.pseudo_count import (
     select_pseudo_count,
     tune_prior_at,
 )
-from laplace_vlm.predictive.uncertainty import bald_from_samples, entropy
+from laplace_vlm.predictive.uncertainty import entropy
 from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
 
 # pred_type -> link of each Laplace predictive: the default, the linearised one, exact MC
@@ -204,12 +204,6 @@ class Experiment:
         """
         setting.apply(self.la)
         generator = torch.Generator().manual_seed(self.seed)
-        if pred_type == "nn":
-            x = self.classifier.inputs(image_acts)
-            with torch.no_grad():
-                f = self.la.functional_samples(x, "nn", self.mc_samples, generator=generator)
-            probs = torch.softmax(f, -1).mean(0)  # what la(x, "nn", link_approx="mc") returns
-            return Prediction(probs, f.mean(0), f.var(0), entropy(probs), bald_from_samples(f))
         p = self.classifier.predict(
             image_acts,
             pred_type=pred_type,

@@ -249,8 +249,10 @@ class ZeroShotClassifier:
             `(N, d_img)` pre-projection image activations.
         image_residual : torch.Tensor, optional
             `(N, D)` residual offsets of the image embeddings.
-        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'map'}, default='probcosine'
-            logit moments; ``"map"`` is the deterministic model.
+        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'nn', 'map'}, default='probcosine'
+            logit moments; ``"nn"`` is exact Monte Carlo (weights through the normalisation,
+            needs ``link_approx='mc'``; moments and mutual information from its samples);
+            ``"map"`` is the deterministic model.
         link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
             ``probit``: closed form on the moments. ``mc``: ``n_samples`` joint samples of the
             logits through the linearisation (``glm``: weight-space samples, so classes are
@@ -271,11 +273,11 @@ class ZeroShotClassifier:
         Raises
         ------
         ValueError
-            for ``pred_type='nn'``, which has no logit moments.
+            for ``pred_type='nn'`` without ``link_approx='mc'``.
         """
         pred_type = parse_option(PredType, pred_type, "pred_type")
-        if pred_type is PredType.NN:
-            raise ValueError("pred_type='nn' has no logit moments: use 'probcosine' or 'glm'.")
+        if pred_type is PredType.NN and link_approx != "mc":
+            raise ValueError("pred_type='nn' needs link_approx='mc'.")
         generator = torch.Generator().manual_seed(0) if generator is None else generator
         x = self.inputs(image_activations, image_residual)
         with torch.no_grad():
@@ -284,6 +286,11 @@ class ZeroShotClassifier:
                 var = torch.zeros_like(mean)
                 probs, mi = torch.softmax(mean, dim=-1), mean.new_zeros(len(mean))
                 return ZeroShotPrediction(probs, mean, var, entropy(probs), mi)
+            if pred_type is PredType.NN:  # exact MC: the moments are those of the samples
+                f = self.la.functional_samples(x, PredType.NN, n_samples, generator=generator)
+                probs = torch.softmax(f, -1).mean(0)
+                return ZeroShotPrediction(probs, f.mean(0), f.var(0), entropy(probs),
+                                          bald_from_samples(f))  # fmt: skip
             mean, var = self.la.predictive_moments(x, pred_type=pred_type)
             if link_approx == "mc":
                 samples = self._logit_samples(x, pred_type, mean, var, n_samples, generator)
