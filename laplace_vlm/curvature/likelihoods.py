@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CONTRASTIVE_TYPES: tuple[str, ...] = ("clip", "siglip")
+from laplace_vlm.enums import Contrastive, parse_option, plain
+
+CONTRASTIVE_TYPES: tuple[str, ...] = tuple(c.value for c in Contrastive)
 
 
 def check_contrastive(contrastive: str) -> str:
@@ -26,10 +28,8 @@ def check_contrastive(contrastive: str) -> str:
     str
         ``'clip'`` or ``'siglip'``.
     """
-    value = str(getattr(contrastive, "value", contrastive)).lower()
-    if value not in CONTRASTIVE_TYPES:
-        raise ValueError(f"contrastive must be one of {CONTRASTIVE_TYPES}, got {contrastive!r}.")
-    return value
+    lowered = plain(contrastive).lower() if isinstance(contrastive, str) else contrastive
+    return parse_option(Contrastive, lowered, "contrastive").value
 
 
 def hessian_weights(logits: torch.Tensor, contrastive: str) -> torch.Tensor:
