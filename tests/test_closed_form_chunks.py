@@ -8,13 +8,11 @@ of a float32 GGN; memory must be bounded by ``chunk_size``.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from brute_force import per_sample_ggn
-from torch.profiler import ProfilerActivity, profile
+from test_memory import torch_peak_bytes
 
 from laplace_vlm import DualEncoderLaplace
 from laplace_vlm.curvature import closed_form
@@ -186,20 +184,6 @@ def test_fit_through_pair_factors_equals_the_fit(monkeypatch, contrastive, chunk
     torch.testing.assert_close(la.loss, ref.loss, rtol=1e-12, atol=0.0)
 
 
-def _peak_bytes(fn):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 @pytest.mark.parametrize("contrastive", ["clip", "siglip"])
 def test_working_memory_is_bounded_by_chunk_size(contrastive):
     g = torch.Generator().manual_seed(8)
@@ -207,8 +191,12 @@ def test_working_memory_is_bounded_by_chunk_size(contrastive):
     z, t = torch.randn(M, d, generator=g), torch.randn(M, d, generator=g)
     s, lb = torch.tensor(10.0), (torch.tensor(-5.0) if contrastive == "siglip" else None)
     block = chunk * M * 4  # one (chunk, K) float32 buffer
-    peak = _peak_bytes(lambda: closed_form.pair_factors(z, z, t, t, s, lb, contrastive, chunk))
+    peak, _ = torch_peak_bytes(
+        lambda: closed_form.pair_factors(z, z, t, t, s, lb, contrastive, chunk)
+    )
     rows = 24 * M * d * 4  # (M, D) row tensors: normalised towers, scaled copies, accumulators
     assert peak < 2 * block + rows, (peak, block)
-    full = _peak_bytes(lambda: closed_form.pair_factors(z, z, t, t, s, lb, contrastive, None))
+    full, _ = torch_peak_bytes(
+        lambda: closed_form.pair_factors(z, z, t, t, s, lb, contrastive, None)
+    )
     assert full > 8 * peak  # unchunked: (M, M) buffers
