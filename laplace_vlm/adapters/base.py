@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from laplace_vlm.docstrings import fill_doc
+
 Encode = Callable[[Any], torch.Tensor]
 Captured = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -258,13 +260,13 @@ class DualEncoderAdapter:
         self._verified: set[str] = set()
 
     @classmethod
+    @fill_doc
     def supports(cls, model: Any) -> bool:
         """Whether this adapter can handle ``model``.
 
         Parameters
         ----------
-        model : object
-            the candidate model.
+        %(candidate_model)s
 
         Returns
         -------

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from laplace_vlm.adapters import DualEncoderAdapter, Features, get_adapter
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.io.safetensors_file import read_safetensors, write_safetensors
 
 FORMAT = "laplace_vlm.features"  # the tag of files written before the package moved: kept
@@ -63,13 +64,13 @@ class FeatureSet:
         write_safetensors(path, self._tensors(), metadata, overwrite=overwrite)
 
     @classmethod
+    @fill_doc
     def load(cls, path: str | os.PathLike) -> FeatureSet:
         """Read a file written by :meth:`save` (no unpickling).
 
         Parameters
         ----------
-        path : str or os.PathLike
-            the file.
+        %(path)s
 
         Returns
         -------

@@ -23,6 +23,7 @@ from laplace_vlm.adapters.base import (
 )
 from laplace_vlm.adapters.capture import HookCapture
 from laplace_vlm.adapters.registry import is_instance_by_name, register_adapter
+from laplace_vlm.docstrings import fill_doc
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -77,13 +78,13 @@ class HFCLIPAdapter(DualEncoderAdapter):
         )
 
     @classmethod
+    @fill_doc
     def supports(cls, model: Any) -> bool:
         """Whether ``model`` is a ``transformers`` ``CLIPModel`` (by class name, no import).
 
         Parameters
         ----------
-        model : object
-            the candidate model.
+        %(candidate_model)s
 
         Returns
         -------
@@ -137,6 +138,7 @@ class HFSiglipAdapter(DualEncoderAdapter):
         )
 
     @classmethod
+    @fill_doc
     def supports(cls, model: Any) -> bool:
         """Whether ``model`` is a ``transformers`` ``SiglipModel`` or ``Siglip2Model``.
 
@@ -144,8 +146,7 @@ class HFSiglipAdapter(DualEncoderAdapter):
 
         Parameters
         ----------
-        model : object
-            the candidate model.
+        %(candidate_model)s
 
         Returns
         -------

@@ -29,6 +29,7 @@ from laplace_vlm.adapters.base import (
 )
 from laplace_vlm.adapters.capture import HookCapture, SwapCapture
 from laplace_vlm.adapters.registry import is_instance_by_name, register_adapter
+from laplace_vlm.docstrings import fill_doc
 
 _MODELS = {"CLIP", "CustomTextCLIP", "CoCa"}
 
@@ -71,6 +72,7 @@ class OpenCLIPAdapter(DualEncoderAdapter):
         )
 
     @classmethod
+    @fill_doc
     def supports(cls, model: Any) -> bool:
         """Whether ``model`` is an open_clip ``CLIP``, ``CustomTextCLIP`` or ``CoCa``.
 
@@ -78,8 +80,7 @@ class OpenCLIPAdapter(DualEncoderAdapter):
 
         Parameters
         ----------
-        model : object
-            the candidate model.
+        %(candidate_model)s
 
         Returns
         -------

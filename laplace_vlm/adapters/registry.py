@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from laplace_vlm.adapters.base import DualEncoderAdapter
+from laplace_vlm.docstrings import fill_doc
 
 _ADAPTERS: list[type[DualEncoderAdapter]] = []
 
@@ -59,13 +60,13 @@ def get_adapter(model: Any) -> DualEncoderAdapter:
     )
 
 
+@fill_doc
 def is_instance_by_name(model: Any, module_prefix: str, names: set[str]) -> bool:
     """``isinstance`` by class name, so that checking costs no import of the library.
 
     Parameters
     ----------
-    model : object
-        the candidate model.
+    %(candidate_model)s
     module_prefix : str
         the library's module prefix, e.g. ``"open_clip."``.
     names : set of str

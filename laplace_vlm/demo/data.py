@@ -18,6 +18,8 @@ import torchvision.transforms.v2.functional as TF
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from laplace_vlm.docstrings import fill_doc
+
 IMAGE_SIZE = 32
 MEAN = 0.5
 STD = 0.5
@@ -27,6 +29,22 @@ SEVERITIES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 Split = tuple[torch.Tensor, torch.Tensor]
 Shift = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
+
+# what every shift takes and returns (the signature of ``Shift``)
+_fill_doc = fill_doc.extend(
+    shift_images="""
+        images : torch.Tensor
+            `(N, 3, H, W)` normalised model inputs.
+        """,
+    severity="""
+        severity : float
+            in ``[0, 1]``; 0 leaves the images unchanged.
+        """,
+    shifted="""
+        torch.Tensor
+            `(N, 3, H, W)` shifted, normalised model inputs.
+        """,
+)
 
 
 def digits_to_images(pixels: np.ndarray) -> torch.Tensor:
@@ -63,13 +81,13 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - MEAN) / STD
 
 
+@_fill_doc
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """Model inputs -> `(N, 3, H, W)` pixels in ``[0, 1]`` (inverse of :func:`normalize`).
 
     Parameters
     ----------
-    images : torch.Tensor
-        `(N, 3, H, W)` normalised model inputs.
+    %(shift_images)s
 
     Returns
     -------
@@ -142,6 +160,7 @@ def _check_severity(severity: float) -> float:
     return float(severity)
 
 
+@_fill_doc
 def gaussian_noise(
     images: torch.Tensor, severity: float, generator: torch.Generator
 ) -> torch.Tensor:
@@ -151,17 +170,14 @@ def gaussian_noise(
 
     Parameters
     ----------
-    images : torch.Tensor
-        `(N, 3, H, W)` normalised model inputs.
-    severity : float
-        in ``[0, 1]``; 0 leaves the images unchanged.
+    %(shift_images)s
+    %(severity)s
     generator : torch.Generator
         randomness of the noise.
 
     Returns
     -------
-    torch.Tensor
-        `(N, 3, H, W)` shifted, normalised model inputs.
+    %(shifted)s
     """
     std = 0.5 * _check_severity(severity)
     pixels = to_pixels(images)
@@ -169,22 +185,20 @@ def gaussian_noise(
     return normalize((pixels + std * noise).clamp(0.0, 1.0))
 
 
+@_fill_doc
 def rotation(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
     """Rotate each image by ``90 * severity`` degrees, clockwise or anticlockwise at random.
 
     Parameters
     ----------
-    images : torch.Tensor
-        `(N, 3, H, W)` normalised model inputs.
-    severity : float
-        in ``[0, 1]``; 0 leaves the images unchanged.
+    %(shift_images)s
+    %(severity)s
     generator : torch.Generator
         randomness of the directions.
 
     Returns
     -------
-    torch.Tensor
-        `(N, 3, H, W)` shifted, normalised model inputs.
+    %(shifted)s
     """
     angle = math.radians(90.0 * _check_severity(severity))
     pixels = to_pixels(images)
@@ -198,22 +212,20 @@ def rotation(images: torch.Tensor, severity: float, generator: torch.Generator) 
     return normalize(F.grid_sample(pixels, grid, align_corners=False, padding_mode="zeros"))
 
 
+@_fill_doc
 def invert(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
     """Colour-invert a random fraction ``severity`` of the images (white background, dark strokes).
 
     Parameters
     ----------
-    images : torch.Tensor
-        `(N, 3, H, W)` normalised model inputs.
-    severity : float
-        in ``[0, 1]``; 0 leaves the images unchanged.
+    %(shift_images)s
+    %(severity)s
     generator : torch.Generator
         randomness of which images are inverted.
 
     Returns
     -------
-    torch.Tensor
-        `(N, 3, H, W)` shifted, normalised model inputs.
+    %(shifted)s
     """
     fraction = _check_severity(severity)
     pixels = to_pixels(images)
@@ -222,24 +234,20 @@ def invert(images: torch.Tensor, severity: float, generator: torch.Generator) ->
     return normalize(pixels)
 
 
+@_fill_doc
 def blur(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
     """Gaussian blur with standard deviation ``3 * severity`` pixels (of the 32x32 image).
 
-    ``generator`` is unused (the blur is deterministic); it keeps the signature of every shift.
-
     Parameters
     ----------
-    images : torch.Tensor
-        `(N, 3, H, W)` normalised model inputs.
-    severity : float
-        in ``[0, 1]``; 0 leaves the images unchanged.
+    %(shift_images)s
+    %(severity)s
     generator : torch.Generator
-        unused.
+        unused: the blur is deterministic (kept for the signature of ``Shift``).
 
     Returns
     -------
-    torch.Tensor
-        `(N, 3, H, W)` shifted, normalised model inputs.
+    %(shifted)s
     """
     sigma = 3.0 * _check_severity(severity)
     if sigma == 0.0:
@@ -248,25 +256,23 @@ def blur(images: torch.Tensor, severity: float, generator: torch.Generator) -> t
     return normalize(TF.gaussian_blur(to_pixels(images), [kernel, kernel], [sigma, sigma]))
 
 
+@_fill_doc
 def contrast(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
     """Lower the contrast to a factor ``1 - 0.9 * severity`` around each image's mean grey.
 
     At severity 1 a tenth of the contrast is left (torchvision's ``adjust_contrast``), so the
-    strongest shift still carries the object. ``generator`` is unused (deterministic).
+    strongest shift still carries the object.
 
     Parameters
     ----------
-    images : torch.Tensor
-        `(N, 3, H, W)` normalised model inputs.
-    severity : float
-        in ``[0, 1]``; 0 leaves the images unchanged.
+    %(shift_images)s
+    %(severity)s
     generator : torch.Generator
-        unused.
+        unused: lowering the contrast is deterministic.
 
     Returns
     -------
-    torch.Tensor
-        `(N, 3, H, W)` shifted, normalised model inputs.
+    %(shifted)s
     """
     factor = 1.0 - 0.9 * _check_severity(severity)
     return normalize(TF.adjust_contrast(to_pixels(images), factor))

@@ -32,6 +32,7 @@ from laplace_vlm.demo.recipe import (
     load_clip,
     load_splits,
 )
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 from laplace_vlm.evaluation.calibration import TemperatureScaling
 from laplace_vlm.evaluation.pseudo_count import (
@@ -51,13 +52,13 @@ MC_SAMPLES = 200
 
 
 @dataclass
+@fill_doc
 class Prediction:
     """One method's output on `N` inputs.
 
     Attributes
     ----------
-    probs : torch.Tensor
-        `(N, C)` predictive probabilities.
+    %(probs)s
     logit_mean : torch.Tensor
         `(N, C)` logits (MAP), their posterior mean, or the Monte Carlo mean.
     logit_var : torch.Tensor or None

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from laplace_vlm.curvature.factor_sums import FactorSums
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.enums import damping_argument, plain, posterior_form
 from laplace_vlm.heads import unfold_bias
 from laplace_vlm.io.bayesvlm import REFERENCE_N_DATA, read_bayesvlm_factors, read_bayesvlm_prior
@@ -92,13 +93,13 @@ class PersistenceMixin:
                 f"damping={damping_argument(self.posterior_form)!r}."
             )
 
+    @fill_doc
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write :meth:`state_dict` to a safetensors file (atomic; never pickle).
 
         Parameters
         ----------
-        path : str or os.PathLike
-            the file.
+        %(path)s
         overwrite : bool, default=False
             replace an existing file; otherwise a ``FileExistsError``.
         """

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from laplace_vlm.docstrings import fill_doc
+
 
 class TemperatureScaling:
     """Post-hoc temperature scaling of classification logits.
@@ -28,6 +30,7 @@ class TemperatureScaling:
         self.max_iter = max_iter
         self.temperature = 1.0
 
+    @fill_doc
     def fit(self, logits: torch.Tensor, labels: torch.Tensor) -> TemperatureScaling:
         """Fit ``T`` by minimising the mean NLL of ``softmax(logits / T)``.
 
@@ -35,8 +38,7 @@ class TemperatureScaling:
         ----------
         logits : torch.Tensor
             `(N, C)` validation logits.
-        labels : torch.Tensor
-            `(N,)` class indices.
+        %(labels)s
 
         Returns
         -------

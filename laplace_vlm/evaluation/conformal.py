@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
+
 _METHODS = ("lac", "aps", "raps")
 # Softmax outputs in float32 sum to 1 only up to rounding; this tolerance still rejects logits.
 _SUM_TOL = 1e-3
@@ -191,13 +193,13 @@ class SplitConformal:
         u = torch.rand(n, generator=self.generator, dtype=torch.float64, device=gen_device)
         return u.to(device)
 
+    @fill_doc
     def scores(self, probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
         """Non-conformity score of every class for every input.
 
         Parameters
         ----------
-        probs : torch.Tensor
-            `(N, C)` predictive probabilities.
+        %(probs)s
         u : torch.Tensor or None
             `(N,)` uniforms in ``[0, 1]`` for randomised APS/RAPS; None draws them from
             ``generator``. Must be None for LAC and non-randomised APS/RAPS.

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import BinaryAUROC, BinaryROC
 
+from laplace_vlm.docstrings import fill_doc
+
 #: Direction of each OOD score in this module: True when a higher score means more in-distribution.
 HIGHER_IS_IN = {"msp": True, "mcm": True, "expected_logit_variance": False}
 
@@ -59,6 +61,19 @@ def _binary_inputs(
     return preds, target
 
 
+_fill_doc = fill_doc.extend(
+    score_pos="""
+        score_pos : torch.Tensor
+            `(P,)` scores of the positive inputs (higher = more likely positive), ``P >= 1``.
+        """,
+    score_neg="""
+        score_neg : torch.Tensor
+            `(M,)` scores of the negative inputs, ``M >= 1``.
+        """,
+)
+
+
+@_fill_doc
 def detection_auroc(score_pos: torch.Tensor, score_neg: torch.Tensor) -> float:
     """Area under the ROC curve of telling positives from negatives by a score.
 
@@ -66,10 +81,8 @@ def detection_auroc(score_pos: torch.Tensor, score_neg: torch.Tensor) -> float:
 
     Parameters
     ----------
-    score_pos : torch.Tensor
-        `(P,)` scores of the positive inputs (higher = more likely positive), ``P >= 1``.
-    score_neg : torch.Tensor
-        `(M,)` scores of the negative inputs, ``M >= 1``.
+    %(score_pos)s
+    %(score_neg)s
 
     Returns
     -------
@@ -81,6 +94,7 @@ def detection_auroc(score_pos: torch.Tensor, score_neg: torch.Tensor) -> float:
     return float(metric(preds, target))
 
 
+@_fill_doc
 def fpr_at_tpr(score_pos: torch.Tensor, score_neg: torch.Tensor, tpr: float = 0.95) -> float:
     """False-positive rate at the first threshold whose true-positive rate reaches ``tpr``.
 
@@ -89,10 +103,8 @@ def fpr_at_tpr(score_pos: torch.Tensor, score_neg: torch.Tensor, tpr: float = 0.
 
     Parameters
     ----------
-    score_pos : torch.Tensor
-        `(P,)` scores of the positive inputs (higher = more likely positive), ``P >= 1``.
-    score_neg : torch.Tensor
-        `(M,)` scores of the negative inputs, ``M >= 1``.
+    %(score_pos)s
+    %(score_neg)s
     tpr : float
         Target true-positive rate in ``(0, 1]``; 0.95 gives the usual FPR95.
 

@@ -14,21 +14,18 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.metrics import ECE_BINS, ece
 from laplace_vlm.evaluation.tables import Row, select
 
 
+@fill_doc
 def reliability_bins(
     probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-label confidence and accuracy per equal-width bin, as the ECE sees them.
 
-    Parameters
-    ----------
-    probs : torch.Tensor
-        `(N, C)` predictive probabilities.
-    labels : torch.Tensor
-        `(N,)` class indices.
+    %(classification_parameters)s
     n_bins : int
         number of equal-width bins on ``[0, 1]``.
 
@@ -48,6 +45,7 @@ def reliability_bins(
     return conf_sum / safe, acc_sum / safe, count
 
 
+@fill_doc
 def reliability_diagram(
     probs_by_method: Mapping[str, torch.Tensor],
     labels: torch.Tensor,
@@ -61,8 +59,7 @@ def reliability_diagram(
     ----------
     probs_by_method : mapping of str to torch.Tensor
         method name -> `(N, C)` predictive probabilities on the same inputs.
-    labels : torch.Tensor
-        `(N,)` class indices.
+    %(labels)s
     path : path
         the PNG to write.
     n_bins : int

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.detection import detection_auroc, fpr_at_tpr
 
 
@@ -60,17 +61,24 @@ def _check_pair(
     return confidence, correct.to(confidence.device)
 
 
+_fill_doc = fill_doc.extend(
+    failure_parameters="""
+        Parameters
+        ----------
+        %(confidence)s
+        correct : torch.Tensor
+            `(N,)` bool (or 0/1), with at least one correct and one misclassified prediction.
+        """,
+)
+
+
+@fill_doc
 def risk_coverage_curve(
     confidence: torch.Tensor, correct: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective risk against coverage, one point per distinct confidence threshold.
 
-    Parameters
-    ----------
-    confidence : torch.Tensor
-        `(N,)` confidence of each prediction (higher = more likely correct).
-    correct : torch.Tensor
-        `(N,)` bool (or 0/1) whether each prediction is correct.
+    %(selective_parameters)s
 
     Returns
     -------
@@ -91,18 +99,14 @@ def risk_coverage_curve(
     return count[last] / len(conf_sorted), errors[last] / count[last]
 
 
+@fill_doc
 def aurc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     """Area under the risk-coverage curve (lower is better).
 
     ``sum_j (c_j - c_{j-1}) r_j`` over the points of :func:`risk_coverage_curve` with
     ``c_0 = 0``; without ties, ``mean_{k=1..N}`` of the error rate of the ``k`` most confident.
 
-    Parameters
-    ----------
-    confidence : torch.Tensor
-        `(N,)` confidence of each prediction (higher = more likely correct).
-    correct : torch.Tensor
-        `(N,)` bool (or 0/1) whether each prediction is correct.
+    %(selective_parameters)s
 
     Returns
     -------
@@ -114,6 +118,7 @@ def aurc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     return float((steps * risk).sum())
 
 
+@fill_doc
 def optimal_aurc(correct: torch.Tensor) -> float:
     """AURC of the oracle ranking that puts every correct prediction first.
 
@@ -123,8 +128,7 @@ def optimal_aurc(correct: torch.Tensor) -> float:
 
     Parameters
     ----------
-    correct : torch.Tensor
-        `(N,)` bool (or 0/1) whether each prediction is correct.
+    %(correct)s
 
     Returns
     -------
@@ -137,15 +141,11 @@ def optimal_aurc(correct: torch.Tensor) -> float:
     return float(((k - n_correct) / k).sum() / n_total)
 
 
+@fill_doc
 def excess_aurc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     """E-AURC: :func:`aurc` minus :func:`optimal_aurc` (Geifman et al. 2019), ``>= 0``.
 
-    Parameters
-    ----------
-    confidence : torch.Tensor
-        `(N,)` confidence of each prediction (higher = more likely correct).
-    correct : torch.Tensor
-        `(N,)` bool (or 0/1) whether each prediction is correct.
+    %(selective_parameters)s
 
     Returns
     -------
@@ -168,18 +168,14 @@ def _split(
     return confidence[correct], confidence[~correct]
 
 
+@_fill_doc
 def failure_auroc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     """AUROC of telling correct from misclassified predictions by confidence.
 
     Correct predictions are the positives. Swapping the roles (errors positive, negated
     confidence) gives the same number.
 
-    Parameters
-    ----------
-    confidence : torch.Tensor
-        `(N,)` confidence of each prediction (higher = more likely correct).
-    correct : torch.Tensor
-        `(N,)` bool (or 0/1), with at least one correct and one misclassified prediction.
+    %(failure_parameters)s
 
     Returns
     -------
@@ -189,17 +185,13 @@ def failure_auroc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     return detection_auroc(*_split(confidence, correct, "failure_auroc"))
 
 
+@_fill_doc
 def failure_fpr95(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     """Fraction of misclassified predictions accepted when 95% of the correct ones are.
 
     Correct predictions are the positives (FPR at 95% TPR, as in Corbiere et al. 2019).
 
-    Parameters
-    ----------
-    confidence : torch.Tensor
-        `(N,)` confidence of each prediction (higher = more likely correct).
-    correct : torch.Tensor
-        `(N,)` bool (or 0/1), with at least one correct and one misclassified prediction.
+    %(failure_parameters)s
 
     Returns
     -------

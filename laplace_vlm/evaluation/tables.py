@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.conformal import coverage, mean_set_size
 from laplace_vlm.evaluation.detection import ood_metrics
 from laplace_vlm.evaluation.selective import aurc, excess_aurc, failure_auroc, failure_fpr95
@@ -140,28 +141,31 @@ def confidence_scores(
     return scores
 
 
+@fill_doc
 def selective_values(confidence: torch.Tensor, correct: torch.Tensor) -> dict[str, float]:
     """``aurc`` and ``eaurc`` (excess over the oracle) of a confidence.
 
-    Parameters
-    ----------
-    confidence : torch.Tensor
-        `(N,)` higher = more likely correct.
-    correct : torch.Tensor
-        `(N,)` bool.
+    %(selective_parameters)s
+
+    Returns
+    -------
+    dict of str to float
+        ``{"aurc", "eaurc"}`` (:func:`aurc`, :func:`excess_aurc`).
     """
     return {"aurc": aurc(confidence, correct), "eaurc": excess_aurc(confidence, correct)}
 
 
+@fill_doc
 def failure_values(confidence: torch.Tensor, correct: torch.Tensor) -> dict[str, float]:
     """``auroc`` and ``fpr95`` of telling correct from wrong predictions; NaN without both.
 
-    Parameters
-    ----------
-    confidence : torch.Tensor
-        `(N,)` higher = more likely correct.
-    correct : torch.Tensor
-        `(N,)` bool.
+    %(selective_parameters)s
+
+    Returns
+    -------
+    dict of str to float
+        ``{"auroc", "fpr95"}`` (:func:`failure_auroc`, :func:`failure_fpr95`), both NaN when
+        every prediction is correct or none is.
     """
     if bool(correct.all()) or not bool(correct.any()):
         return {"auroc": math.nan, "fpr95": math.nan}
@@ -186,6 +190,7 @@ def ood_values(
     return ood_metrics(score_in, score_out, higher_is_in=higher_is_in)
 
 
+@fill_doc
 def conformal_values(sets: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """``coverage`` and ``set_size`` of `(N, C)` boolean prediction sets.
 
@@ -193,8 +198,7 @@ def conformal_values(sets: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     ----------
     sets : torch.Tensor
         `(N, C)` bool, from ``SplitConformal.predict``.
-    labels : torch.Tensor
-        `(N,)` class indices.
+    %(labels)s
     """
     return {"coverage": coverage(sets, labels), "set_size": mean_set_size(sets)}
 

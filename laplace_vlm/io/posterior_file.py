@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.io.safetensors_file import read_safetensors, write_safetensors
 from laplace_vlm.validation import check_finite
 
@@ -75,13 +76,13 @@ def save_state(path: str | os.PathLike, state: dict[str, Any], overwrite: bool =
     write_safetensors(path, tensors, metadata, overwrite=overwrite)
 
 
+@fill_doc
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """The state dict of a file written by :func:`save_state` (or by laplace-vlm 0.1).
 
     Parameters
     ----------
-    path : str or os.PathLike
-        the file.
+    %(path)s
 
     Returns
     -------

@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from laplace_vlm.docstrings import fill_doc
+
 
 def write_safetensors(
     path: str | os.PathLike,
@@ -61,6 +63,7 @@ def write_safetensors(
             tmp.unlink()
 
 
+@fill_doc
 def read_safetensors(
     path: str | os.PathLike, fmt: str, what: str, device: str = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -68,8 +71,7 @@ def read_safetensors(
 
     Parameters
     ----------
-    path : str or os.PathLike
-        the file.
+    %(path)s
     fmt : str
         the expected ``format`` tag of the metadata.
     what : str

@@ -18,7 +18,17 @@ from dataclasses import dataclass
 import torch
 from laplace.utils.matrix import KronDecomposed
 
+from laplace_vlm.docstrings import fill_doc
+
 CovTerm = tuple[torch.Tensor, torch.Tensor]  # (basis Q (D, D), coefficients c (N, D))
+
+
+_fill_doc = fill_doc.extend(
+    activations="""
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        """,
+)
 
 
 @dataclass
@@ -73,13 +83,13 @@ class HeadPosterior:
             post.bias_basis, post.bias_inv_eig = Qb, 1.0 / (lb + P.deltas[weight_idx + 1])
         return post
 
+    @_fill_doc
     def terms(self, activations: torch.Tensor) -> list[CovTerm]:
         """Covariance terms of the embeddings: ``Cov[z_n] = sum Q diag(c_n) Q^T``.
 
         Parameters
         ----------
-        activations : torch.Tensor
-            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        %(activations)s
 
         Returns
         -------
@@ -92,13 +102,13 @@ class HeadPosterior:
             terms.append((self.bias_basis, self.bias_inv_eig.expand(len(activations), -1)))
         return terms
 
+    @_fill_doc
     def variance(self, activations: torch.Tensor) -> torch.Tensor:
         """Diagonal of ``Cov[z]`` per input, exact.
 
         Parameters
         ----------
-        activations : torch.Tensor
-            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        %(activations)s
 
         Returns
         -------
@@ -111,13 +121,13 @@ class HeadPosterior:
             var = var + self.bias_basis.square() @ self.bias_inv_eig
         return var
 
+    @_fill_doc
     def covariance(self, activations: torch.Tensor) -> torch.Tensor:
         """Full ``Cov[z]`` per input (small problems only).
 
         Parameters
         ----------
-        activations : torch.Tensor
-            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        %(activations)s
 
         Returns
         -------
@@ -126,6 +136,7 @@ class HeadPosterior:
         """
         return sum(torch.einsum("di,ni,ei->nde", Q, c, Q) for Q, c in self.terms(activations))
 
+    @_fill_doc
     def cross_terms(self, activations: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-covariance terms ``Cov[z_k, z_l] = sum Q diag(c_kl) Q^T``, c: `(N, N, D)`.
 
@@ -134,8 +145,7 @@ class HeadPosterior:
 
         Parameters
         ----------
-        activations : torch.Tensor
-            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        %(activations)s
 
         Returns
         -------
@@ -183,6 +193,7 @@ class HeadPosterior:
         return dW, db
 
     @staticmethod
+    @_fill_doc
     def perturbations(
         activations: torch.Tensor, dW: torch.Tensor, db: torch.Tensor | None
     ) -> torch.Tensor:
@@ -190,8 +201,7 @@ class HeadPosterior:
 
         Parameters
         ----------
-        activations : torch.Tensor
-            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        %(activations)s
         dW : torch.Tensor
             `(S, D, d)` weight samples (:meth:`sample_weights`).
         db : torch.Tensor or None
@@ -205,6 +215,7 @@ class HeadPosterior:
         dz = activations @ dW.transpose(1, 2)
         return dz if db is None else dz + db[:, None]
 
+    @_fill_doc
     def sample_perturbations(
         self,
         activations: torch.Tensor,
@@ -215,8 +226,7 @@ class HeadPosterior:
 
         Parameters
         ----------
-        activations : torch.Tensor
-            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
+        %(activations)s
         n_samples : int
             S.
         generator : torch.Generator, optional

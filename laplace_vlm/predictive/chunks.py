@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.enums import PredType
 from laplace_vlm.heads import DualHead
 from laplace_vlm.posterior.head_posterior import HeadPosterior
@@ -20,10 +21,36 @@ from laplace_vlm.validation import check_nonzero_norm
 HeadInputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
 
+_fill_doc = fill_doc.extend(
+    heads="""
+        heads : DualHead
+            the heads (embeddings, logit scale and bias).
+        """,
+    posteriors="""
+        posteriors : tuple of HeadPosterior
+            the posteriors of the image head and of the text head.
+        """,
+    inputs="""
+        inputs : tuple
+            validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
+            images and `(C, ...)` classes.
+        """,
+    step="""
+        step : int
+            images per chunk.
+        """,
+    zero_norm="""
+        ValueError
+            if an image or class embedding has a zero or non-finite norm.
+        """,
+)
+
+
 def _rows(r: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if r is None else r[rows]
 
 
+@_fill_doc
 def moment_chunks(
     heads: DualHead,
     posteriors: tuple[HeadPosterior, HeadPosterior],
@@ -39,17 +66,12 @@ def moment_chunks(
 
     Parameters
     ----------
-    heads : DualHead
-        the heads (embeddings, logit scale and bias).
-    posteriors : tuple of HeadPosterior
-        the posteriors of the image head and of the text head.
-    inputs : tuple
-        validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
-        images and `(C, ...)` classes.
+    %(heads)s
+    %(posteriors)s
+    %(inputs)s
     pred_type : PredType
         ``PROBCOSINE``, ``PROBCOSINE_DIAG`` or ``GLM``.
-    step : int
-        images per chunk.
+    %(step)s
     out : tuple of torch.Tensor, optional
         `(N, C)` preallocated mean and variance to write into.
 
@@ -61,8 +83,7 @@ def moment_chunks(
 
     Raises
     ------
-    ValueError
-        if an image or class embedding has a zero or non-finite norm.
+    %(zero_norm)s
     """
     a_i, r_i, a_t, r_t = inputs
     post_i, post_t = posteriors
@@ -79,6 +100,7 @@ def moment_chunks(
         yield mean, var
 
 
+@_fill_doc
 def glm_covariance_chunks(
     heads: DualHead,
     posteriors: tuple[HeadPosterior, HeadPosterior],
@@ -89,15 +111,10 @@ def glm_covariance_chunks(
 
     Parameters
     ----------
-    heads : DualHead
-        the heads (embeddings, logit scale and bias).
-    posteriors : tuple of HeadPosterior
-        the posteriors of the image head and of the text head.
-    inputs : tuple
-        validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
-        images and `(C, ...)` classes.
-    step : int
-        images per chunk.
+    %(heads)s
+    %(posteriors)s
+    %(inputs)s
+    %(step)s
 
     Returns
     -------
@@ -108,8 +125,7 @@ def glm_covariance_chunks(
 
     Raises
     ------
-    ValueError
-        if an image or class embedding has a zero or non-finite norm.
+    %(zero_norm)s
     """
     a_i, r_i, a_t, r_t = inputs
     post_i, post_t = posteriors
@@ -125,6 +141,7 @@ def glm_covariance_chunks(
     return torch.cat(means), torch.cat(covs)
 
 
+@_fill_doc
 def logit_sample_chunks(
     heads: DualHead,
     posteriors: tuple[HeadPosterior, HeadPosterior],
@@ -141,21 +158,16 @@ def logit_sample_chunks(
 
     Parameters
     ----------
-    heads : DualHead
-        the heads (embeddings, logit scale and bias).
-    posteriors : tuple of HeadPosterior
-        the posteriors of the image head and of the text head.
-    inputs : tuple
-        validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
-        images and `(C, ...)` classes.
+    %(heads)s
+    %(posteriors)s
+    %(inputs)s
     pred_type : PredType
         ``GLM`` or ``NN``.
     n_samples : int
         S, weight draws of both heads.
     generator : torch.Generator, optional
         randomness of the draws.
-    step : int
-        images per chunk.
+    %(step)s
 
     Yields
     ------

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.enums import PredType, parse_option
 from laplace_vlm.predictive.links import sample_logits
 from laplace_vlm.predictive.uncertainty import bald_from_samples, entropy
@@ -105,13 +106,13 @@ def class_text_activations(
 
 
 @dataclass
+@fill_doc
 class ZeroShotPrediction:
     """Per-image zero-shot output.
 
     Attributes
     ----------
-    probs : torch.Tensor
-        `(N, C)` predictive probabilities.
+    %(probs)s
     logit_mean, logit_var : torch.Tensor
         `(N, C)` mean and variance of the logits (variance 0 for ``"map"``).
     entropy : torch.Tensor
