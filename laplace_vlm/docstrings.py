@@ -159,5 +159,74 @@ fill_doc = DocEntries(
         """,
     # entries shared across adapters/, io/, heads, inputs, curvature/, dual_encoder_laplace/
     # entries shared across evaluation/, tasks/, predictive/, posterior/
+    logit_sampling_parameters="""
+        %(logit_moment_parameters)s
+        %(n_samples)s
+        %(seeded_generator)s
+        """,
+    seeded_generator="""
+        generator : torch.Generator or int, optional
+            randomness (an int is a seed; None means seed 0).
+        """,
+    logit_moment_parameters="""
+        Parameters
+        ----------
+        %(logit_moments)s
+        """,
+    probs_entropy="""
+        entropy : torch.Tensor
+            `(N,)` entropy of ``probs`` (total uncertainty), nats.
+        """,
     # entries shared across active/, demo/, cli/
+    cli_add_parser="""
+        Parameters
+        ----------
+        %(subparsers)s
+        """,
+    cli_run="""
+        Parameters
+        ----------
+        %(cli_args)s
+
+        Returns
+        -------
+        %(exit_status)s
+        """,
+    zero_shot_posterior="""
+        la_init : DualEncoderLaplace
+            the zero-shot posterior (not modified).
+        """,
+    active_problem="""
+        problem : ActiveLearningProblem
+            the pool, the queries and the class texts.
+        """,
+    class_text="""
+        class_text : torch.Tensor
+            `(C, d_txt)` class text activations.
+        """,
+    budget_metrics="""
+        dict of int to dict
+            ``{budget: metrics}``: budget 0 is the zero-shot posterior, every other the number
+            of pool labels adapted on; the metrics are :func:`laplace_vlm.active.loop.result_row`'s.
+        """,
+    protocol_run="""
+        Parameters
+        ----------
+        %(zero_shot_posterior)s
+        %(active_problem)s
+        strategy : Strategy
+            what to label.
+        seed : int
+            seed of every random choice of the run.
+        config : ActiveLearningConfig
+            budgets, fine-tuning and adaptation.
+
+        Returns
+        -------
+        %(budget_metrics)s
+        """,
+    demo_dataset="""
+        dataset : {'digits', 'fashion-mnist'}
+            the data set.
+        """,
 )

@@ -16,9 +16,8 @@ POSTERIOR_DTYPES = (torch.float32, torch.float64)
 def as_linear(projection: Any, name: str, dtype: torch.dtype) -> nn.Linear:
     """Copy a projection into a fresh ``nn.Linear`` in ``dtype``.
 
-    ``projection`` is a weight `(D, d)` or anything with ``.weight`` `(D, d)` and ``.bias``
-    (``nn.Linear``, an adapter's ``LinearHead``). The copy decouples the posterior from the
-    user's model (laplace writes samples into its parameters) and fixes the layout.
+    The copy decouples the posterior from the user's model (laplace writes samples into its
+    parameters) and fixes the layout.
 
     Parameters
     ----------
@@ -173,10 +172,6 @@ class DualHead(nn.Module):
     A head whose bias is folded into its weight (:func:`fold_bias`, ``joint[modality]``)
     takes *design* inputs ``[a, 1]`` (:meth:`design`); the others take activations as they are.
 
-    ``forward`` maps design inputs to similarity logits: a dict
-    ``{"image": (N, d_img), "text": (C, d_txt)}`` gives `(N, C)`; a tensor of image inputs is
-    scored against the classes set with :meth:`set_classes`.
-
     Parameters
     ----------
     image_projection, text_projection : nn.Linear
@@ -245,45 +240,49 @@ class DualHead(nn.Module):
         Returns
         -------
         int
+            the width of the activations; the design inputs have ``d + 1`` if folded.
         """
         linear = getattr(self, f"{modality}_projection")
         return linear.in_features - self.joint[modality]
 
     def embed_image(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Un-normalised image embeddings of design inputs.
+        """Un-normalised image embeddings ``z = W_img a (+ b_img) (+ r)`` of design inputs.
 
         Parameters
         ----------
         activations : torch.Tensor
-            `(N, d_img [+ 1])` design inputs (:meth:`design`).
+            `(N, d_img [+ 1])` image design inputs (:meth:`design`).
         residual : torch.Tensor, optional
-            `(N, D)` offset added after the projection.
+            `(N, D)` per-image offset after the projection (SigLIP's image tower).
 
         Returns
         -------
         torch.Tensor
-            `(N, D)`.
+            `(N, D)` the rows of the logits (:meth:`logits`), before normalisation.
         """
-        z = self.image_projection(activations)
-        return z if residual is None else z + residual
+        return self._embed(self.image_projection, activations, residual)
 
     def embed_text(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
-        """Un-normalised text embeddings of design inputs.
+        """Un-normalised text embeddings ``t = W_txt a (+ b_txt) (+ r)``: the logits' classes.
 
         Parameters
         ----------
         activations : torch.Tensor
-            `(C, d_txt [+ 1])` design inputs (:meth:`design`).
+            `(C, d_txt [+ 1])` text design inputs, one row per class (:meth:`design`).
         residual : torch.Tensor, optional
-            `(C, D)` offset added after the projection.
+            `(C, D)` per-text offset, if a text tower has one.
 
         Returns
         -------
         torch.Tensor
-            `(C, D)`.
+            `(C, D)` the columns of the logits, before normalisation.
         """
-        t = self.text_projection(activations)
-        return t if residual is None else t + residual
+        return self._embed(self.text_projection, activations, residual)
+
+    @staticmethod
+    def _embed(head: nn.Linear, activations: torch.Tensor, residual: torch.Tensor | None):
+        embeddings = head(activations)
+        return embeddings if residual is None else embeddings + residual
 
     def set_classes(self, activations: torch.Tensor, residual: torch.Tensor | None = None):
         """Store the class texts so that bare image inputs can be scored.
@@ -325,6 +324,11 @@ class DualHead(nn.Module):
             ``{"image": (N, d_img [+ 1]), "text": (C, d_txt [+ 1])}``, optionally with
             ``"image_residual"`` `(N, D)` and ``"text_residual"`` `(C, D)`; or image design
             inputs `(N, d_img [+ 1])`, scored against the classes of :meth:`set_classes`.
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, C)` :meth:`logits` of the images' embeddings against the texts'.
         """
         if isinstance(x, torch.Tensor):
             if self.class_activations is None:
@@ -359,6 +363,8 @@ def build_heads(
     Returns
     -------
     DualHead
+        fresh copies of the heads (the model's stay untouched), biases folded where
+        ``joint_bias``.
 
     Raises
     ------
@@ -366,15 +372,9 @@ def build_heads(
         if a head or ``logit_scale`` is missing, the embedding dims differ, ``logit_scale`` is
         not a scalar, or ``logit_scale`` / ``logit_bias`` is not finite.
     """
-    missing = [
-        name
-        for name, value in (
-            ("image_projection", image_projection),
-            ("text_projection", text_projection),
-            ("logit_scale", logit_scale),
-        )
-        if value is None
-    ]
+    given = {"image_projection": image_projection, "text_projection": text_projection,
+             "logit_scale": logit_scale}  # fmt: skip
+    missing = [name for name, value in given.items() if value is None]
     if missing:
         raise ValueError(f"without a model, DualEncoderLaplace needs {', '.join(missing)}.")
     weights = [getattr(p, "weight", p) for p in (image_projection, text_projection)]

@@ -46,8 +46,9 @@ class InputEncoder:
         Returns
         -------
         a_img, r_img, a_txt, r_txt : torch.Tensor or None
-            design inputs `(M, d_img [+ 1])`, residual `(M, D)` or None, design inputs
-            `(M, d_txt [+ 1])`, residual `(M, D)` or None (see :meth:`features`).
+            the ``M`` pairs' image design inputs `(M, d_img [+ 1])` and residual `(M, D)`
+            (or None), then their text ones, `(M, d_txt [+ 1])` and `(M, D)` (see
+            :meth:`features`).
 
         Raises
         ------
@@ -84,8 +85,9 @@ class InputEncoder:
         Returns
         -------
         a_img, r_img, a_txt, r_txt : torch.Tensor or None
-            design inputs `(N, d_img [+ 1])`, residual `(N, D)` or None, design inputs
-            `(C, d_txt [+ 1])`, residual `(C, D)` or None (see :meth:`features`).
+            design inputs `(N, d_img [+ 1])` and residual `(N, D)` (or None) of the ``N``
+            images; of the ``C`` classes they are scored against, `(C, d_txt [+ 1])` and
+            `(C, D)` (see :meth:`features`).
 
         Raises
         ------

@@ -8,7 +8,9 @@ activations does not add an `O(N)` allocation to a chunked prediction.
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -164,6 +166,41 @@ def check_nonzero_norm(name: str, z: torch.Tensor, eps: float = 1e-12) -> torch.
             "the cosine similarity is undefined."
         )
     return z
+
+
+def positive_number(kind: type) -> Callable[[str], int | float]:
+    """An argparse ``type=``: ``kind(text)`` if it is positive, else argparse's own error.
+
+    One parser for every command line: the options of ``laplace-vlm fit`` / ``zeroshot`` /
+    ``benchmark`` and the fields of the active-learning config (whose options are generated).
+
+    Parameters
+    ----------
+    kind : {int, float}
+        the number type.
+
+    Returns
+    -------
+    callable
+        ``str -> kind``, named ``positive_<kind>``; it raises ``argparse.ArgumentTypeError``
+        (argparse prints the option and the message, and exits with code 2) for a non-number
+        or a value <= 0.
+    """
+    if kind not in (int, float):
+        raise ValueError(f"kind must be int or float, got {kind!r}.")
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = f"positive_{kind.__name__}"
+    return parse
 
 
 def _short(tensor: torch.Tensor) -> str:

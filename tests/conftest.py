@@ -25,6 +25,18 @@ def tiny_clip(embed_dim: int = 32, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture
+def float64():
+    """Exactness checks run in float64 (upstream laplace style), the default dtype restored after.
+
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("float64")``.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     import open_clip

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_clip
-from test_dual_encoder_laplace import float64, loader, make_problem  # noqa: F401
+from test_dual_encoder_laplace import loader, make_problem
 
 from laplace_vlm import DualEncoderLaplace
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def fitted(enable_backprop: bool, bias: bool = True, contrastive: str = "siglip"):

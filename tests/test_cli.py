@@ -121,25 +121,14 @@ def test_fit_then_zeroshot_matches_direct_computation(
         _image(100 + i).save(images / f"q{i}.png")
     table = tmp_path / "pred.csv"
     capsys.readouterr()
+    zeroshot = [
+        "zeroshot",
+        *_model_args(tiny_checkpoint),
+        *("--posterior", str(posterior), "--images", str(images)),
+        *("--classnames", ",".join(CLASSNAMES)),
+    ]
     assert (
-        main(
-            [
-                "zeroshot",
-                *_model_args(tiny_checkpoint),
-                "--posterior",
-                str(posterior),
-                "--images",
-                str(images),
-                "--classnames",
-                ",".join(CLASSNAMES),
-                "--templates",
-                *TEMPLATES,
-                "--pred-type",
-                "map",
-                "--output",
-                str(table),
-            ]
-        )
+        main([*zeroshot, "--templates", *TEMPLATES, "--pred-type", "map", "--output", str(table)])
         == 0
     )
     rows = list(csv.DictReader(open(table)))
@@ -168,21 +157,7 @@ def test_fit_then_zeroshot_matches_direct_computation(
         assert float(row["mutual_information"]) == 0.0  # no posterior spread in the MAP model
 
     # the Bayesian prediction: same columns, a positive mutual information
-    assert (
-        main(
-            [
-                "zeroshot",
-                *_model_args(tiny_checkpoint),
-                "--posterior",
-                str(posterior),
-                "--images",
-                str(images),
-                "--classnames",
-                ",".join(CLASSNAMES),
-            ]
-        )
-        == 0
-    )
+    assert main(zeroshot) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 4 and all(float(r["mutual_information"]) > 0 for r in rows)
 
@@ -318,3 +293,14 @@ def test_active_sweep_needs_a_json_path(capsys):
     assert main(["active", "--sweep"]) == 2
     err = capsys.readouterr().err
     assert "--sweep needs --json" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["active", "--rounds", "0"], ["active", "--beta", "-0.5"],
+                                  ["benchmark", "--alpha", "none"]])  # fmt: skip
+def test_every_command_line_refuses_non_positive_numbers_alike(capsys, argv):
+    """The generated active-learning options and the hand-declared ones share one parser."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and argv[1] in err
+    assert ("must be positive, got" in err) or ("expected a number, got 'none'" in err), err

@@ -188,7 +188,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="not fitted"):
         SplitConformal("aps").predict(probs)
     model = SplitConformal("lac")
-    with pytest.raises(ValueError, match="cal_probs must be 2-D"):
+    with pytest.raises(ValueError, match="cal_probs must have shape \\(N, d\\)"):
         model.fit(probs[0], labels)
     with pytest.raises(ValueError, match="cal_labels must be 1-D of length 20"):
         model.fit(probs, labels[:-1])
@@ -198,12 +198,12 @@ def test_bad_inputs():
         model.fit(probs, labels + 6)
     with pytest.raises(ValueError, match="cal_probs must hold class probabilities"):
         model.fit(torch.log(probs), labels)  # log-probabilities, not probabilities
-    with pytest.raises(ValueError, match="cal_probs must hold at least one"):
+    with pytest.raises(ValueError, match="cal_probs is empty"):
         model.fit(probs[:0], labels[:0])
     model.fit(probs, labels)
     with pytest.raises(ValueError, match="probs must have the 6 classes"):
         model.predict(probs[:, :5])
-    with pytest.raises(ValueError, match="probs must be finite"):
+    with pytest.raises(ValueError, match="probs contains NaN or inf"):
         model.predict(torch.full((2, 6), float("nan")))
     with pytest.raises(ValueError, match="u is used only by randomized"):
         model.scores(probs, torch.rand(20))

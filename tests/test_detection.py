@@ -155,9 +155,9 @@ def test_bad_inputs():
             fpr_at_tpr(ok, ok, level)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         mcm(torch.zeros(2, 3), 0.0)
-    with pytest.raises(ValueError, match="cosine must be \\(N, C\\)"):
+    with pytest.raises(ValueError, match="cosine must have shape \\(N, d\\)"):
         mcm(torch.zeros(3))
-    with pytest.raises(ValueError, match="probs must be floating point"):
+    with pytest.raises(TypeError, match="probs must be a floating-point tensor"):
         msp(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="var must be non-negative"):
         expected_logit_variance(torch.tensor([[1.0, -0.1]]))

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_dual_encoder_laplace import float64, loader, make_problem  # noqa: F401
+from test_dual_encoder_laplace import loader, make_problem
 
 from laplace_vlm import DualEncoderLaplace
 from laplace_vlm.curvature.distributed import all_reduce_sums, is_distributed
 from laplace_vlm.curvature.factor_sums import FactorSums
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 WORLD_SIZE = 2
 N_PAIRS = 40

@@ -17,13 +17,7 @@ D_IMG, D_TXT, D = 6, 5, 4
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Exactness checks run in float64 (upstream laplace style), restored afterwards."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_problem(

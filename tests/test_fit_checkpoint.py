@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_dual_encoder_laplace import float64, make_problem  # noqa: F401
+from test_dual_encoder_laplace import make_problem
 from torch.utils.data import DataLoader, IterableDataset
 
 from laplace_vlm import DualEncoderLaplace
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 TESTS_DIR = Path(__file__).resolve().parent
 N_BATCHES, BATCH = 12, 4

@@ -12,10 +12,12 @@ import torch
 from conftest import tiny_clip
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_dual_encoder_laplace import D_IMG, D_TXT, D, float64, loader, make_problem  # noqa: F401
+from test_dual_encoder_laplace import D_IMG, D_TXT, D, loader, make_problem
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_vlm import DualEncoderLaplace
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 NAN, INF = float("nan"), float("inf")
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from brute_force import per_sample_ggn
-from test_dual_encoder_laplace import D, float64, loader, make_problem  # noqa: F401
+from test_dual_encoder_laplace import D, loader, make_problem
 from torch import nn
 from torch.nn import functional as F
 
 from laplace_vlm import DualEncoderLaplace
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _ones(a):

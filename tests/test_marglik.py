@@ -19,13 +19,7 @@ D_IMG, D_TXT, D, N = 10, 8, 6, 64
 OPTIMA = {"1e-2": 10.0, "1e0": 1.0, "1e3": 0.03, "1e5": 0.003}
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """The bracketing reference compares evidence values: float64 resolves them to 1e-13."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def fitted(

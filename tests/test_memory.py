@@ -141,13 +141,18 @@ def test_half_precision_heads_and_activations_give_fp32_curvature_and_predictive
     assert probs.dtype == torch.float32
 
 
-def test_meta_tensors_cannot_be_moved_and_say_so():
-    g = torch.Generator().manual_seed(4)
-    la = DualEncoderLaplace(
+def _random_heads(g: torch.Generator) -> DualEncoderLaplace:
+    """Random `(8, 6)` / `(8, 5)` heads, not fitted."""
+    return DualEncoderLaplace(
         image_projection=torch.randn(8, 6, generator=g),
         text_projection=torch.randn(8, 5, generator=g),
         logit_scale=1.0,
     )
+
+
+def test_meta_tensors_cannot_be_moved_and_say_so():
+    g = torch.Generator().manual_seed(4)
+    la = _random_heads(g)
     la.fit([(torch.randn(16, 6, generator=g), torch.randn(16, 5, generator=g))])
     text = torch.randn(3, 5, generator=g)
     with pytest.raises(ValueError, match="'meta' device"):
@@ -159,11 +164,7 @@ def test_meta_tensors_cannot_be_moved_and_say_so():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_inputs_on_another_device_are_moved_to_the_heads():
     g = torch.Generator().manual_seed(5)
-    la = DualEncoderLaplace(
-        image_projection=torch.randn(8, 6, generator=g),
-        text_projection=torch.randn(8, 5, generator=g),
-        logit_scale=1.0,
-    )
+    la = _random_heads(g)
     a_i, a_t = torch.randn(16, 6, generator=g), torch.randn(16, 5, generator=g)
     la.fit([(a_i.cuda(), a_t.cuda())])
     ref = DualEncoderLaplace(

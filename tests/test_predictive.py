@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from brute_force import dense_glm_moments, dense_posterior_covariance
-from test_dual_encoder_laplace import D_IMG, D_TXT, D, float64, loader, make_problem  # noqa: F401
+from test_dual_encoder_laplace import D_IMG, D_TXT, D, loader, make_problem
 from torch.nn import functional as F
 
 from laplace_vlm import DualEncoderLaplace, probcosine
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 TOL = dict(rtol=1e-8, atol=1e-10)
 
@@ -211,7 +213,7 @@ def _laplace_bridge(mean, cov):
     mean = mean - cov.sum(-1) * mean.sum(-1, keepdim=True) / total
     cov = cov - cov.sum(-1)[:, :, None] * cov.sum(-2)[:, None, :] / total[..., None]
     K = mean.shape[-1]
-    alpha = (1 - 2 / K + mean.exp() / K**2 * (-mean).exp().sum(1, keepdim=True))
+    alpha = 1 - 2 / K + mean.exp() / K**2 * (-mean).exp().sum(1, keepdim=True)
     alpha = alpha / torch.diagonal(cov, dim1=1, dim2=2)
     return alpha / alpha.sum(1, keepdim=True)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_dual_encoder_laplace import D_IMG, D_TXT, float64, loader, make_problem  # noqa: F401
+from test_dual_encoder_laplace import loader, make_problem
 
 from laplace_vlm import DualEncoderLaplace
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.fixture
@@ -42,7 +44,8 @@ def test_save_load_round_trip_without_the_model(fitted, tmp_path):
     torch.testing.assert_close(loaded.prior_precision, la.prior_precision)
     for method in ("glm", "probcosine"):
         for a, b in zip(
-            loaded.predictive_moments(x, pred_type=method), la.predictive_moments(x, pred_type=method)
+            loaded.predictive_moments(x, pred_type=method),
+            la.predictive_moments(x, pred_type=method),
         ):
             torch.testing.assert_close(a, b)
     torch.testing.assert_close(loaded.log_marginal_likelihood(), la.log_marginal_likelihood())

@@ -166,7 +166,9 @@ def test_exact_monte_carlo_prediction_is_the_joint_samples():
     acts = torch.randn(5, 10, generator=g)
     pred = clf.predict(acts, pred_type="nn", link_approx="mc", n_samples=300,
                        generator=torch.Generator().manual_seed(3))  # fmt: skip
-    f = la.functional_samples(clf.inputs(acts), "nn", 300, generator=torch.Generator().manual_seed(3))
+    f = la.functional_samples(
+        clf.inputs(acts), "nn", 300, generator=torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(pred.probs, torch.softmax(f, -1).mean(0))
     torch.testing.assert_close(pred.probs, la(clf.inputs(acts), "nn", link_approx="mc",
                                               n_samples=300,

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from laplace_vlm.active.targeting import expected_cosine
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.predictive.links import as_generator
 from laplace_vlm.predictive.uncertainty import (
     bald_from_samples,
@@ -53,6 +54,20 @@ SELECTIONS: tuple[str, ...] = ("top", "power", "softmax", "softrank")
 """``top``: the best b; the others: Kirsch et al.'s stochastic batch acquisition."""
 DENSITY = "density"
 RANDOM_UNTARGETED = "random_untargeted"
+
+# the batch rules' common arguments
+_fill_doc = fill_doc.extend(
+    batch_budget="""
+        scores : torch.Tensor
+            `(N,)` acquisition scores, higher first.
+        budget : int
+            number of points b; capped at the number of eligible points.
+        """,
+    exclude="""
+        exclude : torch.Tensor, optional
+            `(N,)` bool mask or int indices of points that cannot be chosen.
+        """,
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,18 @@ class Strategy:
 
     @classmethod
     def parse(cls, name: str) -> Strategy:
-        """Parse ``name``; a ``ValueError`` names the parts it accepts."""
+        """Parse ``name``; a ``ValueError`` names the parts it accepts.
+
+        Parameters
+        ----------
+        name : str
+            ``<score>[_density][_<selection>]`` or ``random_untargeted``.
+
+        Returns
+        -------
+        Strategy
+            the parts of ``name``, ``name`` itself kept as :attr:`name`.
+        """
         if name == RANDOM_UNTARGETED:
             return cls(name, "random", targeted=False)
         rest, selection = name, "top"
@@ -169,6 +195,11 @@ def information_density(
     ----------
     candidates, targets : tuple of torch.Tensor
         ``(mean, var)`` of the image embeddings, `(N, D)` and `(N*, D)`.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)` densities in ``[0, 1]``, the mean clamped expected cosine over the targets.
     """
     return expected_cosine(*candidates, *targets).clamp_min(0.0).mean(-1)
 
@@ -187,6 +218,7 @@ def _check_budget(scores: torch.Tensor, budget: int) -> None:
         raise ValueError(f"budget must be >= 0, got {budget}.")
 
 
+@_fill_doc
 def select_top(
     scores: torch.Tensor,
     budget: int,
@@ -205,16 +237,12 @@ def select_top(
 
     Parameters
     ----------
-    scores : torch.Tensor
-        `(N,)`.
-    budget : int
-        number of points b; capped at the number of eligible points.
+    %(batch_budget)s
     class_balanced : bool
         balance over ``predicted_class``.
     predicted_class : torch.Tensor, optional
         `(N,)` int class per point (required when ``class_balanced``).
-    exclude : torch.Tensor, optional
-        `(N,)` bool mask or int indices of points that cannot be chosen.
+    %(exclude)s
     generator : torch.Generator or int, optional
         tie-breaking randomness.
 
@@ -282,6 +310,7 @@ def sampling_log_weights(scores: torch.Tensor, selection: str, beta: float = 1.0
     return -beta * ranks.log()
 
 
+@_fill_doc
 def select_stochastic(
     scores: torch.Tensor,
     budget: int,
@@ -299,16 +328,12 @@ def select_stochastic(
 
     Parameters
     ----------
-    scores : torch.Tensor
-        `(N,)`.
-    budget : int
-        number of points b; capped at the number of eligible points.
+    %(batch_budget)s
     selection : {'power', 'softmax', 'softrank'}
         the rule of :func:`sampling_log_weights`.
     beta : float
         inverse temperature of :func:`sampling_log_weights`.
-    exclude : torch.Tensor, optional
-        `(N,)` bool mask or int indices of points that cannot be chosen.
+    %(exclude)s
     generator : torch.Generator or int, optional
         randomness of the draw.
 

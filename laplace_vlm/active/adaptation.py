@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.heads import DualHead, as_linear
 from laplace_vlm.predictive.links import as_generator
 
@@ -118,6 +119,11 @@ def cv_folds(labels: torch.Tensor, n_folds: int, generator=None) -> list[torch.T
         K >= 2.
     generator : torch.Generator or int, optional
         the shuffle.
+
+    Returns
+    -------
+    list of torch.Tensor
+        ``min(n_folds, N)`` sorted index tensors, disjoint, together ``0..N-1``.
     """
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}.")
@@ -129,6 +135,7 @@ def cv_folds(labels: torch.Tensor, n_folds: int, generator=None) -> list[torch.T
     return [order[f::k].sort().values for f in range(k)]
 
 
+@fill_doc
 def class_embeddings(heads: DualHead, class_text: torch.Tensor) -> torch.Tensor:
     """Normalised, frozen class text embeddings `(C, D)`.
 
@@ -136,8 +143,12 @@ def class_embeddings(heads: DualHead, class_text: torch.Tensor) -> torch.Tensor:
     ----------
     heads : DualHead
         the text head.
-    class_text : torch.Tensor
-        `(C, d_txt)` class text activations.
+    %(class_text)s
+
+    Returns
+    -------
+    torch.Tensor
+        `(C, D)` unit-norm rows, without gradient.
     """
     with torch.no_grad():
         design = heads.design("text", class_text.to(heads.scale))
@@ -182,6 +193,7 @@ def _member_ce(heads, members, acts, labels, text_unit) -> torch.Tensor:
     )
 
 
+@fill_doc
 def finetune_image_projection(
     heads: DualHead,
     train: Labelled,
@@ -204,8 +216,7 @@ def finetune_image_projection(
         provides the text head, logit scale and bias (frozen; not modified).
     train : tuple of torch.Tensor
         ``(activations (N, d_img), labels (N,))`` of the labelled images.
-    class_text : torch.Tensor
-        `(C, d_txt)` class text activations.
+    %(class_text)s
     val : tuple of torch.Tensor, optional
         ``(activations (M, d_img), labels (M,))``, M >= 1.
     folds : list of torch.Tensor, optional
@@ -220,6 +231,7 @@ def finetune_image_projection(
     Returns
     -------
     FinetuneResult
+        the projections at the best epoch, that epoch and its validation loss.
     """
     d_img, n_cls = heads.in_features("image"), class_text.shape[0]
     check_labelled("train", train, d_img, n_cls)

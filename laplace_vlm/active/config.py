@@ -14,6 +14,8 @@ import torch
 
 from laplace_vlm.active.acquisition import RANDOM_UNTARGETED, Strategy
 from laplace_vlm.active.adaptation import FinetuneSettings
+from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.validation import positive_number
 
 PROTOCOLS: tuple[str, ...] = ("rounds", "reference")
 TARGETING: tuple[str, ...] = ("wasserstein", "cosine", "none")
@@ -40,36 +42,55 @@ FINETUNE_PRESETS: dict[str, FinetuneSettings] = {
                                   batch_size=30),
 }  # fmt: skip
 
+# the argument of every argparse type here
+_fill_doc = fill_doc.extend(
+    option_text="""
+        Parameters
+        ----------
+        text : str
+            the command-line value.
+        """
+)
 
+
+@_fill_doc
 def comma_list(text: str) -> tuple[str, ...]:
     """argparse type: ``"a,b"`` -> ``("a", "b")``.
 
-    Parameters
-    ----------
-    text : str
-        the command-line value.
+    %(option_text)s
+
+    Returns
+    -------
+    tuple of str
+        the stripped parts, empty ones dropped.
     """
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+@_fill_doc
 def float_list(text: str) -> tuple[float, ...]:
     """argparse type: ``"1,10"`` -> ``(1.0, 10.0)``.
 
-    Parameters
-    ----------
-    text : str
-        the command-line value.
+    %(option_text)s
+
+    Returns
+    -------
+    tuple of float
+        the parts of :func:`comma_list` as numbers (a ``ValueError`` for a non-number).
     """
     return tuple(float(part) for part in comma_list(text))
 
 
+@_fill_doc
 def seed_range(text: str) -> tuple[int, ...]:
     """argparse type: ``"10"`` -> seeds ``0..9``; ``"3,5"`` -> ``(3, 5)``.
 
-    Parameters
-    ----------
-    text : str
-        the command-line value.
+    %(option_text)s
+
+    Returns
+    -------
+    tuple of int
+        ``range(n)`` for one number ``n`` without a comma, else the listed seeds.
     """
     parts = comma_list(text)
     if len(parts) == 1 and "," not in text:
@@ -77,28 +98,8 @@ def seed_range(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def _positive(kind: type):
-    """An argparse type: ``kind(text)`` if it is positive, else a ``ValueError`` (which
-    argparse reports as an invalid value of the option).
-
-    Parameters
-    ----------
-    kind : type
-        ``int`` or ``float``.
-    """
-
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = f"positive_{kind.__name__}"
-    return parse
-
-
-positive_int = _positive(int)
-positive_float = _positive(float)
+positive_int = positive_number(int)
+positive_float = positive_number(float)
 
 
 def option(help: str, **extra) -> dict:

@@ -10,26 +10,31 @@ from laplace_vlm.active.acquisition import Strategy
 from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
 from laplace_vlm.active.loop import run_rounds
 from laplace_vlm.active.reference import run_reference
+from laplace_vlm.docstrings import fill_doc
 
 Results = dict[str, dict[int, list[dict[str, float]]]]
 """``{strategy: {budget: [metrics of each seed, in seed order]}}``."""
 
 
+@fill_doc
 def run_strategy(la_init, problem, strategy: str, seed: int, config) -> dict[int, dict[str, float]]:
     """One run of ``config.protocol``: ``{budget: metrics}``, 0 = zero-shot.
 
     Parameters
     ----------
-    la_init : DualEncoderLaplace
-        the zero-shot posterior (not modified).
-    problem : ActiveLearningProblem
-        the data of the run.
+    %(zero_shot_posterior)s
+    %(active_problem)s
     strategy : str
         a strategy name (:class:`laplace_vlm.active.acquisition.Strategy`).
     seed : int
         the run's seed.
     config : ActiveLearningConfig
-        the experiment.
+        the experiment; ``protocol`` picks :func:`laplace_vlm.active.loop.run_rounds` or
+        :func:`laplace_vlm.active.reference.run_reference`.
+
+    Returns
+    -------
+    %(budget_metrics)s
     """
     parsed = Strategy.parse(strategy)
     run = run_reference if config.protocol == "reference" else run_rounds

@@ -33,6 +33,7 @@ from laplace_vlm.active.adaptation import Labelled, cv_folds, finetune_image_pro
 from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
 from laplace_vlm.active.posterior_update import update_posterior
 from laplace_vlm.active.selection import select_batch
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.metrics import accuracy, ece, nlpd
 from laplace_vlm.evaluation.pseudo_count import select_pseudo_count, tune_prior_at
 
@@ -98,19 +99,23 @@ def evaluate(la, problem: ActiveLearningProblem, pred_type: str = "probcosine") 
             "map_acc": accuracy(map_probs, y)}  # fmt: skip
 
 
+@fill_doc
 def posterior_at(la_init, projection, support: Labelled, class_text: torch.Tensor):
     """A copy of the zero-shot posterior moved to ``projection``, with ``support`` added.
 
     Parameters
     ----------
-    la_init : DualEncoderLaplace
-        the zero-shot posterior (not modified).
+    %(zero_shot_posterior)s
     projection : nn.Linear
         the fine-tuned image projection, the new mean.
     support : tuple of torch.Tensor
         ``(activations, labels)`` whose C-way curvature is added.
-    class_text : torch.Tensor
-        `(C, d_txt)` class text activations.
+    %(class_text)s
+
+    Returns
+    -------
+    DualEncoderLaplace
+        a deep copy of ``la_init`` with the new mean and the added curvature.
     """
     la = copy.deepcopy(la_init)
     update_posterior(la, projection, support, class_text)
@@ -140,6 +145,7 @@ def _cv_pseudo_count(la_init, fit, support: Labelled, folds, problem, config) ->
     return min(total, key=total.get)
 
 
+@fill_doc
 def adapt(
     la_init,
     support: Labelled,
@@ -151,8 +157,7 @@ def adapt(
 
     Parameters
     ----------
-    la_init : DualEncoderLaplace
-        the zero-shot posterior (not modified).
+    %(zero_shot_posterior)s
     support : tuple of torch.Tensor
         ``(activations, labels)`` of everything labelled.
     problem : ActiveLearningProblem
@@ -208,6 +213,12 @@ def result_row(
         counts the pool labels used.
     info : dict
         from :func:`adapt` (``validation_labels`` is added to the count).
+
+    Returns
+    -------
+    dict of str to float
+        :func:`evaluate`'s metrics, ``info``, and ``labels_used``: the distinct pool labels
+        asked plus the validation labels.
     """
     row = evaluate(la, problem, config.pred_type)
     row.update(info, labels_used=oracle.count + info.get("validation_labels", 0))
@@ -225,28 +236,28 @@ def zero_shot_row(la_init, problem: ActiveLearningProblem, config) -> dict[str, 
         the test set.
     config : ActiveLearningConfig
         its ``pred_type``.
+
+    Returns
+    -------
+    dict of str to float
+        the :func:`result_row` of ``la_init``: pseudo-count ``1 / temperature``, epoch 0 and
+        no label used.
     """
     info = {"pseudo_count": 1.0 / la_init.temperature, "best_epoch": 0, "validation_labels": 0}
     return result_row(la_init, problem, config, LabelOracle(problem.pool_labels), info)
 
 
+@fill_doc
 def run_rounds(
     la_init, problem: ActiveLearningProblem, strategy: Strategy, seed: int, config
 ) -> dict[int, dict[str, float]]:
     """The rounds protocol for one strategy and seed: ``{budget: metrics}``, 0 = zero-shot.
 
-    Parameters
-    ----------
-    la_init : DualEncoderLaplace
-        the zero-shot posterior (not modified).
-    problem : ActiveLearningProblem
-        the pool, the queries and the class texts.
-    strategy : Strategy
-        what to label.
-    seed : int
-        seed of every random choice of the run.
-    config : ActiveLearningConfig
-        budgets and the adaptation.
+    Every round labels ``config.budget`` more pool points with the current posterior and
+    adapts from the zero-shot one on all labelled so far; a round with no point left to label
+    ends the run early.
+
+    %(protocol_run)s
     """
     generator = torch.Generator().manual_seed(int(seed))
     oracle = LabelOracle(problem.pool_labels)

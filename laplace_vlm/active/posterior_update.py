@@ -16,8 +16,10 @@ from torch.nn import functional as F
 
 from laplace_vlm.active.adaptation import Labelled, check_labelled, class_embeddings
 from laplace_vlm.curvature import get_curvature_backend
+from laplace_vlm.docstrings import fill_doc
 
 
+@fill_doc
 def classification_factor_sums(
     la, labelled: Labelled, class_text: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,8 +35,7 @@ def classification_factor_sums(
         the posterior (its heads, logit scale and curvature backend).
     labelled : tuple of torch.Tensor
         ``(activations (M, d_img), labels (M,))``.
-    class_text : torch.Tensor
-        `(C, d_txt)` class text activations.
+    %(class_text)s
 
     Returns
     -------
@@ -88,6 +89,7 @@ def add_image_curvature(la, B: torch.Tensor, A: torch.Tensor, n: int, loss: torc
     la.set_factor_sums(total)
 
 
+@fill_doc
 def update_posterior(
     la,
     projection: nn.Linear,
@@ -105,8 +107,7 @@ def update_posterior(
     new : tuple of torch.Tensor, optional
         ``(activations (M, d_img), labels (M,))`` to add (:func:`classification_factor_sums`
         at the new weights). None or empty: only the mean moves.
-    class_text : torch.Tensor
-        `(C, d_txt)` class text activations.
+    %(class_text)s
     """
     target = la.heads.image_projection
     if projection.weight.shape != target.weight.shape or (projection.bias is None) != (

@@ -27,6 +27,7 @@ from laplace_vlm.active.acquisition import Strategy
 from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
 from laplace_vlm.active.loop import LabelOracle, adapt, result_row, zero_shot_row
 from laplace_vlm.active.selection import image_moments, selection_order, weighted_scores
+from laplace_vlm.docstrings import fill_doc
 
 
 def knn_support(
@@ -48,6 +49,11 @@ def knn_support(
         ``(mean, var)`` image-embedding moments of all test inputs and of the pool.
     config : ActiveLearningConfig
         ``k`` and the distance (``targeting``; 'none' falls back to 2-Wasserstein).
+
+    Returns
+    -------
+    torch.Tensor
+        `(min(n_labels, N_pool),)` long pool indices, in collection order.
     """
     chosen = target_order[: math.ceil(n_labels / config.k)]
     metric = "wasserstein" if config.targeting == "none" else config.targeting
@@ -72,6 +78,11 @@ def reference_supports(
         budgets, ``k``, the distance, samples.
     generator : torch.Generator
         randomness of the scores and orders.
+
+    Returns
+    -------
+    dict of int to torch.Tensor
+        budget -> its pool indices to label; a smaller budget's are a prefix of a larger's.
     """
     budgets = config.budgets
     if not strategy.targeted:
@@ -91,23 +102,16 @@ def reference_supports(
     return {n: knn_support(order, n, tests, pool, config) for n in budgets}
 
 
+@fill_doc
 def run_reference(
     la_init, problem: ActiveLearningProblem, strategy: Strategy, seed: int, config
 ) -> dict[int, dict[str, float]]:
     """The reference protocol for one strategy and seed: ``{budget: metrics}``, 0 = zero-shot.
 
-    Parameters
-    ----------
-    la_init : DualEncoderLaplace
-        the zero-shot posterior (not modified).
-    problem : ActiveLearningProblem
-        the data.
-    strategy : Strategy
-        what to label.
-    seed : int
-        the run's seed.
-    config : ActiveLearningConfig
-        budgets, fine-tuning preset and adaptation.
+    Every budget's support is chosen at once from the zero-shot posterior's scores
+    (:func:`reference_supports`), and its adaptation starts from the zero-shot posterior.
+
+    %(protocol_run)s
     """
     generator = torch.Generator().manual_seed(int(seed))
     results = {0: zero_shot_row(la_init, problem, config)}

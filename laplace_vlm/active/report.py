@@ -29,6 +29,12 @@ def summarize(results: Mapping[str, Mapping[int, Sequence[Mapping[str, float]]]]
     ----------
     results : mapping
         ``{strategy: {budget: [metrics of each seed]}}`` (:func:`run_experiment`).
+
+    Returns
+    -------
+    dict
+        a :data:`Summary`: budgets in increasing order, the keys above in every row (a mean
+        only where every seed has the metric).
     """
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for strategy, by_budget in results.items():
@@ -58,6 +64,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float
     ----------
     a, b : sequence of float
         the same seeds in the same order.
+
+    Returns
+    -------
+    dict
+        ``mean`` and ``se`` of ``a - b``, ``wins`` (the count of ``a > b``) and ``n`` pairs.
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"a and b must be paired non-empty sequences, got {len(a)} and {len(b)}.")
@@ -75,6 +86,11 @@ def paired_differences(summary: Summary, baseline: str) -> dict[str, dict[str, d
         :func:`summarize`'s output (with ``acc_per_seed``).
     baseline : str
         the strategy subtracted.
+
+    Returns
+    -------
+    dict
+        every strategy but ``baseline`` -> budget (str) -> its :func:`paired_difference`.
     """
     if baseline not in summary:
         raise ValueError(f"baseline {baseline!r} is not among {sorted(summary)}.")
@@ -95,6 +111,12 @@ def format_table(summary: Summary) -> str:
     ----------
     summary : mapping
         :func:`summarize`'s output.
+
+    Returns
+    -------
+    str
+        one line per strategy, one column per budget (``-`` where a strategy lacks it), and a
+        last line with the labels used.
     """
     budgets = sorted({b for rows in summary.values() for b in rows}, key=int)
     width = max(len(s) for s in summary) + 2
@@ -125,6 +147,11 @@ def format_differences(differences: Mapping[str, Mapping[str, Mapping[str, float
         :func:`paired_differences`'s output.
     baseline : str
         its name, for the header.
+
+    Returns
+    -------
+    str
+        one line per strategy, one column per budget; a note when there is no strategy.
     """
     if not differences:
         return f"(no strategy besides {baseline})"
@@ -154,6 +181,7 @@ def learning_curves_figure(summary: Summary, metric: str = "acc", title: str | N
     Returns
     -------
     matplotlib.figure.Figure
+        one axes with a line (and a ± std band where the rows have one) per strategy.
     """
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
@@ -192,6 +220,7 @@ def differences_vs_zero_shot_figure(cells: Sequence[Mapping], baseline: str, bud
     Returns
     -------
     matplotlib.figure.Figure
+        one panel per budget, at most three in a row; the legend in a spare panel if any.
     """
     ncols = min(3, len(budgets))
     nrows = math.ceil(len(budgets) / ncols)
@@ -242,6 +271,11 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
         the PNG file.
     dpi : int
         resolution.
+
+    Returns
+    -------
+    Path
+        ``path``, written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,17 @@ import torch
 from laplace_vlm.active import acquisition, targeting
 from laplace_vlm.active.acquisition import Strategy
 from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
+from laplace_vlm.docstrings import fill_doc
 
 Moments = tuple[torch.Tensor, torch.Tensor]
+
+# what scoring draws from
+_fill_doc = fill_doc.extend(
+    score_generator="""
+        generator : torch.Generator
+            randomness of the samples, EPIG's targets and ``random``.
+        """
+)
 
 
 def image_moments(la, images: torch.Tensor, class_text: torch.Tensor) -> Moments:
@@ -31,12 +40,30 @@ def image_moments(la, images: torch.Tensor, class_text: torch.Tensor) -> Moments
         `(N, d_img)` activations.
     class_text : torch.Tensor
         `(C, d_txt)` (the moments need a text input; only the image side is returned).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(mean, var)``, `(N, D)` each.
     """
     return la.embedding_moments({"image": images, "text": class_text})["image"]
 
 
 def unlabelled_mask(n: int, labelled: torch.Tensor) -> torch.Tensor:
-    """`(n,)` bool, False at ``labelled``."""
+    """`(n,)` bool, False at ``labelled``.
+
+    Parameters
+    ----------
+    n : int
+        the pool size.
+    labelled : torch.Tensor
+        pool indices already labelled.
+
+    Returns
+    -------
+    torch.Tensor
+        `(n,)` bool, True where a point may still be labelled.
+    """
     free = torch.ones(n, dtype=torch.bool)
     free[labelled] = False
     return free
@@ -57,6 +84,12 @@ def candidates(
         pool indices already labelled (never candidates).
     config : ActiveLearningConfig
         ``targeting`` and ``k``.
+
+    Returns
+    -------
+    torch.Tensor
+        long pool indices: ``k`` unique neighbours per target in collection order (fewer if
+        the unlabelled pool runs out), or every unlabelled index in order.
     """
     free = unlabelled_mask(len(problem.pool), labelled)
     if config.targeting == "none":
@@ -68,6 +101,7 @@ def candidates(
     )
 
 
+@_fill_doc
 def score_inputs(
     la,
     images: torch.Tensor,
@@ -90,8 +124,14 @@ def score_inputs(
         one of :data:`laplace_vlm.active.acquisition.SCORES`.
     config : ActiveLearningConfig
         samples, predictives and EPIG's target count.
-    generator : torch.Generator
-        randomness of the samples, EPIG's targets and ``random``.
+    %(score_generator)s
+
+    Returns
+    -------
+    scores : torch.Tensor
+        `(N,)` acquisition scores, higher first.
+    predicted : torch.Tensor
+        `(N,)` MAP classes.
     """
     x = {"image": images, "text": problem.class_text}
     kwargs: dict[str, Any] = {}
@@ -121,6 +161,7 @@ def _epig_samples(la, images, problem, config, generator) -> dict[str, torch.Ten
     return {"samples": f[:, : len(images)], "target_samples": f[:, len(images) :]}
 
 
+@_fill_doc
 def weighted_scores(
     la,
     images: torch.Tensor,
@@ -146,8 +187,7 @@ def weighted_scores(
         its ``score`` and whether it is density-weighted.
     config : ActiveLearningConfig
         samples, predictives, EPIG's target count and ``density_beta``.
-    generator : torch.Generator
-        randomness of the samples, EPIG's targets and ``random``.
+    %(score_generator)s
 
     Returns
     -------
@@ -193,6 +233,11 @@ def select_batch(
         targeting, samples, ``beta``.
     generator : torch.Generator
         randomness of the batch.
+
+    Returns
+    -------
+    torch.Tensor
+        `(min(n_new, N_candidates),)` long pool indices, none of them in ``labelled``.
     """
     if not strategy.targeted:
         free = unlabelled_mask(len(problem.pool), labelled).nonzero().squeeze(1)
@@ -227,6 +272,11 @@ def selection_order(
         `(N,)` MAP classes (for class balancing).
     generator : torch.Generator
         randomness of the order.
+
+    Returns
+    -------
+    torch.Tensor
+        `(N,)` long, a permutation of ``0..N-1``: any budget's batch is a prefix.
     """
     return acquisition.select(scores, len(scores), strategy, config.beta,
                               class_balanced=config.class_balanced, predicted_class=predicted,

@@ -15,37 +15,57 @@ from __future__ import annotations
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
+
 METRICS: tuple[str, ...] = ("wasserstein", "cosine")
 
+# the two sets of Gaussians every distance compares
+_fill_doc = fill_doc.extend(
+    gaussian_sets="""
+        Parameters
+        ----------
+        mu_a, var_a : torch.Tensor
+            `(N_a, D)` means and variances.
+        mu_b, var_b : torch.Tensor
+            `(N_b, D)`.
+        """
+)
 
-def _check_pair(mu: torch.Tensor, var: torch.Tensor, name: str) -> None:
-    if mu.dim() != 2:
-        raise ValueError(f"{name} mean must be (N, D), got shape {tuple(mu.shape)}.")
-    if var.shape != mu.shape:
-        raise ValueError(
-            f"{name} var must have the shape of its mean {tuple(mu.shape)}, got {tuple(var.shape)}."
-        )
+
+def _check_pairs(
+    mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor
+) -> None:
+    """Each mean `(N, D)` and each variance of its mean's shape, for the sets ``a`` and ``b``."""
+    for name, mu, var in (("a", mu_a, var_a), ("b", mu_b, var_b)):
+        if mu.dim() != 2:
+            raise ValueError(f"{name} mean must be (N, D), got shape {tuple(mu.shape)}.")
+        if var.shape != mu.shape:
+            raise ValueError(
+                f"{name} var must have the shape of its mean {tuple(mu.shape)}, "
+                f"got {tuple(var.shape)}."
+            )
 
 
+@_fill_doc
 def expected_cosine(
     mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor
 ) -> torch.Tensor:
     """ProbCosine mean of independent diagonal Gaussians, `(N_a, N_b)`.
 
-    Parameters
-    ----------
-    mu_a, var_a : torch.Tensor
-        `(N_a, D)` means and variances.
-    mu_b, var_b : torch.Tensor
-        `(N_b, D)`.
+    %(gaussian_sets)s
+
+    Returns
+    -------
+    torch.Tensor
+        `(N_a, N_b)` expected cosines in ``[-1, 1]``; higher is closer.
     """
-    _check_pair(mu_a, var_a, "a")
-    _check_pair(mu_b, var_b, "b")
+    _check_pairs(mu_a, var_a, mu_b, var_b)
     sq_a = (mu_a.square() + var_a).sum(-1)
     sq_b = (mu_b.square() + var_b).sum(-1)
     return (mu_a @ mu_b.T) / torch.sqrt(sq_a[:, None] * sq_b[None, :])
 
 
+@_fill_doc
 def wasserstein2_sq(
     mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor
 ) -> torch.Tensor:
@@ -54,15 +74,14 @@ def wasserstein2_sq(
     ``W2^2 = ||mu_a - mu_b||^2 + ||s_a - s_b||^2`` is a squared Euclidean distance in the
     stacked coordinates ``[mu, sqrt(var)]``, computed with one GEMM and clamped at 0.
 
-    Parameters
-    ----------
-    mu_a, var_a : torch.Tensor
-        `(N_a, D)` means and variances.
-    mu_b, var_b : torch.Tensor
-        `(N_b, D)`.
+    %(gaussian_sets)s
+
+    Returns
+    -------
+    torch.Tensor
+        `(N_a, N_b)` squared distances, ``>= 0``; lower is closer.
     """
-    _check_pair(mu_a, var_a, "a")
-    _check_pair(mu_b, var_b, "b")
+    _check_pairs(mu_a, var_a, mu_b, var_b)
     xa = torch.cat([mu_a, var_a.sqrt()], -1)
     xb = torch.cat([mu_b, var_b.sqrt()], -1)
     d = xa.square().sum(-1)[:, None] + xb.square().sum(-1)[None, :] - 2.0 * xa @ xb.T
@@ -82,8 +101,15 @@ def neighbour_ranking(
     targets, pool : tuple of torch.Tensor
         ``(mean, var)`` pairs of `(N, D)` embedding moments.
     metric : {'wasserstein', 'cosine'}
+        the distance: :func:`wasserstein2_sq` or the negated :func:`expected_cosine`.
     chunk_size : int
         targets per distance block (memory).
+
+    Returns
+    -------
+    torch.Tensor
+        `(N_t, N_pool)` long; row ``t`` ranks the pool by distance to target ``t`` (ties in
+        pool order).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
@@ -120,6 +146,7 @@ def nearest_neighbours(
     k : int
         neighbours per target.
     metric : {'wasserstein', 'cosine'}
+        the distance (see :func:`neighbour_ranking`).
     exclude : torch.Tensor, optional
         `(N_pool,)` bool mask or indices of pool points that may not be chosen.
 

@@ -20,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from laplace_vlm.adapters.capture import Captured, Encode, HookCapture
 from laplace_vlm.docstrings import fill_doc
-
-Encode = Callable[[Any], torch.Tensor]
-Captured = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 # Relative (Frobenius) tolerance of the first-batch check, by the model's dtype.
 _CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -157,6 +155,33 @@ class Tower:
     encode: Encode
     param: torch.Tensor
 
+    @classmethod
+    def hooked(
+        cls, name: str, path: str, linear: nn.Linear, encode: Encode, **hook_kwargs: Any
+    ) -> Tower:
+        """The tower of an ``nn.Linear`` head that the tower calls as a module.
+
+        Parameters
+        ----------
+        name : {'image', 'text'}
+            which tower.
+        path : str
+            where ``linear`` lives in the model, e.g. ``"visual_projection"``.
+        linear : nn.Linear
+            the head, copied into :attr:`head`; its input is read with forward pre-hooks.
+        encode : callable
+            ``encode(inputs)``: the model's own `(N, D)` embedding.
+        **hook_kwargs
+            ``residual_input`` and ``pool`` of :class:`~laplace_vlm.adapters.capture.HookCapture`.
+
+        Returns
+        -------
+        Tower
+            a :class:`~laplace_vlm.adapters.capture.HookCapture` tower on ``linear.weight``.
+        """
+        head = LinearHead.copy_of(path, linear.weight, linear.bias)
+        return cls(name, head, HookCapture(path, linear, **hook_kwargs), encode, linear.weight)
+
 
 def cast_floating(inputs: Any, dtype: torch.dtype) -> Any:
     """Cast floating tensors (also the values of a mapping) to ``dtype``; tokens pass.
@@ -271,6 +296,8 @@ class DualEncoderAdapter:
         Returns
         -------
         bool
+            whether ``cls(model)`` can be built; :func:`~laplace_vlm.adapters.get_adapter`
+            takes the first registered class that says so.
         """
         raise NotImplementedError
 

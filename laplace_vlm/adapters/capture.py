@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -29,10 +30,11 @@ def _pool(x: torch.Tensor | None, pool: str) -> torch.Tensor | None:
     raise ValueError(f"cannot pool captured activations of shape {tuple(x.shape)} with {pool!r}")
 
 
+@dataclass(eq=False)
 class HookCapture:
     """Capture the input of ``linear`` (and of ``residual_input``) with forward pre-hooks.
 
-    Parameters
+    Attributes
     ----------
     path : str
         the head's path, for error messages.
@@ -46,14 +48,10 @@ class HookCapture:
         keeps latent 0) or the mean over tokens.
     """
 
-    def __init__(
-        self,
-        path: str,
-        linear: nn.Module,
-        residual_input: nn.Module | None = None,
-        pool: str = "token",
-    ) -> None:
-        self.path, self.linear, self.residual_input, self.pool = path, linear, residual_input, pool
+    path: str
+    linear: nn.Module
+    residual_input: nn.Module | None = None
+    pool: str = "token"
 
     def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
         """Run one forward pass with the pre-hooks registered, and remove them after.
@@ -102,10 +100,11 @@ class HookCapture:
         return calls[0]
 
 
+@dataclass(eq=False)
 class SwapCapture:
     """Swap ``owner.name`` for one call so the tower returns its pre-projection activations.
 
-    Parameters
+    Attributes
     ----------
     owner : nn.Module
         the module holding the head attribute.
@@ -119,14 +118,10 @@ class SwapCapture:
         model's dtype, exactly as the tower does.
     """
 
-    def __init__(
-        self,
-        owner: nn.Module,
-        name: str,
-        replacement: Callable[[Any], Any],
-        project: Callable[[torch.Tensor], torch.Tensor],
-    ) -> None:
-        self.owner, self.name, self.replacement, self.project = owner, name, replacement, project
+    owner: nn.Module
+    name: str
+    replacement: Callable[[Any], Any]
+    project: Callable[[torch.Tensor], torch.Tensor]
 
     def __call__(self, run: Callable[[], torch.Tensor]) -> Captured:
         """Run one forward pass with ``owner.name`` replaced, and restore it after.

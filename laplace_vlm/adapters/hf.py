@@ -16,14 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from laplace_vlm.adapters.base import (
-    DualEncoderAdapter,
-    LinearHead,
-    Tower,
-)
-from laplace_vlm.adapters.capture import HookCapture
+from laplace_vlm.adapters.base import DualEncoderAdapter, Tower
 from laplace_vlm.adapters.registry import is_instance_by_name, register_adapter
-from laplace_vlm.docstrings import fill_doc
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -49,11 +43,6 @@ def _text_encoder(model: nn.Module) -> Any:
     return encode
 
 
-def _tower(name: str, path: str, linear: nn.Linear, encode: Any, **hook_kwargs: Any) -> Tower:
-    head = LinearHead.copy_of(path, linear.weight, linear.bias)
-    return Tower(name, head, HookCapture(path, linear, **hook_kwargs), encode, linear.weight)
-
-
 @register_adapter
 class HFCLIPAdapter(DualEncoderAdapter):
     """Adapter for ``transformers.CLIPModel``.
@@ -70,26 +59,18 @@ class HFCLIPAdapter(DualEncoderAdapter):
         super().__init__(
             model,
             family="transformers.CLIPModel",
-            image=_tower(
+            image=Tower.hooked(
                 "image", "visual_projection", model.visual_projection, _image_encoder(model)
             ),
-            text=_tower("text", "text_projection", model.text_projection, _text_encoder(model)),
+            text=Tower.hooked(
+                "text", "text_projection", model.text_projection, _text_encoder(model)
+            ),
             logit_scale=model.logit_scale,
         )
 
     @classmethod
-    @fill_doc
     def supports(cls, model: Any) -> bool:
-        """Whether ``model`` is a ``transformers`` ``CLIPModel`` (by class name, no import).
-
-        Parameters
-        ----------
-        %(candidate_model)s
-
-        Returns
-        -------
-        bool
-        """
+        # a transformers CLIPModel, by class name (no import of transformers)
         return is_instance_by_name(model, "transformers.", {"CLIPModel"})
 
 
@@ -120,7 +101,7 @@ class HFSiglipAdapter(DualEncoderAdapter):
                 "(vision_use_head=False), so it has no linear last layer. Supported: SigLIP "
                 "vision towers with their MAP head (vision_model.head.mlp.fc2 + residual)."
             )
-        image = _tower(
+        image = Tower.hooked(
             "image",
             "vision_model.head.mlp.fc2",
             map_head.mlp.fc2,
@@ -132,24 +113,12 @@ class HFSiglipAdapter(DualEncoderAdapter):
             model,
             family=family,
             image=image,
-            text=_tower("text", "text_model.head", text_head, _text_encoder(model)),
+            text=Tower.hooked("text", "text_model.head", text_head, _text_encoder(model)),
             logit_scale=model.logit_scale,
             logit_bias=model.logit_bias,
         )
 
     @classmethod
-    @fill_doc
     def supports(cls, model: Any) -> bool:
-        """Whether ``model`` is a ``transformers`` ``SiglipModel`` or ``Siglip2Model``.
-
-        Checked by class name, without importing ``transformers``.
-
-        Parameters
-        ----------
-        %(candidate_model)s
-
-        Returns
-        -------
-        bool
-        """
+        # a transformers SiglipModel or Siglip2Model, by class name (no import of transformers)
         return is_instance_by_name(model, "transformers.", {"SiglipModel", "Siglip2Model"})

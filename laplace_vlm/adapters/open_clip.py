@@ -27,9 +27,8 @@ from laplace_vlm.adapters.base import (
     LinearHead,
     Tower,
 )
-from laplace_vlm.adapters.capture import HookCapture, SwapCapture
+from laplace_vlm.adapters.capture import SwapCapture
 from laplace_vlm.adapters.registry import is_instance_by_name, register_adapter
-from laplace_vlm.docstrings import fill_doc
 
 _MODELS = {"CLIP", "CustomTextCLIP", "CoCa"}
 
@@ -72,20 +71,8 @@ class OpenCLIPAdapter(DualEncoderAdapter):
         )
 
     @classmethod
-    @fill_doc
     def supports(cls, model: Any) -> bool:
-        """Whether ``model`` is an open_clip ``CLIP``, ``CustomTextCLIP`` or ``CoCa``.
-
-        Checked by class name, without importing open_clip.
-
-        Parameters
-        ----------
-        %(candidate_model)s
-
-        Returns
-        -------
-        bool
-        """
+        # an open_clip CLIP, CustomTextCLIP or CoCa, by class name (no import of open_clip)
         return is_instance_by_name(model, "open_clip.", _MODELS)
 
 
@@ -100,12 +87,6 @@ def _bypass_tower(name: str, path: str, owner: nn.Module, attr: str, encode: Any
     capture = SwapCapture(owner, attr, lambda _: None, lambda pre: pre @ getattr(owner, attr))
     head = LinearHead.copy_of(path, proj, transpose=True)
     return Tower(name, head, capture, encode, proj)
-
-
-def _hook_tower(name: str, path: str, linear: nn.Linear, encode: Any, **hook_kwargs: Any) -> Tower:
-    """An ``nn.Linear`` the tower calls as a module: read its input with a pre-hook."""
-    head = LinearHead.copy_of(path, linear.weight, linear.bias)
-    return Tower(name, head, HookCapture(path, linear, **hook_kwargs), encode, linear.weight)
 
 
 def _image_tower(model: nn.Module, family: str) -> Tower:
@@ -148,17 +129,17 @@ def _resnet_tower(attnpool: nn.Module, encode: Any) -> Tower:
 def _timm_tower(visual: nn.Module, encode: Any, family: str) -> Tower:
     head, trunk = visual.head, visual.trunk
     if isinstance(getattr(head, "proj", None), nn.Linear):
-        return _hook_tower("image", "visual.head.proj", head.proj, encode)
+        return Tower.hooked("image", "visual.head.proj", head.proj, encode)
     if isinstance(getattr(getattr(head, "mlp", None), "fc2", None), nn.Linear):
-        return _hook_tower("image", "visual.head.mlp.fc2", head.mlp.fc2, encode)
+        return Tower.hooked("image", "visual.head.mlp.fc2", head.mlp.fc2, encode)
     if len(head) == 0:
         classifier = trunk.get_classifier()
         if isinstance(classifier, nn.Linear):
             path = next(n for n, m in trunk.named_modules() if m is classifier)
-            return _hook_tower("image", f"visual.trunk.{path}", classifier, encode)
+            return Tower.hooked("image", f"visual.trunk.{path}", classifier, encode)
         if _is_map_head(trunk):
             pool = trunk.attn_pool
-            return _hook_tower(
+            return Tower.hooked(
                 "image",
                 "visual.trunk.attn_pool.mlp.fc2",
                 pool.mlp.fc2,
@@ -193,12 +174,12 @@ def _text_tower(model: nn.Module, family: str) -> Tower:
     if isinstance(proj, nn.Parameter):
         return _bypass_tower("text", f"{prefix}text_projection", owner, "text_projection", encode)
     if isinstance(proj, nn.Linear):
-        return _hook_tower("text", f"{prefix}text_projection", proj, encode)
+        return Tower.hooked("text", f"{prefix}text_projection", proj, encode)
     hf_proj = getattr(owner, "proj", None)
     if isinstance(hf_proj, nn.Linear):
-        return _hook_tower("text", f"{prefix}proj", hf_proj, encode)
+        return Tower.hooked("text", f"{prefix}proj", hf_proj, encode)
     if isinstance(hf_proj, nn.Sequential) and isinstance(hf_proj[-1], nn.Linear):
-        return _hook_tower("text", f"{prefix}proj.{len(hf_proj) - 1}", hf_proj[-1], encode)
+        return Tower.hooked("text", f"{prefix}proj.{len(hf_proj) - 1}", hf_proj[-1], encode)
     raise ValueError(
         f"{family}: the text tower {type(owner).__name__} has no linear last layer "
         "(no text_projection or proj, e.g. proj_type='none'), so there is no text head for a "

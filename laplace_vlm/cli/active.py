@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from laplace_vlm.cli.errors import CliError
+from laplace_vlm.docstrings import fill_doc
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
@@ -57,6 +58,9 @@ def _show(value: Any) -> str:
 def dataclass_from_args(cls: type, args: argparse.Namespace):
     """``cls(**fields)`` from the options :func:`add_dataclass_arguments` added.
 
+    The dataclass's validation error (a ``ValueError`` naming the field) ends the command
+    with that message and exit code 2.
+
     Parameters
     ----------
     cls : type
@@ -69,8 +73,10 @@ def dataclass_from_args(cls: type, args: argparse.Namespace):
     object
         the ``cls`` instance.
 
-    The dataclass's validation error (a ``ValueError`` naming the field) ends the command
-    with that message and exit code 2.
+    Raises
+    ------
+    CliError
+        with the dataclass's ``ValueError`` message.
     """
     values = {f.name: getattr(args, f"{cls.__name__}.{f.name}") for f in dataclasses.fields(cls)}
     try:
@@ -115,18 +121,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+@fill_doc
 def run(args: argparse.Namespace) -> int:
-    """Run ``laplace-vlm active`` from parsed arguments.
+    """Run ``laplace-vlm active``: the one cell, or the sweep with ``--sweep``.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        from :func:`configure_parser`.
+    The options are those of :func:`configure_parser`.
 
-    Returns
-    -------
-    int
-        the exit code of the one-cell run or of the sweep.
+    %(cli_run)s
     """
     from laplace_vlm.active.config import ActiveLearningConfig
     from laplace_vlm.demo import active, active_sweep, recipe
@@ -146,13 +147,13 @@ def run(args: argparse.Namespace) -> int:
         return active.main(setting, config, args.json, args.out, args.progress_bar)
 
 
+@fill_doc
 def add_parser(sub, wanted: bool) -> None:
     """Register ``active``; its options (and imports) only when it is the command run.
 
     Parameters
     ----------
-    sub : argparse subparsers
-        of ``laplace-vlm``.
+    %(subparsers)s
     wanted : bool
         whether ``active`` is the command being run.
     """

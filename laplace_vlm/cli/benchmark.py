@@ -6,18 +6,18 @@ import argparse
 import time
 from pathlib import Path
 
-from laplace_vlm.cli.errors import CliError, positive
+from laplace_vlm.cli.errors import CliError
+from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.validation import positive_number
 
 DATASETS = ("digits", "fashion-mnist")  # laplace_vlm.demo.recipe.DATASETS, without importing it
 
 
+@fill_doc
 def add_parser(sub) -> None:
     """Add the ``benchmark`` subcommand to ``sub``.
 
-    Parameters
-    ----------
-    sub : argparse subparsers
-        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    %(cli_add_parser)s
     """
     p = sub.add_parser(
         "benchmark",
@@ -33,23 +33,18 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--cache-dir", type=Path, help="cache of the trained CLIPs")
     p.add_argument("--seed", type=int, default=0, help="split / training / caption / shift seed")
-    p.add_argument("--alpha", type=positive(float), default=0.1, help="conformal miscoverage")
+    p.add_argument(
+        "--alpha", type=positive_number(float), default=0.1, help="conformal miscoverage"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
+@fill_doc
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark of ``args.dataset``, print its tables, write ``--json`` and ``--out``.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        parsed arguments of ``laplace-vlm benchmark``.
-
-    Returns
-    -------
-    int
-        the exit code, 0.
+    %(cli_run)s
     """
     from laplace_vlm.demo.benchmark import run_benchmark
     from laplace_vlm.demo.experiment import ExperimentConfig

@@ -6,16 +6,16 @@ import argparse
 import time
 from pathlib import Path
 
+from laplace_vlm.docstrings import fill_doc
+
 DEFAULT_OUT = Path("laplace-vlm-demo")
 
 
+@fill_doc
 def add_parser(sub) -> None:
     """Add the ``demo`` subcommand to ``sub``.
 
-    Parameters
-    ----------
-    sub : argparse subparsers
-        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    %(cli_add_parser)s
     """
     p = sub.add_parser("demo", help="offline zero-shot calibration demo on handwritten digits")
     p.add_argument("--json", type=Path, help='write {"settings", "rows"} as JSON here')
@@ -33,18 +33,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+@fill_doc
 def run(args: argparse.Namespace) -> int:
     """Run the demo, print its tables, write the figures (unless ``--no-plots``) and ``--json``.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        parsed arguments of ``laplace-vlm demo``.
-
-    Returns
-    -------
-    int
-        the exit code, 0.
+    %(cli_run)s
     """
     from laplace_vlm.demo.run import format_report, run_demo
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 
@@ -25,31 +23,3 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise CliError(f"--output: {path} exists; pass --overwrite to replace it")
     if not path.parent.is_dir():
         raise CliError(f"--output: folder {path.parent} does not exist")
-
-
-def positive(kind: type) -> Callable[[str], float]:
-    """An argparse ``type=``: ``kind(text)`` if it is positive, else argparse's own error.
-
-    Parameters
-    ----------
-    kind : type
-        ``int`` or ``float``.
-
-    Returns
-    -------
-    Callable[[str], float]
-        the parser; it raises ``argparse.ArgumentTypeError`` for a non-number or a value <= 0.
-    """
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse

@@ -9,8 +9,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 
-from laplace_vlm.cli.errors import CliError, check_output, positive
+from laplace_vlm.cli.errors import CliError, check_output
 from laplace_vlm.cli.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_open_clip
+from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.validation import positive_number
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -32,13 +34,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+@fill_doc
 def add_parser(sub) -> None:
     """Add the ``fit`` subcommand to ``sub``.
 
-    Parameters
-    ----------
-    sub : argparse subparsers
-        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    %(cli_add_parser)s
     """
     p = sub.add_parser("fit", help="fit the posterior of an open_clip model on image-caption pairs")
     add_model_args(p)
@@ -58,13 +58,15 @@ def add_parser(sub) -> None:
         choices=("clip", "siglip"),
         help="likelihood (default: siglip for models with a logit bias, else clip)",
     )
-    p.add_argument("--batch-size", type=positive(int), default=256, help="pairs per class batch")
     p.add_argument(
-        "--max-pairs", type=positive(int), default=None, help="use at most this many pairs"
+        "--batch-size", type=positive_number(int), default=256, help="pairs per class batch"
+    )
+    p.add_argument(
+        "--max-pairs", type=positive_number(int), default=None, help="use at most this many pairs"
     )
     p.add_argument(
         "--pseudo-count",
-        type=positive(float),
+        type=positive_number(float),
         default=1.0,
         help="pseudo-data count n (temperature 1/n) the prior is optimised at",
     )
@@ -73,6 +75,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+@fill_doc
 def run(args: argparse.Namespace) -> int:
     """Fit a posterior on the pairs of ``--data`` and save it to ``--output``.
 
@@ -80,15 +83,7 @@ def run(args: argparse.Namespace) -> int:
     else ``clip``); the layerwise prior precision is optimised by the marginal likelihood at
     temperature ``1 / --pseudo-count``.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        parsed arguments of ``laplace-vlm fit``.
-
-    Returns
-    -------
-    int
-        the exit code, 0.
+    %(cli_run)s
     """
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 
@@ -164,10 +159,10 @@ def folder_pairs(folder: Path, rows: Iterable[tuple[str, str]]) -> Iterator[tupl
     rows : Iterable of (str, str)
         ``(filename, caption)`` rows of the captions CSV; a missing file is a :class:`CliError`.
 
-    Returns
-    -------
-    Iterator of tuple
-        the pairs, in the order of ``rows``.
+    Yields
+    ------
+    tuple
+        ``(image, caption)``: an RGB PIL image and its caption, in the order of ``rows``.
     """
     from PIL import Image
 
@@ -190,10 +185,10 @@ def tar_pairs(shards: Iterable[Path]) -> Iterator[tuple]:
     shards : Iterable of Path
         the tar files.
 
-    Returns
-    -------
-    Iterator of tuple
-        RGB images and stripped captions.
+    Yields
+    ------
+    tuple
+        ``(image, caption)``: an RGB PIL image and its stripped caption.
     """
     try:
         import webdataset as wds
@@ -231,10 +226,10 @@ def pair_batches(pairs: Iterable[tuple], preprocess, tokenizer, batch_size: int)
     batch_size : int
         pairs per batch; the last batch may be smaller.
 
-    Returns
-    -------
-    Iterator of tuple
-        the batches.
+    Yields
+    ------
+    tuple
+        ``(images, tokens)``: `(B, 3, H, W)` preprocessed images and `(B, L)` caption tokens.
     """
     import torch
 

@@ -8,20 +8,20 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from laplace_vlm.cli.errors import CliError, check_output, positive
+from laplace_vlm.cli.errors import CliError, check_output
 from laplace_vlm.cli.fit import IMAGE_SUFFIXES, add_model_args
 from laplace_vlm.cli.models import load_open_clip
+from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.validation import positive_number
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
+@fill_doc
 def add_parser(sub) -> None:
     """Add the ``zeroshot`` subcommand to ``sub``.
 
-    Parameters
-    ----------
-    sub : argparse subparsers
-        of ``laplace-vlm`` (the action ``add_subparsers`` returns).
+    %(cli_add_parser)s
     """
     p = sub.add_parser("zeroshot", help="zero-shot predictions with uncertainty for image files")
     add_model_args(p)
@@ -40,27 +40,20 @@ def add_parser(sub) -> None:
         "--pred-type", choices=("probcosine", "probcosine_diag", "glm", "map"), default="probcosine"
     )
     p.add_argument("--link-approx", choices=("probit", "mc"), default="probit")
-    p.add_argument("--batch-size", type=positive(int), default=64)
+    p.add_argument("--batch-size", type=positive_number(int), default=64)
     p.add_argument("--output", type=Path, help="CSV file (default: standard output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=run)
 
 
+@fill_doc
 def run(args: argparse.Namespace) -> int:
     """Write zero-shot predictions for the images of ``--images`` as CSV.
 
     Columns: filename, prediction, probability, entropy, mutual_information; to ``--output``
     or standard output.
 
-    Parameters
-    ----------
-    args : argparse.Namespace
-        parsed arguments of ``laplace-vlm zeroshot``.
-
-    Returns
-    -------
-    int
-        the exit code, 0.
+    %(cli_run)s
     """
     from laplace_vlm.adapters.features import extract_features
     from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
@@ -151,10 +144,10 @@ def image_batches(files: Sequence[Path], preprocess, batch_size: int) -> Iterato
     batch_size : int
         images per batch; the last batch may be smaller.
 
-    Returns
-    -------
-    Iterator of torch.Tensor
-        the batches.
+    Yields
+    ------
+    torch.Tensor
+        `(B, 3, H, W)` preprocessed images, ``B <= batch_size``.
     """
     import torch
     from PIL import Image

@@ -1,7 +1,7 @@
-"""Curvature backends for one projection head: a registry of ``head_factors`` functions.
+"""Curvature backends for one projection head: a registry of ``head_factors`` callables.
 
-Every backend has the signature of :func:`laplace_vlm.curvature.closed_form.head_factors`
-and returns ``(B, A)``: the summed output-side GGN `(D, D)` and the summed input outer
+Every backend is a :class:`~laplace_vlm.curvature.backend.HeadCurvature` instance (or a function
+with the signature of :func:`laplace_vlm.curvature.closed_form.head_factors`) and returns ``(B, A)``: the summed output-side GGN `(D, D)` and the summed input outer
 products `(d, d)` of one class batch, unscaled. ``DualEncoderLaplace`` turns them into
 laplace's ``Kron`` scaling.
 """

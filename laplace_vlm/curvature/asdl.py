@@ -25,7 +25,7 @@ from asdl.fisher import FisherConfig, get_fisher_maker
 from asdl.grad_maker import LOSS_CROSS_ENTROPY, LOSS_MSE
 from asdl.matrices import FISHER_EXACT, SHAPE_KRON
 
-from laplace_vlm.curvature.backend import HeadCurvature
+from laplace_vlm.curvature.backend import HeadBatch, HeadCurvature
 from laplace_vlm.curvature.head_module import CosineLogitHead
 from laplace_vlm.curvature.likelihoods import hessian_weights
 
@@ -48,25 +48,23 @@ class _WhitenedHead(CosineLogitHead):
 class AsdlCurvature(HeadCurvature):
     """The GGN from ASDL's exact Fisher of the inline forward."""
 
-    def factors(
-        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
-        labels, step,
-    ):  # fmt: skip
-        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
+    def factors(self, batch: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
         # fresh module on every call: ASDL's hooks must never touch the user's modules
-        head = _WhitenedHead(weight, bias, targets, scale, logit_bias, contrastive)
+        head = _WhitenedHead(batch.weight, batch.bias, batch.targets, batch.scale,
+                             batch.logit_bias, batch.contrastive)  # fmt: skip
         proj = head.proj
-        loss_type = LOSS_CROSS_ENTROPY if contrastive == "clip" else LOSS_MSE
+        loss_type = LOSS_CROSS_ENTROPY if batch.contrastive == "clip" else LOSS_MSE
         config = FisherConfig(
             fisher_type=FISHER_EXACT, loss_type=loss_type, fisher_shapes=[SHAPE_KRON], data_size=1
         )
         fisher_maker = get_fisher_maker(head, config)
 
-        B = activations.new_zeros(weight.shape[0], weight.shape[0])
-        A = activations.new_zeros(weight.shape[1], weight.shape[1])
-        for start in range(0, len(activations), step):
-            a = activations[start : start + step]
-            r = None if residual is None else residual[start : start + step]
+        activations, residual, (D, d) = batch.activations, batch.residual, batch.weight.shape
+        B = activations.new_zeros(D, D)
+        A = activations.new_zeros(d, d)
+        for start in range(0, len(activations), batch.step):
+            a = activations[start : start + batch.step]
+            r = None if residual is None else residual[start : start + batch.step]
             fisher_maker.setup_model_call(head, a, r)
             with warnings.catch_warnings():
                 # ASDL's legacy backward hooks trip torch's deprecation warning; ASDL only

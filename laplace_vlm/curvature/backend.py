@@ -7,13 +7,59 @@ Every backend is a :class:`HeadCurvature` whose subclasses differ in one thing, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from laplace_vlm.curvature.likelihoods import check_contrastive
 
 
+@dataclass(frozen=True)
+class HeadBatch:
+    """The checked inputs of one head on one class batch: what a backend computes on.
+
+    Attributes
+    ----------
+    weight : torch.Tensor
+        `(D, d)` head weight, detached, in the dtype of ``activations``.
+    bias : torch.Tensor or None
+        `(D,)` head bias.
+    activations : torch.Tensor
+        `(M, d)` inputs of the head, detached.
+    residual : torch.Tensor or None
+        `(M, D)` per-row offset added after the head, detached, in the dtype of ``activations``.
+    targets : torch.Tensor
+        `(K, D)` normalised embeddings of the other tower, detached, in that dtype too.
+    scale : torch.Tensor
+        the linear logit scale.
+    logit_bias : torch.Tensor or None
+        SigLIP's logit bias.
+    contrastive : {'clip', 'siglip'}
+        the checked contrastive type.
+    labels : torch.Tensor
+        `(M,)` matching class per row.
+    step : int
+        rows per chunk (all ``M`` rows without ``chunk_size``).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    activations: torch.Tensor
+    residual: torch.Tensor | None
+    targets: torch.Tensor
+    scale: torch.Tensor
+    logit_bias: torch.Tensor | None
+    contrastive: str
+    labels: torch.Tensor
+    step: int
+
+
 class HeadCurvature:
-    """Base class of the curvature backends; an instance is the backend's ``head_factors``."""
+    """Base class of the curvature backends; an instance is the backend's ``head_factors``.
+
+    A backend overrides :meth:`factors`; calling the instance checks the arguments, gathers
+    them in a :class:`HeadBatch` and symmetrises ``B``.
+    """
 
     def __call__(
         self,
@@ -69,27 +115,25 @@ class HeadCurvature:
             labels = torch.arange(M, device=activations.device) % K
         dtype = activations.dtype
         residual = None if residual is None else residual.detach().to(dtype)
-        B, A = self.factors(weight.detach().to(dtype), bias, activations.detach(), residual,
-                            targets.detach().to(dtype), scale, logit_bias, contrastive, labels,
-                            chunk_size or M)  # fmt: skip
+        batch = HeadBatch(weight.detach().to(dtype), bias, activations.detach(), residual,
+                          targets.detach().to(dtype), scale, logit_bias, contrastive, labels,
+                          chunk_size or M)  # fmt: skip
+        B, A = self.factors(batch)
         return 0.5 * (B + B.T), A
 
-    def factors(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        activations: torch.Tensor,
-        residual: torch.Tensor | None,
-        targets: torch.Tensor,
-        scale: torch.Tensor,
-        logit_bias: torch.Tensor | None,
-        contrastive: str,
-        labels: torch.Tensor,
-        step: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The backend's own computation of ``(B, A)`` on checked, detached inputs.
+    def factors(self, batch: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backend's own computation of ``(B, A)``, before ``B`` is symmetrised.
 
-        Parameters are those of :meth:`__call__`, with ``labels`` filled in and ``step`` the
-        rows per chunk.
+        Parameters
+        ----------
+        batch : HeadBatch
+            the head and its class batch, checked and detached by :meth:`__call__`.
+
+        Returns
+        -------
+        B : torch.Tensor
+            `(D, D)` sum of the per-row GGNs of the embedding; :meth:`__call__` symmetrises it.
+        A : torch.Tensor
+            `(d, d)` ``sum_i a_i a_i^T`` over the rows of ``batch.activations``.
         """
         raise NotImplementedError

@@ -30,7 +30,7 @@ from backpack.extensions.secondorder.hbp.losses import HBPLoss
 from backpack.utils.subsampling import subsample
 from torch import nn
 
-from laplace_vlm.curvature.backend import HeadCurvature
+from laplace_vlm.curvature.backend import HeadBatch, HeadCurvature
 from laplace_vlm.heads import linear_copy
 
 
@@ -38,7 +38,18 @@ class Normalize(nn.Module):
     """``x -> x / ||x||`` along the last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` `(N, D)` -> `(N, D)`: the rows of ``x`` scaled to unit L2 norm."""
+        """The rows of ``x`` scaled to unit L2 norm.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            `(N, D)` un-normalised embeddings ``z``.
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, D)` ``u = z / ||z||``, the input of the similarity layer.
+        """
         return nn.functional.normalize(x, dim=-1)
 
 
@@ -56,7 +67,18 @@ class AddResidual(nn.Module):
         self.register_buffer("residual", residual)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """`(N, D)` -> `(N, D)`: ``z + residual``."""
+        """Add the stored offset.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            `(N, D)` output ``W a + b`` of the head's linear layer.
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, D)` ``z + r``, the tower's embedding.
+        """
         return z + self.residual
 
 
@@ -101,21 +123,19 @@ def _kflr() -> KFLR:
 class BackpackCurvature(HeadCurvature):
     """The GGN from BackPACK's KFLR, with the normalisation and pairwise-sigmoid extensions."""
 
-    def factors(
-        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
-        labels, step,
-    ):  # fmt: skip
-        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
+    def factors(self, batch: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        activations, residual, step = batch.activations, batch.residual, batch.step
         dtype, device = activations.dtype, activations.device
-        (D, d), K, M = weight.shape, len(targets), len(activations)
+        (D, d), K, M = batch.weight.shape, len(batch.targets), len(activations)
         # fresh modules on every call (never hook the user's; ASDL may have touched them)
         # the cosine logits as BackPACK's layers: s T u (+ bias) is a Linear on u = normalize(z)
-        proj = linear_copy(weight, bias)
-        sim_bias = None if logit_bias is None else torch.as_tensor(logit_bias).to(device, dtype)
-        sims = linear_copy(torch.as_tensor(scale).to(device, dtype) * targets,
-                           None if sim_bias is None else sim_bias.expand(K))  # fmt: skip
+        proj = linear_copy(batch.weight, batch.bias)
+        sim_bias = None
+        if batch.logit_bias is not None:
+            sim_bias = torch.as_tensor(batch.logit_bias).to(device, dtype).expand(K)
+        sims = linear_copy(torch.as_tensor(batch.scale).to(device, dtype) * batch.targets, sim_bias)
         sims.requires_grad_(False)
-        if contrastive == "clip":
+        if batch.contrastive == "clip":
             lossfunc = extend(nn.CrossEntropyLoss(reduction="sum"))
         else:
             lossfunc = extend(nn.BCEWithLogitsLoss(reduction="sum"))
@@ -132,8 +152,8 @@ class BackpackCurvature(HeadCurvature):
                 if residual is not None:
                     layers.append(AddResidual(residual[rows]))
                 model = extend(nn.Sequential(*layers, Normalize(), sims))
-                y = labels[rows]
-                if contrastive == "siglip":
+                y = batch.labels[rows]
+                if batch.contrastive == "siglip":
                     y = nn.functional.one_hot(y, K).to(dtype)
                 loss = lossfunc(model(a), y)
                 with backpack(ext), warnings.catch_warnings():

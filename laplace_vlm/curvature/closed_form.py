@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from laplace_vlm.curvature.backend import HeadCurvature
+from laplace_vlm.curvature.backend import HeadBatch, HeadCurvature
 
 
 def input_factor(activations: torch.Tensor) -> torch.Tensor:
@@ -44,12 +44,12 @@ def input_factor(activations: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     activations : torch.Tensor
-        `(M, d)` pre-projection activations.
+        `(M, d)` the head's inputs ``a_i``, one row per example.
 
     Returns
     -------
     A : torch.Tensor
-        `(d, d)`
+        `(d, d)` symmetric positive semi-definite, in the dtype of ``activations``.
     """
     return activations.T @ activations
 
@@ -76,6 +76,7 @@ def output_factor(
     bias : torch.Tensor, optional
         SigLIP logit bias.
     contrastive : {'clip', 'siglip'}
+        softmax over the classes of each row, or independent sigmoids per pair.
     chunk_size : int, optional
         rows per chunk; bounds memory at two `(chunk_size, K)` buffers with the same result.
 
@@ -89,32 +90,6 @@ def output_factor(
     if contrastive == "clip":
         return _softmax_head(U, inv_n, targets, scale, step)[0]
     return _sigmoid_heads(U, inv_n, targets, scale, bias, step)[0]
-
-
-class ClosedFormCurvature(HeadCurvature):
-    """The GGN from GEMMs (the default backend); both heads at once with :meth:`pair_factors`."""
-
-    @torch.no_grad()
-    def factors(
-        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
-        labels, step,
-    ):  # fmt: skip
-        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
-        z = activations @ weight.T
-        if bias is not None:
-            z += bias
-        if residual is not None:
-            z += residual
-        B = output_factor(z, targets, scale, logit_bias, contrastive, step)
-        return B, input_factor(activations)
-
-    @staticmethod
-    def pair_factors(*args, **kwargs):
-        """Both heads' factors and the loss from shared logits: :func:`pair_factors`."""
-        return pair_factors(*args, **kwargs)
-
-
-head_factors = ClosedFormCurvature()
 
 
 @torch.no_grad()
@@ -144,7 +119,10 @@ def pair_factors(
     scale : torch.Tensor
         linear logit scale.
     logit_bias : torch.Tensor, optional
+        SigLIP's logit bias.
     contrastive : {'clip', 'siglip'}
+        InfoNCE in both directions (images over texts, texts over images), or the pairwise
+        sigmoid of every image-text pair.
     chunk_size : int, optional
         rows per chunk; bounds memory at a few `(chunk_size, M)` buffers with the same result.
 
@@ -165,6 +143,27 @@ def pair_factors(
     else:
         B_i, B_t, loss = _sigmoid_heads(U, inv_n, V, scale, logit_bias, step, inv_m)
     return B_i, input_factor(image_activations), B_t, input_factor(text_activations), loss
+
+
+class ClosedFormCurvature(HeadCurvature):
+    """The GGN from GEMMs (the default backend); both heads at once with :meth:`pair_factors`."""
+
+    @torch.no_grad()
+    def factors(self, batch: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        z = batch.activations @ batch.weight.T
+        if batch.bias is not None:
+            z += batch.bias
+        if batch.residual is not None:
+            z += batch.residual
+        B = output_factor(z, batch.targets, batch.scale, batch.logit_bias, batch.contrastive,
+                          batch.step)  # fmt: skip
+        return B, input_factor(batch.activations)
+
+    # both heads' factors and the loss from shared logits (``DualEncoderLaplace.fit`` uses it)
+    pair_factors = staticmethod(pair_factors)
+
+
+head_factors = ClosedFormCurvature()
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -15,7 +15,7 @@ import torch
 from curvlinops import FisherType, KFACLinearOperator
 from torch import nn
 
-from laplace_vlm.curvature.backend import HeadCurvature
+from laplace_vlm.curvature.backend import HeadBatch, HeadCurvature
 from laplace_vlm.curvature.head_module import CosineLogitHead
 
 
@@ -29,21 +29,19 @@ class _DictInputHead(CosineLogitHead):
 class CurvlinopsCurvature(HeadCurvature):
     """The GGN from curvlinops' type-2 KFAC."""
 
-    def factors(
-        self, weight, bias, activations, residual, targets, scale, logit_bias, contrastive,
-        labels, step,
-    ):  # fmt: skip
-        """``(B, A)`` of one class batch (see :meth:`HeadCurvature.__call__`)."""
-        K, M = len(targets), len(activations)
+    def factors(self, batch: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        activations, residual, step = batch.activations, batch.residual, batch.step
+        K, M = len(batch.targets), len(activations)
         # fresh module on every call: curvlinops' hooks must never touch the user's modules
-        head = _DictInputHead(weight, bias, targets, scale, logit_bias)
+        head = _DictInputHead(batch.weight, batch.bias, batch.targets, batch.scale,
+                              batch.logit_bias)  # fmt: skip
         proj = head.proj
-        if contrastive == "clip":
+        if batch.contrastive == "clip":
             lossfunc = nn.CrossEntropyLoss(reduction="sum")
-            y_all = labels
+            y_all = batch.labels
         else:
             lossfunc = nn.BCEWithLogitsLoss(reduction="sum")
-            y_all = nn.functional.one_hot(labels, K).to(activations.dtype)
+            y_all = nn.functional.one_hot(batch.labels, K).to(activations.dtype)
         data = []
         for start in range(0, M, step):
             rows = slice(start, start + step)

@@ -54,6 +54,11 @@ def failures_shared_across_ranks() -> Iterator[None]:
     own error, the others raise a ``RuntimeError`` that says another rank failed. Without a
     process group of several ranks the block runs unchanged.
 
+    Yields
+    ------
+    None
+        once: the guarded block runs there.
+
     Raises
     ------
     RuntimeError

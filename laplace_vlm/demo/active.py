@@ -37,12 +37,23 @@ from laplace_vlm.active.report import (
 )
 from laplace_vlm.demo import recipe
 from laplace_vlm.demo.data import stratified_subset
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.pseudo_count import tune_prior_at
 
 BASELINES: tuple[str, ...] = ("random", "map_entropy")
 """The paired comparisons of the report: targeted random and MAP entropy."""
 # fixed shifts of the evaluation splits; the pool's shifted copy is redrawn per seed
 _VAL_SEED, _TEST_SEED, _POOL_SEED = 10_001, 10_002, 20_000
+
+# what one run of the experiment is given
+_fill_doc = fill_doc.extend(
+    cell="""
+        setting : DemoSetting
+            the cell: data set, target shift and sizes.
+        config : ActiveLearningConfig
+            the experiment.
+        """
+)
 
 
 @dataclass
@@ -186,15 +197,13 @@ def prepare(setting: DemoSetting, config: ActiveLearningConfig) -> Prepared:
     return Prepared(la, problem, zero_shot)
 
 
+@_fill_doc
 def run_setting(setting: DemoSetting, config: ActiveLearningConfig, progress_bar: bool = False):
     """Prepare and run one experiment.
 
     Parameters
     ----------
-    setting : DemoSetting
-        the cell.
-    config : ActiveLearningConfig
-        the experiment.
+    %(cell)s
     progress_bar : bool
         show progress.
 
@@ -210,17 +219,21 @@ def run_setting(setting: DemoSetting, config: ActiveLearningConfig, progress_bar
     return summarize(results), prepared
 
 
+@_fill_doc
 def describe(setting: DemoSetting, config: ActiveLearningConfig, zero_shot_acc: float) -> str:
     """One line naming the cell, the protocol and the label accounting.
 
     Parameters
     ----------
-    setting : DemoSetting
-        the cell.
-    config : ActiveLearningConfig
-        the experiment.
+    %(cell)s
     zero_shot_acc : float
         MAP zero-shot accuracy on the target.
+
+    Returns
+    -------
+    str
+        the data set, target shift and severity, zero-shot accuracy, protocol, number of seeds
+        and the labels validation may use.
     """
     labels = ("labelled support set only" if config.validation == "support"
               else "support set + the labelled target validation split")  # fmt: skip
@@ -238,6 +251,12 @@ def report_text(summary: dict, setting: DemoSetting, config, zero_shot_acc: floa
         :func:`laplace_vlm.active.report.summarize`'s output.
     setting, config, zero_shot_acc
         as for :func:`describe`.
+
+    Returns
+    -------
+    str
+        :func:`describe`'s line, :func:`laplace_vlm.active.report.format_table` and one
+        :func:`laplace_vlm.active.report.format_differences` per baseline, blank-line separated.
     """
     parts = [describe(setting, config, zero_shot_acc), format_table(summary)]
     for baseline in BASELINES:
@@ -246,20 +265,24 @@ def report_text(summary: dict, setting: DemoSetting, config, zero_shot_acc: floa
     return "\n\n".join(parts)
 
 
+@_fill_doc
 def main(setting: DemoSetting, config: ActiveLearningConfig, json_path: Path | None = None,
          out: Path | None = None, progress_bar: bool = True) -> int:  # fmt: skip
     """Run one experiment, print the report, write the summary JSON and the curves if asked.
 
     Parameters
     ----------
-    setting, config : DemoSetting, ActiveLearningConfig
-        the experiment.
+    %(cell)s
     json_path : Path, optional
         ``{strategy: {budget: {"acc_mean", "acc_std", "ece_mean", ...}}}``.
     out : Path, optional
         folder for ``curves.png``.
     progress_bar : bool
         show progress.
+
+    Returns
+    -------
+    %(exit_status)s
     """
     start = time.perf_counter()
     summary, prepared = run_setting(setting, config, progress_bar)

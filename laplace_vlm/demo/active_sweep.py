@@ -30,9 +30,22 @@ from laplace_vlm.active.report import (
 )
 from laplace_vlm.demo import recipe
 from laplace_vlm.demo.active import BASELINES, DemoSetting, describe, prepare
+from laplace_vlm.docstrings import fill_doc
 
 Chain = tuple[str, str, tuple[float, ...]]
 """``(dataset, shift, severities)``: cells run in order, stopping below ``min_zero_shot``."""
+
+# what every cell of a sweep shares
+_fill_doc = fill_doc.extend(
+    cell_config="""
+        config : ActiveLearningConfig
+            the experiment of every cell.
+        """,
+    base_setting="""
+        base : DemoSetting
+            sizes and folders (data set, shift and severity are each cell's).
+        """,
+)
 
 
 def severity_grid(text: str) -> dict[str, tuple[float, ...]]:
@@ -42,6 +55,11 @@ def severity_grid(text: str) -> dict[str, tuple[float, ...]]:
     ----------
     text : str
         ``shift:severities`` parts separated by ``;``; a ``ValueError`` names ``grid``.
+
+    Returns
+    -------
+    dict of str to tuple of float
+        shift -> its severities, sorted, in the order the shifts are given.
     """
     grid = {}
     for chunk in (c for c in text.split(";") if c.strip()):
@@ -93,12 +111,20 @@ class SweepSetting:
             raise ValueError(f"min_zero_shot must lie in [0, 1), got {self.min_zero_shot}.")
 
     def chains(self) -> list[Chain]:
-        """The chains of cells, clean ones first."""
+        """The chains of cells, clean ones first.
+
+        Returns
+        -------
+        list of Chain
+            ``(dataset, shift, severities)``: with :attr:`clean`, one ``(0.0,)`` chain per data
+            set first, then every data set x shift of :attr:`grid`.
+        """
         grid = severity_grid(self.grid)
         clean = [(d, next(iter(grid)), (0.0,)) for d in self.datasets if self.clean and grid]
         return clean + [(d, shift, sev) for d in self.datasets for shift, sev in grid.items()]
 
 
+@_fill_doc
 def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
               min_zero_shot: float) -> list[dict]:  # fmt: skip
     """The cells of one chain, stopping at the first zero-shot accuracy below the threshold.
@@ -107,12 +133,17 @@ def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
     ----------
     chain : tuple
         ``(dataset, shift, severities)``.
-    base : DemoSetting
-        sizes and folders (data set, shift and severity are replaced).
-    config : ActiveLearningConfig
-        the experiment of every cell.
+    %(base_setting)s
+    %(cell_config)s
     min_zero_shot : float
         the threshold; the cell below it is recorded as skipped.
+
+    Returns
+    -------
+    list of dict
+        one cell per severity run: ``dataset``, ``shift``, ``severity``, ``zero_shot_acc``,
+        then ``summary``, ``differences``, ``description`` and ``seconds``, or ``skipped``
+        for the last cell if it fell below ``min_zero_shot``.
     """
     dataset, shift, severities = chain
     cells = []
@@ -142,6 +173,7 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+@_fill_doc
 def run_sweep(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting,
               on_chain=None) -> list[dict]:  # fmt: skip
     """Every chain of ``sweep``, in ``sweep.workers`` processes; ``on_chain(cells)`` after each.
@@ -150,10 +182,8 @@ def run_sweep(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetti
     ----------
     sweep : SweepSetting
         the cells and workers.
-    config : ActiveLearningConfig
-        the experiment of every cell.
-    base : DemoSetting
-        sizes and folders.
+    %(cell_config)s
+    %(base_setting)s
     on_chain : callable, optional
         called with all cells finished so far, after every chain.
 
@@ -188,6 +218,11 @@ def posterior_strategies(config: ActiveLearningConfig) -> list[str]:
     ----------
     config : ActiveLearningConfig
         its strategies.
+
+    Returns
+    -------
+    list of str
+        the names of the targeted strategies not scored by ``random`` or ``map_entropy``.
     """
     return [s.name for s in config.parsed_strategies
             if s.targeted and s.score not in ("random", "map_entropy")]  # fmt: skip
@@ -204,6 +239,12 @@ def verdicts(cells: list[dict], config: ActiveLearningConfig) -> list[str]:
         sweep cells with ``differences``.
     config : ActiveLearningConfig
         which strategies are posterior-based.
+
+    Returns
+    -------
+    list of str
+        ``"<dataset> <shift> <severity> (zero-shot <acc>): <strategies>"`` per cell run with
+        both baselines.
     """
     lines = []
     for cell in (c for c in cells if not c.get("skipped")):
@@ -252,6 +293,7 @@ def write_outputs(cells: list[dict], config, json_path: Path, out: Path | None) 
         save_figure(learning_curves_figure(c["summary"], title=title), out / name)
 
 
+@_fill_doc
 def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, json_path: Path,
          out: Path | None = None, progress_bar: bool = True) -> int:  # fmt: skip
     """Run the sweep, writing the JSON (and plots) after every chain; print the differences.
@@ -260,16 +302,18 @@ def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, j
     ----------
     sweep : SweepSetting
         the cells.
-    config : ActiveLearningConfig
-        the experiment of every cell.
-    base : DemoSetting
-        sizes and folders.
+    %(cell_config)s
+    %(base_setting)s
     json_path : Path
         ``{"config": ..., "cells": [...]}``.
     out : Path, optional
         folder of the plots.
     progress_bar : bool
         print progress after every chain.
+
+    Returns
+    -------
+    %(exit_status)s
     """
     start = time.perf_counter()
 

@@ -119,6 +119,8 @@ def condition_rows(
     Returns
     -------
     list of dict
+        per method: its calibration rows, its selective and failure rows per confidence
+        score, then its conformal rows.
     """
     rows: list[Row] = []
     for method, p in predictions.items():
@@ -150,6 +152,12 @@ def ood_scores(predictions: dict[str, Prediction], logit_scale: float) -> dict[t
         method -> its prediction on one set of images.
     logit_scale : float
         CLIP's ``exp(logit_scale)``; MCM takes the unscaled cosines ``logits / scale``.
+
+    Returns
+    -------
+    dict of tuple to tuple
+        ``(method, score)`` -> ``(values, higher_is_in)``: `(N,)` scores and whether a higher
+        score means in-distribution.
     """
     out: dict[tuple, tuple] = {}
     for method, p in predictions.items():
@@ -182,6 +190,11 @@ def ood_rows(
         the OOD set's name (the row's condition).
     scores_in, scores_out : dict
         :func:`ood_scores` of the in-distribution test split and of the OOD set.
+
+    Returns
+    -------
+    list of dict
+        two rows (``auroc``, ``fpr95``) per ``(method, score)``, task ``"ood"``.
     """
     rows = []
     for (method, score), (score_in, higher_is_in) in scores_in.items():
@@ -203,6 +216,11 @@ def fit_conformal(
         method -> its prediction on the validation split.
     alpha : float
         miscoverage level.
+
+    Returns
+    -------
+    dict of str to dict
+        method -> ``{"lac": ..., "aps": ...}`` fitted ``SplitConformal`` predictors.
     """
     labels = experiment.splits["val"][1]
     out: dict[str, dict[str, SplitConformal]] = {}
@@ -237,6 +255,7 @@ def run_benchmark(
     Returns
     -------
     BenchmarkResult
+        the checked rows, the settings, and what the figures need.
     """
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
@@ -297,6 +316,13 @@ def settings(
         the validation grid.
     skipped : list of str
         parts left out, with the reason.
+
+    Returns
+    -------
+    dict
+        JSON-safe: data set, seed, alpha, split sizes, shifts and severities, methods and
+        predictives, temperature, pseudo-count grid and choices, prior precisions, validation
+        NLPD per pseudo-count, and ``skipped``.
     """
     return {
         "dataset": exp.dataset,

@@ -44,6 +44,12 @@ _fill_doc = fill_doc.extend(
         torch.Tensor
             `(N, 3, H, W)` shifted, normalised model inputs.
         """,
+    shift_parameters="""
+        Parameters
+        ----------
+        %(shift_images)s
+        %(severity)s
+        """,
 )
 
 
@@ -168,10 +174,7 @@ def gaussian_noise(
 
     The noisy pixels are clamped to ``[0, 1]``.
 
-    Parameters
-    ----------
-    %(shift_images)s
-    %(severity)s
+    %(shift_parameters)s
     generator : torch.Generator
         randomness of the noise.
 
@@ -189,10 +192,7 @@ def gaussian_noise(
 def rotation(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
     """Rotate each image by ``90 * severity`` degrees, clockwise or anticlockwise at random.
 
-    Parameters
-    ----------
-    %(shift_images)s
-    %(severity)s
+    %(shift_parameters)s
     generator : torch.Generator
         randomness of the directions.
 
@@ -216,10 +216,7 @@ def rotation(images: torch.Tensor, severity: float, generator: torch.Generator) 
 def invert(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
     """Colour-invert a random fraction ``severity`` of the images (white background, dark strokes).
 
-    Parameters
-    ----------
-    %(shift_images)s
-    %(severity)s
+    %(shift_parameters)s
     generator : torch.Generator
         randomness of which images are inverted.
 
@@ -238,10 +235,7 @@ def invert(images: torch.Tensor, severity: float, generator: torch.Generator) ->
 def blur(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
     """Gaussian blur with standard deviation ``3 * severity`` pixels (of the 32x32 image).
 
-    Parameters
-    ----------
-    %(shift_images)s
-    %(severity)s
+    %(shift_parameters)s
     generator : torch.Generator
         unused: the blur is deterministic (kept for the signature of ``Shift``).
 
@@ -263,10 +257,7 @@ def contrast(images: torch.Tensor, severity: float, generator: torch.Generator) 
     At severity 1 a tenth of the contrast is left (torchvision's ``adjust_contrast``), so the
     strongest shift still carries the object.
 
-    Parameters
-    ----------
-    %(shift_images)s
-    %(severity)s
+    %(shift_parameters)s
     generator : torch.Generator
         unused: lowering the contrast is deterministic.
 

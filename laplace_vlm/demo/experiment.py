@@ -50,6 +50,19 @@ LAPLACE_PREDICTIVES: dict[str, str] = {"probcosine": "probit", "glm": "probit", 
 PAPER_PSEUDO_COUNT = 10.0
 MC_SAMPLES = 200
 
+# what every method predicts from
+_fill_doc = fill_doc.extend(
+    image_acts="""
+        image_acts : torch.Tensor
+            `(N, d_img)` pre-projection image activations (see :meth:`Experiment.encode`).
+        """,
+    predict_parameters="""
+        Parameters
+        ----------
+        %(image_acts)s
+        """,
+)
+
 
 @dataclass
 @fill_doc
@@ -63,8 +76,7 @@ class Prediction:
         `(N, C)` logits (MAP), their posterior mean, or the Monte Carlo mean.
     logit_var : torch.Tensor or None
         `(N, C)` logit variance; None for the deterministic methods.
-    entropy : torch.Tensor
-        `(N,)` entropy of ``probs``, nats.
+    %(probs_entropy)s
     mutual_information : torch.Tensor or None
         `(N,)` between label and head weights, nats; None for the deterministic methods.
     """
@@ -85,6 +97,11 @@ def laplace_method(pred_type: str, pseudo_count: float | None = None) -> str:
         a key of ``LAPLACE_PREDICTIVES``.
     pseudo_count : float, optional
         a fixed pseudo-count; None for the one chosen on validation.
+
+    Returns
+    -------
+    str
+        the method's name, e.g. ``"laplace_glm"`` or ``"laplace_probcosine_n10"``.
     """
     return f"laplace_{pred_type}" + ("" if pseudo_count is None else f"_n{pseudo_count:g}")
 
@@ -148,13 +165,11 @@ class Experiment:
         """
         return encode_images(self.model, images)
 
+    @_fill_doc
     def predict(self, image_acts: torch.Tensor) -> dict[str, Prediction]:
         """Every method's prediction for `(N, d_img)` image activations.
 
-        Parameters
-        ----------
-        image_acts : torch.Tensor
-            `(N, d_img)` pre-projection activations (see :meth:`encode`).
+        %(predict_parameters)s
 
         Returns
         -------
@@ -166,13 +181,11 @@ class Experiment:
             out[method] = self.laplace(image_acts, pred_type, setting)
         return out
 
+    @_fill_doc
     def deterministic(self, image_acts: torch.Tensor) -> dict[str, Prediction]:
         """``"map"`` and ``"temperature"`` predictions (see :meth:`predict`).
 
-        Parameters
-        ----------
-        image_acts : torch.Tensor
-            `(N, d_img)` pre-projection activations.
+        %(predict_parameters)s
 
         Returns
         -------
@@ -183,6 +196,7 @@ class Experiment:
         probs = {"map": torch.softmax(logits, -1), "temperature": self.scaler(logits)}
         return {m: Prediction(p, logits, None, entropy(p), None) for m, p in probs.items()}
 
+    @_fill_doc
     def laplace(
         self, image_acts: torch.Tensor, pred_type: str, setting: PosteriorSetting
     ) -> Prediction:
@@ -190,8 +204,7 @@ class Experiment:
 
         Parameters
         ----------
-        image_acts : torch.Tensor
-            `(N, d_img)` activations.
+        %(image_acts)s
         pred_type : str
             a key of ``LAPLACE_PREDICTIVES``.
         setting : PosteriorSetting
@@ -224,6 +237,12 @@ def predictive_kwargs(seed: int, mc_samples: int = MC_SAMPLES) -> dict[str, dict
         seed of the one generator all Monte Carlo predictives draw from.
     mc_samples : int
         samples of the Monte Carlo predictive.
+
+    Returns
+    -------
+    dict of str to dict
+        :func:`laplace_method` -> ``pred_type``, ``link_approx`` and, for Monte Carlo,
+        ``n_samples`` and the shared ``generator``.
     """
     generator = torch.Generator().manual_seed(seed)
     out = {}
@@ -236,13 +255,13 @@ def predictive_kwargs(seed: int, mc_samples: int = MC_SAMPLES) -> dict[str, dict
 
 
 @dataclass
+@fill_doc
 class ExperimentConfig:
     """What :func:`prepare` builds: data set, model cache, pseudo-count grid, Monte Carlo.
 
     Attributes
     ----------
-    dataset : {'digits', 'fashion-mnist'}
-        the data set.
+    %(demo_dataset)s
     seed : int
         seed of the split, the model's training, the captions and the Monte Carlo draws.
     cache_dir : path, optional
@@ -288,6 +307,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
     Returns
     -------
     Experiment
+        the model, posterior, classifier, splits and every method's fitted setting.
     """
     c = config
     dataset, seed = c.dataset, c.seed
@@ -332,6 +352,12 @@ def conditions(
         seed of the shifts' randomness (one generator per shift).
     severities : sequence of float
         in ``(0, 1]``.
+
+    Yields
+    ------
+    tuple
+        ``(condition, severity, images)``: ``"clean"`` or a shift of ``SHIFTS``, its severity
+        (0 for clean) and the `(N, 3, 32, 32)` images under it.
     """
     yield "clean", 0.0, images
     for index, (shift, transform) in enumerate(SHIFTS.items()):

@@ -57,7 +57,25 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
 
 
 def find_file(data_dir: Path, name: str) -> Path:
-    """``data_dir / name`` with or without ``.gz``; a clear error when neither exists."""
+    """``data_dir / name`` with or without ``.gz``; a clear error when neither exists.
+
+    Parameters
+    ----------
+    data_dir : Path
+        the folder.
+    name : str
+        the file name without ``.gz``, e.g. ``"train-images-idx3-ubyte"``.
+
+    Returns
+    -------
+    Path
+        the gzipped file if there is one, else the uncompressed one.
+
+    Raises
+    ------
+    FileNotFoundError
+        naming the four files and where Debian installs them.
+    """
     for candidate in (data_dir / f"{name}.gz", data_dir / name):
         if candidate.is_file():
             return candidate
@@ -69,7 +87,18 @@ def find_file(data_dir: Path, name: str) -> Path:
 
 
 def available(data_dir: str | os.PathLike | None = None) -> bool:
-    """Whether all four files are in ``data_dir`` (default: ``DEFAULT_DATA_DIR``)."""
+    """Whether all four files are in ``data_dir`` (default: ``DEFAULT_DATA_DIR``).
+
+    Parameters
+    ----------
+    data_dir : path, optional
+        the folder; ``DEFAULT_DATA_DIR`` if None.
+
+    Returns
+    -------
+    bool
+        True if every file is there, gzipped or not.
+    """
     try:
         for pair in FILES.values():
             for name in pair:

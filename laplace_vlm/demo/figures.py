@@ -21,6 +21,7 @@ from laplace_vlm.demo.experiment import (
     predictive_kwargs,
 )
 from laplace_vlm.demo.recipe import torch_threads
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.plots import (
     pseudo_count_plot,
@@ -54,6 +55,14 @@ OOD_PANELS: tuple[tuple[str, str], ...] = (
 )
 SWEEP_METRICS: tuple[str, ...] = ("ece20", "nlpd")
 
+# the input of every figure
+_fill_doc = fill_doc.extend(
+    finished_run="""
+        result : BenchmarkResult
+            a finished run.
+        """
+)
+
 
 def figure_methods(result: BenchmarkResult) -> list[str]:
     """The methods drawn: MAP, temperature, each predictive at its chosen n, probcosine at 10.
@@ -73,15 +82,21 @@ def figure_methods(result: BenchmarkResult) -> list[str]:
     return methods + [paper] if paper in result.experiment.methods else methods
 
 
+@_fill_doc
 def plot_names(result: BenchmarkResult, sweep: bool = True) -> list[str]:
     """The file names :func:`write_plots` writes for ``result``.
 
     Parameters
     ----------
-    result : BenchmarkResult
-        a finished run.
+    %(finished_run)s
     sweep : bool
         whether the pseudo-count figure is included.
+
+    Returns
+    -------
+    list of str
+        the PNG names: reliability diagrams of the kept conditions, the risk-coverage curve,
+        the severity figures with rows, the OOD histograms and, with ``sweep``, the sweep.
     """
     names = [f"reliability_{condition_label(*key).replace(' ', '_')}.png" for key in result.kept]
     names.append("risk_coverage_clean.png")
@@ -92,6 +107,7 @@ def plot_names(result: BenchmarkResult, sweep: bool = True) -> list[str]:
     return names + (["pseudo_count.png"] if sweep else [])
 
 
+@_fill_doc
 def write_plots(
     result: BenchmarkResult,
     out_dir: str | os.PathLike,
@@ -101,8 +117,7 @@ def write_plots(
 
     Parameters
     ----------
-    result : BenchmarkResult
-        a finished run.
+    %(finished_run)s
     out_dir : path
         the folder (created if missing).
     pseudo_counts : sequence of float or None

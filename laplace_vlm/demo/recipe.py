@@ -36,6 +36,7 @@ from laplace_vlm.demo.data import (
 from laplace_vlm.demo.fashion_mnist import load_fashion_mnist_splits
 from laplace_vlm.demo.prompts import PROMPTS, Prompts
 from laplace_vlm.demo.train import class_distinct_batches, torch_threads
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 from laplace_vlm.tasks import zeroshot
 
@@ -64,6 +65,15 @@ MAX_TRAIN = 10_000
 MAX_EVAL = 2_000
 NOISE = "uniform-noise"
 
+# the one argument of the prompt look-ups
+_fill_doc = fill_doc.extend(
+    dataset_parameters="""
+        Parameters
+        ----------
+        %(demo_dataset)s
+        """
+)
+
 
 def _prompts(dataset: str) -> Prompts:
     if dataset not in PROMPTS:
@@ -71,43 +81,55 @@ def _prompts(dataset: str) -> Prompts:
     return PROMPTS[dataset]
 
 
+@_fill_doc
 def classnames(dataset: str) -> tuple[str, ...]:
     """The class names of ``dataset``, in label order.
 
-    Parameters
-    ----------
-    dataset : {'digits', 'fashion-mnist'}
-        the data set.
+    %(dataset_parameters)s
+
+    Returns
+    -------
+    tuple of str
+        C names; label ``y`` is the ``y``-th.
     """
     return _prompts(dataset).classnames
 
 
+@_fill_doc
 def templates(dataset: str) -> tuple[str, ...]:
     """The ``"{}"``-format zero-shot templates of ``dataset``.
 
-    Parameters
-    ----------
-    dataset : {'digits', 'fashion-mnist'}
-        the data set.
+    %(dataset_parameters)s
+
+    Returns
+    -------
+    tuple of str
+        the templates; a class's text activations are their mean (:func:`class_text_activations`).
     """
     return _prompts(dataset).templates
 
 
+@fill_doc
 def captions(dataset: str, labels: torch.Tensor, generator: torch.Generator) -> list[str]:
     """One random training-style caption per label (see ``Prompts.captions``).
 
     Parameters
     ----------
-    dataset : {'digits', 'fashion-mnist'}
-        the data set.
+    %(demo_dataset)s
     labels : torch.Tensor
         `(N,)` labels.
     generator : torch.Generator
         source of the template choice.
+
+    Returns
+    -------
+    list of str
+        `N` captions, each a caption template filled with its label's class name.
     """
     return _prompts(dataset).captions(labels, generator)
 
 
+@fill_doc
 def load_splits(
     dataset: str,
     seed: int = 0,
@@ -119,8 +141,7 @@ def load_splits(
 
     Parameters
     ----------
-    dataset : {'digits', 'fashion-mnist'}
-        the data set.
+    %(demo_dataset)s
     seed : int
         seed of the split (and of the subsets).
     data_dir : path, optional
@@ -186,6 +207,7 @@ def ood_images(
     return images, []
 
 
+@fill_doc
 def load_clip(
     dataset: str,
     cache_dir: str | os.PathLike | None = None,
@@ -203,8 +225,7 @@ def load_clip(
 
     Parameters
     ----------
-    dataset : {'digits', 'fashion-mnist'}
-        the data set.
+    %(demo_dataset)s
     cache_dir : path, optional
         folder of the safetensors cache; ``platformdirs.user_cache_dir("laplace-vlm")`` if None.
     progress_bar : bool

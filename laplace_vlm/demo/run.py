@@ -56,6 +56,7 @@ def run_demo(
     Returns
     -------
     BenchmarkResult
+        the digits benchmark's calibration, selective and failure rows and its settings.
     """
     config = ExperimentConfig(
         "digits",
@@ -81,6 +82,11 @@ def format_report(result: BenchmarkResult) -> str:
     ----------
     result : BenchmarkResult
         a finished run.
+
+    Returns
+    -------
+    str
+        the three pivot tables, separated by blank lines.
     """
     calibration = select(result.rows, task="calibration")
     failure = select(result.rows, task="failure", score="msp")

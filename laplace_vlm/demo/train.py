@@ -54,6 +54,11 @@ def torch_threads(n: int) -> Iterator[None]:
     ----------
     n : int
         threads inside the block, ``>= 1``.
+
+    Yields
+    ------
+    None
+        once, with torch on ``n`` threads.
     """
     if n < 1:
         raise ValueError(f"n must be a positive number of threads, got {n}.")
@@ -66,7 +71,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def clip_tokenizer():
-    """The ViT-B-32 BPE tokenizer (bundled with open_clip, works offline) with 16 tokens."""
+    """The ViT-B-32 BPE tokenizer (bundled with open_clip, works offline) with 16 tokens.
+
+    Returns
+    -------
+    callable
+        list of str -> `(n, 16)` token ids.
+    """
     return open_clip.get_tokenizer("ViT-B-32", context_length=CONTEXT_LENGTH)
 
 
@@ -77,6 +88,11 @@ def build_clip(seed: int = 0) -> open_clip.model.CLIP:
     ----------
     seed : int
         seed of the initialisation (the global RNG is left as it was).
+
+    Returns
+    -------
+    open_clip.model.CLIP
+        the model of :data:`CLIP_CONFIG`, in training mode.
     """
     with torch.random.fork_rng():  # open_clip initialises from the global RNG
         torch.manual_seed(seed)
@@ -172,7 +188,13 @@ def train_clip(
 
 
 def default_cache_dir() -> Path:
-    """``platformdirs.user_cache_dir("laplace-vlm")``."""
+    """``platformdirs.user_cache_dir("laplace-vlm")``.
+
+    Returns
+    -------
+    Path
+        the user's cache folder of the package (not created here).
+    """
     return Path(platformdirs.user_cache_dir("laplace-vlm"))
 
 
@@ -188,6 +210,11 @@ def cache_path(cache_dir: str | os.PathLike | None, dataset: str, key: dict) -> 
     key : dict
         JSON-serialisable description of the training data and set-up; the architecture is
         added here.
+
+    Returns
+    -------
+    Path
+        ``<cache_dir>/<dataset>-clip-<digest>.safetensors``; it may not exist yet.
     """
     blob = json.dumps({"model": CLIP_CONFIG, **key}, sort_keys=True)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:12]

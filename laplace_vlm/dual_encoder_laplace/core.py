@@ -68,8 +68,6 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
     backend : type, optional
         laplace's curvature class (``AsdlGGN``, ``BackPackGGN``, ``CurvlinopsGGN``), mapped to
         ``curvature``; give one of the two.
-    temperature : float, default=1
-        ``1 / n`` for the paper's pseudo-data count ``n``.
     damping : {False, True, 'symmetric'}, default=False
         how the prior enters each Kronecker block (:class:`laplace_vlm.enums.PosteriorForm`):
         ``False``, the exact prior ``h F0 x F1 + delta I``; ``True``, laplace's
@@ -81,13 +79,19 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         activations with a trailing 1, as the reference does: the weight-bias
         cross-covariance is kept. ``False`` gives laplace's separate bias block. The head
         then appears in ``self.heads`` as one bias-free ``nn.Linear`` of ``d + 1`` inputs.
-    enable_backprop : bool, default=False
-        laplace's flag: predictions are differentiable in the inputs (activations, or through
-        the encoders in model mode). Otherwise no autograd graph is built.
     **kwargs
-        laplace's ``prior_precision``, ``prior_mean``, ``sigma_noise`` (must stay 1 for
-        classification). ``dict_key_x``, ``dict_key_y``, ``backend_kwargs`` and
-        ``asdl_fisher_kwargs`` have no meaning here and raise.
+        laplace's keyword arguments, passed on to ``KronLaplace``:
+
+        - ``temperature`` (float, default 1): ``1 / n`` for the paper's pseudo-data count
+          ``n``;
+        - ``enable_backprop`` (bool, default False): predictions are differentiable in the
+          inputs (activations, or through the encoders in model mode); otherwise no autograd
+          graph is built;
+        - ``prior_precision``, ``prior_mean`` and ``sigma_noise`` (must stay 1 for
+          classification).
+
+        ``dict_key_x``, ``dict_key_y``, ``backend_kwargs`` and ``asdl_fisher_kwargs`` have no
+        meaning here and raise.
     """
 
     _key = ("dual_encoder", "kron")
@@ -162,7 +166,16 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
             h.bias is not None for h in (self.heads.image_projection, self.heads.text_projection)
         )
 
-    @KronLaplace.prior_precision.setter
+    @property
+    def prior_precision(self) -> torch.Tensor:
+        """laplace's prior precision: one value, one per head or one per weight and bias tensor.
+
+        Set it with one value per head (2 values) to expand each to that head's tensors;
+        every value must be positive.
+        """
+        return KronLaplace.prior_precision.fget(self)
+
+    @prior_precision.setter
     def prior_precision(self, prior_precision: float | torch.Tensor) -> None:
         # one value per head expands to that head's weight (and bias) tensors
         if isinstance(prior_precision, torch.Tensor) and prior_precision.numel() == 2:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from laplace import KronLaplace
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.enums import MOMENT_PRED_TYPES, LinkApprox, PredType, parse_option
 from laplace_vlm.predictive.chunks import (
     glm_covariance_chunks,
@@ -22,6 +23,26 @@ from laplace_vlm.predictive.links import link_function, probit_link, sample_logi
 
 # Monte Carlo predictive without chunk_size: images per chunk keep S x chunk x C below this
 _MC_MAX_ELEMENTS = 2**22
+
+# the logit samples' parameters: predictive_samples is the link of functional_samples
+_fill_doc = fill_doc.extend(
+    logit_sample_parameters="""
+        x : dict or torch.Tensor
+            as for :meth:`predictive_moments`.
+        pred_type : {'nn', 'glm', 'probcosine', 'probcosine_diag'}, default='nn'
+            ``nn``: weights sampled from the posterior of both heads (one draw shared by all
+            inputs) through the exact normalisation, the faithful joint samples; ``glm``: the
+            same draws through the linearisation; the ProbCosine types: independent Gaussian
+            samples of their logit moments.
+        n_samples : int, default=100
+            ``S``, the number of samples.
+        diagonal_output : bool, default=False
+            ``glm`` only: independent samples of the diagonal of its logit covariance, as in
+            laplace.
+        generator : torch.Generator, optional
+            randomness of the draws.
+        """,
+)
 
 
 class PredictionMixin:
@@ -111,6 +132,7 @@ class PredictionMixin:
                 pass
             return mean, var
 
+    @_fill_doc
     def functional_samples(
         self,
         x: Any,
@@ -123,20 +145,7 @@ class PredictionMixin:
 
         Parameters
         ----------
-        x : dict or torch.Tensor
-            as for :meth:`predictive_moments`.
-        pred_type : {'nn', 'glm', 'probcosine', 'probcosine_diag'}, default='nn'
-            ``nn``: weights sampled from the posterior of both heads (one draw shared by all
-            inputs) through the exact normalisation, the faithful joint samples; ``glm``: the
-            same draws through the linearisation; the ProbCosine types: independent Gaussian
-            samples of their logit moments.
-        n_samples : int, default=100
-            S.
-        diagonal_output : bool, default=False
-            ``glm`` only: independent samples of the diagonal of its logit covariance, as in
-            laplace.
-        generator : torch.Generator, optional
-            randomness of the draws.
+        %(logit_sample_parameters)s
 
         Returns
         -------
@@ -178,6 +187,7 @@ class PredictionMixin:
                 chunks = (sample_logits(m, v, n_samples, generator) for m, v in moments)
             return torch.cat([apply_link(f).mean(0) for f in chunks])
 
+    @_fill_doc
     def predictive_samples(
         self,
         x: Any,
@@ -191,16 +201,7 @@ class PredictionMixin:
 
         Parameters
         ----------
-        x : dict or torch.Tensor
-            as for :meth:`predictive_moments`.
-        pred_type : {'nn', 'glm', 'probcosine', 'probcosine_diag'}, default='nn'
-            how the logits are sampled (see :meth:`functional_samples`).
-        n_samples : int, default=100
-            S.
-        diagonal_output : bool, default=False
-            ``glm`` only: independent samples of the diagonal of its logit covariance.
-        generator : torch.Generator, optional
-            randomness of the draws.
+        %(logit_sample_parameters)s
         link : {'softmax', 'sigmoid'}, default='softmax'
             applied to each logit sample: a distribution over classes, or SigLIP's
             independent per-pair probabilities.

@@ -42,7 +42,8 @@ class TemperatureScaling:
 
         Returns
         -------
-        self
+        TemperatureScaling
+            ``self``, with ``temperature`` fitted.
         """
         if logits.ndim != 2 or labels.shape != logits.shape[:1]:
             raise ValueError(
@@ -66,5 +67,16 @@ class TemperatureScaling:
         return self
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """`(N, C)` logits -> `(N, C)` calibrated probabilities ``softmax(logits / T)``."""
+        """Calibrated probabilities ``softmax(logits / T)``.
+
+        Parameters
+        ----------
+        logits : torch.Tensor
+            `(N, C)` logits (of any inputs, not only the validation split).
+
+        Returns
+        -------
+        torch.Tensor
+            `(N, C)` calibrated probabilities, each row summing to 1.
+        """
         return torch.softmax(logits / self.temperature, dim=-1)

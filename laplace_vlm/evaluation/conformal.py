@@ -28,6 +28,7 @@ import math
 import torch
 
 from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.validation import check_matrix
 
 _METHODS = ("lac", "aps", "raps")
 # Softmax outputs in float32 sum to 1 only up to rounding; this tolerance still rejects logits.
@@ -35,16 +36,11 @@ _SUM_TOL = 1e-3
 
 
 def _check_probs(probs: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(probs, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(probs).__name__}.")
-    if probs.ndim != 2 or probs.shape[1] == 0:
-        raise ValueError(f"{name} must be 2-D (N, C) with C >= 1, got shape {tuple(probs.shape)}.")
-    if not probs.is_floating_point():
-        raise ValueError(f"{name} must be floating point probabilities, got dtype {probs.dtype}.")
-    probs = probs.detach().double()
-    if not torch.isfinite(probs).all():
-        raise ValueError(f"{name} must be finite, got NaN or infinite values.")
-    if len(probs) and ((probs < 0).any() or ((probs.sum(1) - 1).abs() > _SUM_TOL).any()):
+    # TypeError unless a float tensor; ValueError unless finite, non-empty and (N, C)
+    probs = check_matrix(name, probs).detach().double()
+    if probs.shape[1] == 0:
+        raise ValueError(f"{name} must hold at least one class, got shape {tuple(probs.shape)}.")
+    if (probs < 0).any() or ((probs.sum(1) - 1).abs() > _SUM_TOL).any():
         raise ValueError(
             f"{name} must hold class probabilities (non-negative rows summing to 1); "
             f"got values in [{probs.min():.3g}, {probs.max():.3g}] and row sums in "
@@ -255,8 +251,6 @@ class SplitConformal:
             ``self``, with ``q_hat``, ``n_calibration`` and ``num_classes`` set.
         """
         cal_probs = _check_probs(cal_probs, "cal_probs")
-        if len(cal_probs) == 0:
-            raise ValueError("cal_probs must hold at least one calibration input, got 0 rows.")
         labels = _check_labels(cal_labels, len(cal_probs), cal_probs.shape[1], "cal_labels")
         true_scores = self.scores(cal_probs).gather(1, labels.to(cal_probs.device)[:, None])
         self.q_hat = conformal_quantile(true_scores.squeeze(1), self.alpha)

@@ -21,6 +21,7 @@ import torch
 from torchmetrics.classification import BinaryAUROC, BinaryROC
 
 from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.validation import check_matrix
 
 #: Direction of each OOD score in this module: True when a higher score means more in-distribution.
 HIGHER_IS_IN = {"msp": True, "mcm": True, "expected_logit_variance": False}
@@ -126,17 +127,12 @@ def fpr_at_tpr(score_pos: torch.Tensor, score_neg: torch.Tensor, tpr: float = 0.
     return float((fps[reached] / n_neg).min())
 
 
-def _check_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise ValueError(f"{name} must be (N, C) with C >= 1, got shape {tuple(x.shape)}.")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got dtype {x.dtype}.")
-    x = x.detach().double()
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} must be finite, got NaN or infinite values.")
-    return x
+def _per_class(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float64 after :func:`~laplace_vlm.validation.check_matrix`, with ``C >= 1``."""
+    x = check_matrix(name, x)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have one column per class, got shape {tuple(x.shape)}.")
+    return x.detach().double()
 
 
 def msp(probs: torch.Tensor) -> torch.Tensor:
@@ -152,7 +148,7 @@ def msp(probs: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         `(N,)` float64, ``max_c probs[:, c]``; higher = more in-distribution.
     """
-    return _check_matrix(probs, "probs").amax(dim=1)
+    return _per_class("probs", probs).amax(dim=1)
 
 
 def mcm(cosine: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -177,7 +173,7 @@ def mcm(cosine: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    cosine = _check_matrix(cosine, "cosine")
+    cosine = _per_class("cosine", cosine)
     return torch.softmax(cosine / temperature, dim=1).amax(dim=1)
 
 
@@ -194,7 +190,7 @@ def expected_logit_variance(var: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         `(N,)` float64; higher = more out-of-distribution (use ``higher_is_in=False``).
     """
-    var = _check_matrix(var, "var")
+    var = _per_class("var", var)
     if (var < 0).any():
         raise ValueError("var must be non-negative (variances), got negative values.")
     return var.mean(dim=1)

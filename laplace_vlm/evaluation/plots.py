@@ -8,7 +8,7 @@ file it is given (parent folders are created) and returns its path.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 
 import torch
@@ -17,6 +17,23 @@ from matplotlib.figure import Figure
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.metrics import ECE_BINS, ece
 from laplace_vlm.evaluation.tables import Row, select
+
+_fill_doc = fill_doc.extend(
+    png="""
+        path : str or os.PathLike
+            the PNG to write (parent folders are created).
+        """,
+    figure_title="""
+        title : str, optional
+            the figure's title.
+        """,
+    png_returns="""
+        Returns
+        -------
+        Path
+            ``path`` as a ``pathlib.Path``, the PNG written.
+        """,
+)
 
 
 @fill_doc
@@ -45,7 +62,7 @@ def reliability_bins(
     return conf_sum / safe, acc_sum / safe, count
 
 
-@fill_doc
+@_fill_doc
 def reliability_diagram(
     probs_by_method: Mapping[str, torch.Tensor],
     labels: torch.Tensor,
@@ -60,20 +77,14 @@ def reliability_diagram(
     probs_by_method : mapping of str to torch.Tensor
         method name -> `(N, C)` predictive probabilities on the same inputs.
     %(labels)s
-    path : path
-        the PNG to write.
+    %(png)s
     n_bins : int
         bins of the diagram and of the ECE in each panel's title.
-    title : str, optional
-        the figure's title.
+    %(figure_title)s
 
-    Returns
-    -------
-    Path
+    %(png_returns)s
     """
-    if not probs_by_method:
-        raise ValueError("probs_by_method must name at least one method.")
-    fig, axes = _row_of_panels(len(probs_by_method), (3.0, 3.4))
+    fig, axes = _row_of_panels(probs_by_method, "probs_by_method", (3.0, 3.4))
     centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) / n_bins
     for ax, (method, probs) in zip(axes, probs_by_method.items()):
         _, acc, count = reliability_bins(probs, labels, n_bins)
@@ -92,6 +103,7 @@ def reliability_diagram(
     return _save(fig, path, title)
 
 
+@_fill_doc
 def severity_plot(
     rows: Iterable[Row],
     metric: str,
@@ -110,8 +122,7 @@ def severity_plot(
         benchmark rows (see :mod:`laplace_vlm.evaluation.tables`) of one data set.
     metric : str
         e.g. ``"ece15"``, ``"nlpd"``, ``"aurc"``.
-    path : path
-        the PNG to write.
+    %(png)s
     task : str
         whose rows.
     score : str, optional
@@ -119,16 +130,14 @@ def severity_plot(
     methods : sequence of str, optional
         the methods to draw, in legend order; all methods of the rows if None.
 
-    Returns
-    -------
-    Path
+    %(png_returns)s
     """
     rows = select(rows, task=task, metric=metric, score=score)
     shifts = list(dict.fromkeys(r["condition"] for r in rows if r["condition"] != "clean"))
     if not shifts:
         raise ValueError(f"rows hold no shifted {task} rows of metric {metric!r}.")
     methods = list(methods or dict.fromkeys(r["method"] for r in rows))
-    fig, axes = _row_of_panels(len(shifts), (3.2, 3.0))
+    fig, axes = _row_of_panels(shifts, "shifts", (3.2, 3.0))
     for ax, shift in zip(axes, shifts):
         for method in methods:
             points = sorted(
@@ -145,6 +154,7 @@ def severity_plot(
     return _save(fig, path)
 
 
+@_fill_doc
 def risk_coverage_plot(
     curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     path: str | os.PathLike,
@@ -156,14 +166,10 @@ def risk_coverage_plot(
     ----------
     curves : mapping of str to (coverage, risk)
         label -> the two `(T,)` tensors of ``selective.risk_coverage_curve``.
-    path : path
-        the PNG to write.
-    title : str, optional
-        the figure's title.
+    %(png)s
+    %(figure_title)s
 
-    Returns
-    -------
-    Path
+    %(png_returns)s
     """
     if not curves:
         raise ValueError("curves must hold at least one curve.")
@@ -176,6 +182,7 @@ def risk_coverage_plot(
     return _save(fig, path, title)
 
 
+@_fill_doc
 def score_histograms(
     scores: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     path: str | os.PathLike,
@@ -188,20 +195,14 @@ def score_histograms(
     ----------
     scores : mapping of str to (torch.Tensor, torch.Tensor)
         panel title -> `(N_a,)` and `(N_b,)` scores of the two groups.
-    path : path
-        the PNG to write.
+    %(png)s
     labels : tuple of str
         names of the two groups, for the legend.
-    title : str, optional
-        the figure's title.
+    %(figure_title)s
 
-    Returns
-    -------
-    Path
+    %(png_returns)s
     """
-    if not scores:
-        raise ValueError("scores must hold at least one panel.")
-    fig, axes = _row_of_panels(len(scores), (3.0, 2.8))
+    fig, axes = _row_of_panels(scores, "scores", (3.0, 2.8))
     for ax, (name, groups) in zip(axes, scores.items()):
         lo = min(float(g.min()) for g in groups)
         hi = max(float(g.max()) for g in groups)
@@ -213,6 +214,7 @@ def score_histograms(
     return _save(fig, path, title)
 
 
+@_fill_doc
 def pseudo_count_plot(
     sweep: Mapping[str, Mapping[str, Mapping[float, Mapping[str, float]]]],
     metrics: tuple[str, ...],
@@ -228,16 +230,12 @@ def pseudo_count_plot(
         ``{method: {condition: {n: {metric: value}}}}``; one line per condition.
     metrics : tuple of str
         the rows of panels, e.g. ``("ece15", "nlpd")``.
-    path : path
-        the PNG to write.
+    %(png)s
     chosen : mapping of str to float, optional
         method -> the pseudo-count chosen on validation, marked by a vertical line.
-    title : str, optional
-        the figure's title.
+    %(figure_title)s
 
-    Returns
-    -------
-    Path
+    %(png_returns)s
     """
     if not sweep:
         raise ValueError("sweep must hold at least one method.")
@@ -264,8 +262,16 @@ def pseudo_count_plot(
     return _save(fig, path, title)
 
 
-def _row_of_panels(n: int, panel_size: tuple[float, float]) -> tuple[Figure, list]:
-    """A figure of ``n`` panels side by side, each ``panel_size`` inches (width, height)."""
+def _row_of_panels(
+    panels: Sized, name: str, panel_size: tuple[float, float]
+) -> tuple[Figure, list]:
+    """A figure of one panel per entry of ``panels`` (the argument ``name``), side by side.
+
+    Each panel is ``panel_size`` inches (width, height); an empty ``panels`` is a ``ValueError``.
+    """
+    if not panels:
+        raise ValueError(f"{name} must hold at least one entry: one panel each.")
+    n = len(panels)
     fig = Figure(figsize=(panel_size[0] * n, panel_size[1]))
     return fig, list(fig.subplots(1, n, squeeze=False)[0])
 

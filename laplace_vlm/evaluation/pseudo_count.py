@@ -119,6 +119,7 @@ def select_pseudo_count(
     Returns
     -------
     dict of str to PseudoCountChoice
+        predictive name -> its choice (lowest NLPD; the first grid point on a tie).
     """
     if not predictives:
         raise ValueError("predictives must name at least one predictive.")

@@ -45,6 +45,17 @@ METRICS: dict[str, tuple[str, ...]] = {
 
 Row = dict[str, Any]
 
+_fill_doc = fill_doc.extend(
+    where_parameters="""
+        Parameters
+        ----------
+        rows : iterable of dict
+            benchmark rows.
+        **where
+            row key -> wanted value.
+        """,
+)
+
 
 def make_rows(
     values: Mapping[str, float | None],
@@ -77,6 +88,7 @@ def make_rows(
     Returns
     -------
     list of dict
+        one row per metric of ``values``, in its order (NaN values become None).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
@@ -104,6 +116,11 @@ def condition_label(condition: str, severity: float | None) -> str:
         the row's condition.
     severity : float or None
         the row's severity (0 and None are not shown).
+
+    Returns
+    -------
+    str
+        ``condition``, followed by the severity where it is neither 0 nor None.
     """
     return condition if not severity else f"{condition} {severity:g}"
 
@@ -186,6 +203,12 @@ def ood_values(
         `(N_in,)`, `(N_out,)` scores.
     higher_is_in : bool
         True for a confidence (MSP, MCM), False for an uncertainty (entropy, ...).
+
+    Returns
+    -------
+    dict of str to float
+        ``{"auroc", "fpr95"}`` of :func:`~laplace_vlm.evaluation.detection.ood_metrics`, ID as
+        the positive class.
     """
     return ood_metrics(score_in, score_out, higher_is_in=higher_is_in)
 
@@ -199,6 +222,12 @@ def conformal_values(sets: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     sets : torch.Tensor
         `(N, C)` bool, from ``SplitConformal.predict``.
     %(labels)s
+
+    Returns
+    -------
+    dict of str to float
+        ``{"coverage", "set_size"}``: the fraction of sets holding the label, in ``[0, 1]``, and
+        the mean number of classes per set.
     """
     return {"coverage": coverage(sets, labels), "set_size": mean_set_size(sets)}
 
@@ -242,6 +271,7 @@ def write_json(path: str | os.PathLike, settings: Mapping[str, Any], rows: Itera
     Returns
     -------
     Path
+        ``path`` as a ``pathlib.Path``, the file written.
     """
     path = Path(path)
     text = json.dumps(
@@ -252,15 +282,16 @@ def write_json(path: str | os.PathLike, settings: Mapping[str, Any], rows: Itera
     return path
 
 
+@_fill_doc
 def select(rows: Iterable[Row], **where: Any) -> list[Row]:
     """The rows whose keys equal every ``where`` item, e.g. ``select(rows, metric="nlpd")``.
 
-    Parameters
-    ----------
-    rows : iterable of dict
-        benchmark rows.
-    **where
-        row key -> wanted value.
+    %(where_parameters)s
+
+    Returns
+    -------
+    list of dict
+        the matching rows, in their order; empty if none matches.
     """
     unknown = set(where) - set(ROW_KEYS)
     if unknown:
@@ -268,15 +299,16 @@ def select(rows: Iterable[Row], **where: Any) -> list[Row]:
     return [row for row in rows if all(row[k] == v for k, v in where.items())]
 
 
+@_fill_doc
 def value(rows: Iterable[Row], **where: Any) -> float | None:
     """The value of the one row matching ``where`` (a ``ValueError`` unless exactly one).
 
-    Parameters
-    ----------
-    rows : iterable of dict
-        benchmark rows.
-    **where
-        row key -> wanted value.
+    %(where_parameters)s
+
+    Returns
+    -------
+    float or None
+        that row's ``"value"`` (None where the metric is undefined).
     """
     found = select(rows, **where)
     if len(found) != 1:
@@ -297,6 +329,12 @@ def pivot_table(rows: Iterable[Row], metrics: tuple[str, ...], score: str | None
         the metrics shown in each cell, in order.
     score : str, optional
         keep only rows of this score (None: rows without a score).
+
+    Returns
+    -------
+    str
+        the table's lines joined by newlines: a title, the header of methods, a rule, then one
+        line per (task, condition, severity).
     """
     rows = [r for r in rows if r["metric"] in metrics and r["score"] == score]
     methods = list(dict.fromkeys(r["method"] for r in rows))

@@ -28,6 +28,11 @@ _fill_doc = fill_doc.extend(
         activations : torch.Tensor
             `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
         """,
+    activations_parameters="""
+        Parameters
+        ----------
+        %(activations)s
+        """,
 )
 
 
@@ -70,6 +75,7 @@ class HeadPosterior:
         Returns
         -------
         HeadPosterior
+            the block's posterior covariance, with the bias block where ``has_bias``.
         """
         (Q1, Q2), (l1, l2) = P.eigenvectors[weight_idx], P.eigenvalues[weight_idx]
         delta = P.deltas[weight_idx]
@@ -87,13 +93,11 @@ class HeadPosterior:
     def terms(self, activations: torch.Tensor) -> list[CovTerm]:
         """Covariance terms of the embeddings: ``Cov[z_n] = sum Q diag(c_n) Q^T``.
 
-        Parameters
-        ----------
-        %(activations)s
+        %(activations_parameters)s
 
         Returns
         -------
-        list of tuple of torch.Tensor
+        terms : list of tuple of torch.Tensor
             ``[(Q (D, D), c (N, D)), ...]``: the weight term, then the bias term if any.
         """
         rotated = activations @ self.in_basis  # (N, d)
@@ -106,14 +110,14 @@ class HeadPosterior:
     def variance(self, activations: torch.Tensor) -> torch.Tensor:
         """Diagonal of ``Cov[z]`` per input, exact.
 
-        Parameters
-        ----------
-        %(activations)s
+        One GEMM ``(a Q2)^2 (Q1^2 inv)^T`` (plus the bias term): no `(N, D, D)` tensor is formed.
+
+        %(activations_parameters)s
 
         Returns
         -------
-        torch.Tensor
-            `(N, D)` variances of the embeddings.
+        var : torch.Tensor
+            `(N, D)` variances of the embeddings, ``>= 0``.
         """
         rotated = activations @ self.in_basis
         var = rotated.square() @ (self.inv_eig.T @ self.out_basis.square().T)
@@ -125,14 +129,12 @@ class HeadPosterior:
     def covariance(self, activations: torch.Tensor) -> torch.Tensor:
         """Full ``Cov[z]`` per input (small problems only).
 
-        Parameters
-        ----------
-        %(activations)s
+        %(activations_parameters)s
 
         Returns
         -------
-        torch.Tensor
-            `(N, D, D)` covariances of the embeddings.
+        cov : torch.Tensor
+            `(N, D, D)` covariances of the embeddings, symmetric positive semi-definite.
         """
         return sum(torch.einsum("di,ni,ei->nde", Q, c, Q) for Q, c in self.terms(activations))
 
@@ -143,13 +145,11 @@ class HeadPosterior:
         Inputs share the head's weights, so their embeddings are correlated; needed for the
         joint covariance over classes (text head) and for joint samples.
 
-        Parameters
-        ----------
-        %(activations)s
+        %(activations_parameters)s
 
         Returns
         -------
-        list of tuple of torch.Tensor
+        cross_terms : list of tuple of torch.Tensor
             ``[(Q (D, D), c (N, N, D)), ...]``: the weight term, then the bias term if any.
         """
         rotated = activations @ self.in_basis  # (N, d)
@@ -199,9 +199,7 @@ class HeadPosterior:
     ) -> torch.Tensor:
         """``z - E[z]`` of the inputs under weight samples ``(dW, db)``.
 
-        Parameters
-        ----------
-        %(activations)s
+        %(activations_parameters)s
         dW : torch.Tensor
             `(S, D, d)` weight samples (:meth:`sample_weights`).
         db : torch.Tensor or None
@@ -224,9 +222,7 @@ class HeadPosterior:
     ) -> torch.Tensor:
         """Joint samples of ``z - E[z]`` for all inputs (one weight draw per sample).
 
-        Parameters
-        ----------
-        %(activations)s
+        %(activations_parameters)s
         n_samples : int
             S.
         generator : torch.Generator, optional

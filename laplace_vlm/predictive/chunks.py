@@ -8,6 +8,8 @@ one result per chunk of ``step`` images. Gradients flow wherever the caller reco
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch.nn import functional as F
 
@@ -35,19 +37,41 @@ _fill_doc = fill_doc.extend(
             validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
             images and `(C, ...)` classes.
         """,
+    chunk_parameters="""
+        Parameters
+        ----------
+        %(heads)s
+        %(posteriors)s
+        %(inputs)s
+        """,
     step="""
         step : int
             images per chunk.
         """,
-    zero_norm="""
+    zero_norm_raises="""
+        Raises
+        ------
         ValueError
             if an image or class embedding has a zero or non-finite norm.
         """,
 )
 
 
-def _rows(r: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    return None if r is None else r[rows]
+def _text_embeddings(heads: DualHead, inputs: HeadInputs, checked: bool = True) -> torch.Tensor:
+    """`(C, D)` class text embeddings, their norms checked unless ``checked`` is False."""
+    t = heads.embed_text(inputs[2], inputs[3])
+    return check_nonzero_norm("text embeddings", t) if checked else t
+
+
+def _image_chunks(
+    heads: DualHead, inputs: HeadInputs, step: int, checked: bool = True
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, z)`` per chunk of ``step`` images: its slice and `(n, D)` image embeddings."""
+    a_i, r_i = inputs[0], inputs[1]
+    for start in range(0, len(a_i), step):
+        rows = slice(start, start + step)
+        z = heads.embed_image(a_i[rows], None if r_i is None else r_i[rows])
+        yield rows, check_nonzero_norm("image embeddings", z) if checked else z
 
 
 @_fill_doc
@@ -64,11 +88,7 @@ def moment_chunks(
     With ``out`` (two preallocated `(N, C)` tensors, no autograd) each chunk is written into
     its slice; without, each chunk is a new tensor (differentiable).
 
-    Parameters
-    ----------
-    %(heads)s
-    %(posteriors)s
-    %(inputs)s
+    %(chunk_parameters)s
     pred_type : PredType
         ``PROBCOSINE``, ``PROBCOSINE_DIAG`` or ``GLM``.
     %(step)s
@@ -81,18 +101,13 @@ def moment_chunks(
         `(n, C)` logit mean (logit bias included) and variance of the next chunk; views of
         ``out`` when given.
 
-    Raises
-    ------
-    %(zero_norm)s
+    %(zero_norm_raises)s
     """
-    a_i, r_i, a_t, r_t = inputs
+    a_i, a_t = inputs[0], inputs[2]
     post_i, post_t = posteriors
     s = heads.scale
-    t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
-    ops = class_operands(pred_type, post_i, post_t, a_t, t, s)
-    for start in range(0, len(a_i), step):
-        rows = slice(start, start + step)
-        z = check_nonzero_norm("image embeddings", heads.embed_image(a_i[rows], _rows(r_i, rows)))
+    ops = class_operands(pred_type, post_i, post_t, a_t, _text_embeddings(heads, inputs), s)
+    for rows, z in _image_chunks(heads, inputs, step):
         mean, var = chunk_moments(pred_type, z, a_i[rows], post_i, ops, s,
                                   out=None if out is None else (out[0][rows], out[1][rows]))  # fmt: skip
         if heads.logit_bias is not None:
@@ -109,11 +124,7 @@ def glm_covariance_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Linearised logit mean `(N, C)` and covariance over classes `(N, C, C)`.
 
-    Parameters
-    ----------
-    %(heads)s
-    %(posteriors)s
-    %(inputs)s
+    %(chunk_parameters)s
     %(step)s
 
     Returns
@@ -123,21 +134,16 @@ def glm_covariance_chunks(
     cov : torch.Tensor
         `(N, C, C)` covariance of each image's logits over the classes.
 
-    Raises
-    ------
-    %(zero_norm)s
+    %(zero_norm_raises)s
     """
-    a_i, r_i, a_t, r_t = inputs
+    a_i, a_t = inputs[0], inputs[2]
     post_i, post_t = posteriors
-    s = heads.scale
-    t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
+    t = _text_embeddings(heads, inputs)
     cross_t = post_t.cross_terms(a_t)  # the classes share the text head
     means, covs = [], []
-    for start in range(0, len(a_i), step):
-        rows = slice(start, start + step)
-        z = check_nonzero_norm("image embeddings", heads.embed_image(a_i[rows], _rows(r_i, rows)))
+    for rows, z in _image_chunks(heads, inputs, step):
         means.append(heads.logits(z, t))
-        covs.append(s.square() * glm_covariance(z, post_i.terms(a_i[rows]), t, cross_t))
+        covs.append(heads.scale.square() * glm_covariance(z, post_i.terms(a_i[rows]), t, cross_t))
     return torch.cat(means), torch.cat(covs)
 
 
@@ -156,11 +162,7 @@ def logit_sample_chunks(
     ``glm`` pushes the weight samples through the linearisation, ``nn`` through the exact
     normalisation.
 
-    Parameters
-    ----------
-    %(heads)s
-    %(posteriors)s
-    %(inputs)s
+    %(chunk_parameters)s
     pred_type : PredType
         ``GLM`` or ``NN``.
     n_samples : int
@@ -174,19 +176,16 @@ def logit_sample_chunks(
     torch.Tensor
         `(S, n, C)` logit samples of the next chunk (logit bias included).
     """
-    a_i, r_i, a_t, r_t = inputs
+    a_i, a_t = inputs[0], inputs[2]
     post_i, post_t = posteriors
     s = heads.scale
-    t = heads.embed_text(a_t, r_t)
+    t = _text_embeddings(heads, inputs, checked=False)
     dt = post_t.sample_perturbations(a_t, n_samples, generator)  # (S, C, D)
     dW, db = post_i.sample_weights(n_samples, generator)
     v, nt = F.normalize(t, dim=-1), t.norm(dim=-1)
     d_txt_v = (dt * v).sum(-1)[:, None]  # (S, 1, C)
-    for start in range(0, len(a_i), step):
-        rows = slice(start, start + step)
-        a = a_i[rows]
-        z = heads.embed_image(a, _rows(r_i, rows))
-        dz = post_i.perturbations(a, dW, db)  # (S, n, D)
+    for rows, z in _image_chunks(heads, inputs, step, checked=False):
+        dz = post_i.perturbations(a_i[rows], dW, db)  # (S, n, D)
         if pred_type is PredType.NN:
             yield torch.stack([heads.logits(z + dz_s, t + dt_s) for dz_s, dt_s in zip(dz, dt)])
             continue

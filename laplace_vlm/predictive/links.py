@@ -7,7 +7,23 @@ from collections.abc import Callable
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.enums import Link, parse_option
+
+_fill_doc = fill_doc.extend(
+    link_parameters="""
+        Parameters
+        ----------
+        link : {'softmax', 'sigmoid'} or Link
+            the link: a softmax over the classes, or SigLIP's sigmoid per pair.
+        """,
+    unknown_link="""
+        Raises
+        ------
+        ValueError
+            for another ``link``.
+        """,
+)
 
 
 def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
@@ -67,82 +83,69 @@ def probit_scale(var: torch.Tensor) -> torch.Tensor:
     return torch.rsqrt(1.0 + math.pi / 8.0 * var)
 
 
+@fill_doc
 def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """Probit approximation of ``E[softmax(f)]`` per row, ``f ~ N(mean, diag(var))``.
 
-    Parameters
-    ----------
-    mean, var : torch.Tensor
-        `(N, C)` logit means and variances.
+    %(logit_moment_parameters)s
 
     Returns
     -------
-    torch.Tensor
-        `(N, C)` probabilities, each row summing to 1.
+    probs : torch.Tensor
+        `(N, C)` class probabilities, each row summing to 1.
     """
     return torch.softmax(mean * probit_scale(var), dim=-1)
 
 
+@fill_doc
 def probit_sigmoid(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """Probit approximation of ``E[sigmoid(f)]`` per pair (SigLIP), ``f ~ N(mean, var)``.
 
-    Parameters
-    ----------
-    mean, var : torch.Tensor
-        `(N, C)` logit means and variances.
+    %(logit_moment_parameters)s
 
     Returns
     -------
-    torch.Tensor
-        `(N, C)` independent probabilities of the pairs.
+    pair_probs : torch.Tensor
+        `(N, C)` probability in ``(0, 1)`` that each pair matches, independent across pairs.
     """
     return torch.sigmoid(mean * probit_scale(var))
 
 
+@_fill_doc
 def link_function(link: str | Link) -> Callable[[torch.Tensor], torch.Tensor]:
     """``softmax`` over classes or SigLIP's per-pair ``sigmoid``, applied to logits.
 
-    Parameters
-    ----------
-    link : {'softmax', 'sigmoid'} or Link
-        the link.
+    %(link_parameters)s
 
     Returns
     -------
     callable
         ``logits -> probabilities``, the softmax along the last dim.
 
-    Raises
-    ------
-    ValueError
-        for another ``link``.
+    %(unknown_link)s
     """
     if parse_option(Link, link, "link") is Link.SOFTMAX:
         return lambda f: torch.softmax(f, dim=-1)
     return torch.sigmoid
 
 
+@_fill_doc
 def probit_link(link: str | Link) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The probit approximation of ``E[link(f)]`` for ``f ~ N(mean, var)``.
 
-    Parameters
-    ----------
-    link : {'softmax', 'sigmoid'} or Link
-        the link.
+    %(link_parameters)s
 
     Returns
     -------
     callable
         :func:`probit_softmax` or :func:`probit_sigmoid`.
 
-    Raises
-    ------
-    ValueError
-        for another ``link``.
+    %(unknown_link)s
     """
     return probit_softmax if parse_option(Link, link, "link") is Link.SOFTMAX else probit_sigmoid
 
 
+@fill_doc
 def sample_logits(
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -151,19 +154,12 @@ def sample_logits(
 ) -> torch.Tensor:
     """Independent Gaussian logit samples ``mean + sqrt(var) eps``.
 
-    Parameters
-    ----------
-    mean, var : torch.Tensor
-        `(N, C)` logit moments.
-    n_samples : int, default=200
-        S.
-    generator : torch.Generator or int, optional
-        randomness (an int is a seed; None means seed 0).
+    %(logit_sampling_parameters)s
 
     Returns
     -------
     samples : torch.Tensor
-        `(S, N, C)`; independent across inputs and classes.
+        `(n_samples, N, C)`; independent across samples, inputs and classes.
 
     Raises
     ------

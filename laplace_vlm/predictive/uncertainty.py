@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.predictive.links import check_moments, probit_softmax, sample_logits
 
 
@@ -64,6 +65,7 @@ def map_entropy(logits: torch.Tensor) -> torch.Tensor:
     return entropy(torch.softmax(logits, dim=-1))
 
 
+@fill_doc
 def predictive_entropy(
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -76,10 +78,7 @@ def predictive_entropy(
     ``link_approx="probit"`` uses the closed-form probit approximation, ``"mc"`` averages the
     softmax over ``n_samples`` independent logit samples.
 
-    Parameters
-    ----------
-    mean, var : torch.Tensor
-        `(N, C)` logit means and variances.
+    %(logit_moment_parameters)s
     link_approx : {'probit', 'mc'}, default='probit'
         how ``E[softmax(f)]`` is approximated.
     n_samples : int, default=200
@@ -137,6 +136,7 @@ def bald_from_samples(samples: torch.Tensor) -> torch.Tensor:
     return (total - expected).clamp_min(0.0)
 
 
+@fill_doc
 def bald(
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -148,14 +148,7 @@ def bald(
     No closed form exists for the softmax; the class correlations are ignored (use
     :func:`bald_from_samples` on joint functional samples to keep them).
 
-    Parameters
-    ----------
-    mean, var : torch.Tensor
-        `(N, C)` logit means and variances.
-    n_samples : int, default=200
-        independent logit samples.
-    generator : torch.Generator or int, optional
-        randomness (an int is a seed; None means seed 0).
+    %(logit_sampling_parameters)s
 
     Returns
     -------

@@ -104,6 +104,7 @@ def rank_scores(mean: torch.Tensor, var: torch.Tensor) -> Ranking:
     Returns
     -------
     ranking : Ranking
+        ``indices`` sorted per query; ``mean`` and ``var`` as given (gallery order).
 
     Raises
     ------

@@ -28,6 +28,19 @@ from laplace_vlm.predictive.uncertainty import bald_from_samples, entropy
 
 Template = str | Callable[[str], str]
 
+_fill_doc = fill_doc.extend(
+    prompt_encoding="""
+        classnames : sequence of str
+            C names.
+        templates : sequence of str or callable
+            T templates, as in :func:`format_prompts`.
+        batch_size : int, default=256
+            prompts per forward pass.
+        progress_bar : bool, default=False
+            show a tqdm bar over the batches.
+        """,
+)
+
 
 def format_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[str]:
     """All prompts, class-major: ``[t(c0) for t in templates] + [t(c1) ...] + ...``.
@@ -59,6 +72,7 @@ def _fill(template: Template, classname: str) -> str:
     return template.format(classname, c=classname)
 
 
+@_fill_doc
 def class_text_activations(
     adapter,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -75,14 +89,7 @@ def class_text_activations(
         ``laplace_vlm.adapters`` adapter (``encode_text(tokens) -> Features``).
     tokenizer : callable
         list of str -> token tensor, e.g. ``open_clip.get_tokenizer(name)``.
-    classnames : sequence of str
-        C names.
-    templates : sequence of str or callable
-        T templates, as in :func:`format_prompts`.
-    batch_size : int, default=256
-        prompts per forward pass.
-    progress_bar : bool, default=False
-        show a tqdm bar over the batches.
+    %(prompt_encoding)s
 
     Returns
     -------
@@ -115,8 +122,7 @@ class ZeroShotPrediction:
     %(probs)s
     logit_mean, logit_var : torch.Tensor
         `(N, C)` mean and variance of the logits (variance 0 for ``"map"``).
-    entropy : torch.Tensor
-        `(N,)` entropy of ``probs`` (total uncertainty), nats.
+    %(probs_entropy)s
     mutual_information : torch.Tensor
         `(N,)` BALD mutual information (epistemic part), nats.
     """
@@ -169,6 +175,7 @@ class ZeroShotClassifier:
         self.classnames = None if classnames is None else tuple(classnames)
 
     @classmethod
+    @_fill_doc
     def from_prompts(
         cls,
         la,
@@ -189,14 +196,7 @@ class ZeroShotClassifier:
             ``laplace_vlm.adapters`` adapter of the model ``la`` was fitted for.
         tokenizer : callable
             list of str -> token tensor.
-        classnames : sequence of str
-            C names.
-        templates : sequence of str or callable
-            T templates, as in :func:`format_prompts`.
-        batch_size : int, default=256
-            prompts per forward pass.
-        progress_bar : bool, default=False
-            show a tqdm bar over the batches.
+        %(prompt_encoding)s
 
         Returns
         -------
