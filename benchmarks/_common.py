@@ -6,7 +6,9 @@ they are never collected by pytest.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -73,19 +75,14 @@ def compare(
 def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
     """Peak bytes of torch CPU tensor storage allocated while ``fn()`` runs, and its result.
 
-    Running sum of the profiler's ``[memory]`` allocation/free events in time order.
+    The measure ``tests/test_memory.py`` checks (it sees intermediates), so both agree.
     """
-    from torch.profiler import ProfilerActivity, profile
+    tests = os.path.join(os.path.dirname(__file__), "..", "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from test_memory import torch_peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    held = peak = 0
-    for e in events:
-        held += e.nbytes()
-        peak = max(peak, held)
-    return peak, out
+    return torch_peak_bytes(fn)
 
 
 def vit_b32_posterior(

@@ -26,7 +26,9 @@ import torch
 from laplace import KronLaplace
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from _common import setup, threads_from_argv  # noqa: E402
+from brute_force import bracketed_argmax  # noqa: E402  (the test's reference search)
 
 from laplace_vlm import DualEncoderLaplace  # noqa: E402
 from laplace_vlm.posterior.marglik import maximize_marglik  # noqa: E402
@@ -64,33 +66,12 @@ def released(damping: bool, dtype: torch.dtype) -> DualEncoderLaplace:
 
 def bracketed_optimum(la: DualEncoderLaplace, k: int) -> torch.Tensor:
     """Coordinate-wise log10 grid (1e-5 .. 1e8, step 0.25) then golden section to 1e-9."""
-    grid = torch.arange(-5.0, 8.0 + 1e-9, 0.25, dtype=torch.float64) * math.log(10.0)
-    t = torch.zeros(k, dtype=torch.float64)
-    invphi = (math.sqrt(5) - 1) / 2
 
-    def f(i: int, ti: float) -> float:
-        s = t.clone()
-        s[i] = ti
+    def evidence(log_prior: torch.Tensor) -> float:
         with torch.no_grad():
-            return la.log_marginal_likelihood(prior_precision=s.exp()).item()
+            return la.log_marginal_likelihood(prior_precision=log_prior.exp()).item()
 
-    for i in range(k):
-        values = [f(i, float(x)) for x in grid]
-        j = max(range(len(grid)), key=values.__getitem__)
-        a, b = float(grid[max(j - 1, 0)]), float(grid[min(j + 1, len(grid) - 1)])
-        c, d = b - invphi * (b - a), a + invphi * (b - a)
-        fc, fd = f(i, c), f(i, d)
-        while b - a > 1e-9:
-            if fc > fd:
-                b, d, fd = d, c, fc
-                c = b - invphi * (b - a)
-                fc = f(i, c)
-            else:
-                a, c, fc = c, d, fd
-                d = a + invphi * (b - a)
-                fd = f(i, d)
-        t[i] = (a + b) / 2
-    return t.exp()
+    return bracketed_argmax(evidence, k)[0].exp()
 
 
 def counted(la: DualEncoderLaplace, fn) -> tuple[torch.Tensor, int, float]:

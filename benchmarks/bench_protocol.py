@@ -19,11 +19,9 @@ Configurations
   pairwise sigmoid loss), with reused buffers. All ratios are to this one.
 - ``fit``: ``DualEncoderLaplace(None, image_projection=W_img, text_projection=W_txt,
   logit_scale=..., contrastive=..., chunk_size=...).fit(loader)``, exactly as the library
-  runs it (its ``_batch_sums``).
-- ``fit_pair``: the same fit with ``_batch_sums`` calling
-  :func:`laplace_vlm.curvature.closed_form.pair_factors` (both heads and the loss from
-  shared logits), the change proposed for ``dual_encoder_laplace.py``; skipped once the
-  library's own ``_batch_sums`` does that.
+  runs it: the closed-form backend's
+  :func:`~laplace_vlm.curvature.closed_form.pair_factors` (both heads and the loss from
+  shared logits).
 
 FLOP floor
 ----------
@@ -33,7 +31,7 @@ counted as ``2 p q r`` (normalisation, softmax/sigmoid, reductions and GEMVs are
 
     MAP  = 2 M (d_img + d_txt) D            embeddings of both towers
          + 2 M K D                          one logit matrix
-    fit  = 2 M (d_img + d_txt) D  x e       embeddings (e = 2: head_factors embeds again)
+    fit  = 2 M (d_img + d_txt) D            embeddings of both towers
          + 2 M (d_img^2 + d_txt^2)          A = a^T a of both heads
          + G x 2 M K D                      logit-sized GEMMs (below)
          + 2 x (4 M D^2 + 2 K D^2)          CLIP D^2 terms per head: [X; Q]^T [Y; Q/2] and
@@ -41,9 +39,8 @@ counted as ``2 p q r`` (normalisation, softmax/sigmoid, reductions and GEMVs are
     floor = fit / MAP
 
 ``G``: per head the logits ``s U T^T`` and one stacked GEMM ``[p * l; p] @ T`` (CLIP: 3) or
-``(w * l) @ T`` (SigLIP: 2). ``fit`` (per head + ``pair_loss``): CLIP 3 + 3 + 2 = 8, SigLIP
-2 + 2 + 1 = 5. ``fit_pair``: CLIP 6 (each head its own row chunks; the loss from their
-softmax), SigLIP 3 (one logit matrix for both heads and the loss).
+``(w * l) @ T`` (SigLIP: 2); from shared logits CLIP needs 6 (each head its own row chunks;
+the loss from their softmax), SigLIP 3 (one logit matrix for both heads and the loss).
 
 Output: absolute times on CPU (or on the CUDA device with ``--device cuda``), peak memory,
 ratio to ``map``, the floor and measured/floor, pairs per second.
@@ -54,7 +51,6 @@ Run: python benchmarks/bench_protocol.py [--scaled | --full] [--batches N] [--ch
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -68,7 +64,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import THREADS, setup  # noqa: E402
 
-CONFIGS = ("logits", "map", "fit", "fit_pair")
+CONFIGS = ("logits", "map", "fit")
 PRESETS = {"scaled": dict(batch=8192, batches=4, chunk=4096),
            "full": dict(batch=32768, batches=10, chunk=4096)}  # fmt: skip
 
@@ -78,30 +74,21 @@ def map_flops(M: int, K: int, d_img: int, d_txt: int, D: int) -> int:
     return 2 * M * (d_img + d_txt) * D + 2 * M * K * D
 
 
-def logit_gemms(config: str, contrastive: str) -> int:
-    """``G``: GEMMs of the size of one logit matrix (``2 M K D`` FLOPs each) per class batch."""
-    if config == "fit":
-        return 8 if contrastive == "clip" else 5
-    return 6 if contrastive == "clip" else 3
-
-
-def fit_flops(config, M, K, d_img, d_txt, D, contrastive) -> int:
-    embeds = 2 if config == "fit" else 1
+def fit_flops(M, K, d_img, d_txt, D, contrastive) -> int:
+    logit_gemms = 6 if contrastive == "clip" else 3  # ``G``, of ``2 M K D`` FLOPs each
     d2 = 2 * ((4 if contrastive == "clip" else 2) * M * D**2 + 2 * K * D**2)
     return (
-        embeds * 2 * M * (d_img + d_txt) * D
+        2 * M * (d_img + d_txt) * D
         + 2 * M * (d_img**2 + d_txt**2)
-        + logit_gemms(config, contrastive) * 2 * M * K * D
+        + logit_gemms * 2 * M * K * D
         + d2
     )
 
 
-def floor(config, args) -> float:
-    if config == "fit" and library_uses_pair_factors():
-        config = "fit_pair"  # the library's fit is that one
+def floor(args) -> float:
     M = K = args.batch
     dims = (args.d_img, args.d_txt, args.dim)
-    return fit_flops(config, M, K, *dims, args.contrastive) / map_flops(M, K, *dims)
+    return fit_flops(M, K, *dims, args.contrastive) / map_flops(M, K, *dims)
 
 
 # ------------------------------------------------------------------ the configurations
@@ -187,29 +174,6 @@ def map_pass(la, loader, with_loss: bool) -> torch.Tensor:
     return total
 
 
-def _batch_sums_pair(self, batch):
-    """``DualEncoderLaplace._batch_sums`` with the proposed closed-form branch."""
-    from laplace_vlm.curvature import closed_form
-    from laplace_vlm.curvature.factor_sums import FactorSums
-    from laplace_vlm.validation import check_nonzero_norm
-
-    heads = self.heads
-    with torch.no_grad():
-        a_i, r_i, a_t, r_t = self.inputs.pair(batch)
-        z = check_nonzero_norm("image embeddings", heads.embed_image(a_i, r_i))
-        t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
-    n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
-    out = closed_form.pair_factors(z, a_i, t, a_t, heads.scale.detach(), heads.logit_bias,
-                                   self.contrastive, chunk_size=self.chunk_size)  # fmt: skip
-    return FactorSums(*out, n)
-
-
-def library_uses_pair_factors() -> bool:
-    from laplace_vlm import DualEncoderLaplace
-
-    return "pair_factors" in inspect.getsource(DualEncoderLaplace._batch_sums)
-
-
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -225,9 +189,7 @@ def worker(args) -> dict:
     setup(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
     la = posterior(args, device, dtype)
-    if args.worker == "fit_pair":
-        type(la)._batch_sums = _batch_sums_pair
-    if args.worker.startswith("fit"):
+    if args.worker == "fit":
         run = la.fit
     else:
         run = lambda loader: map_pass(la, loader, args.worker == "map")  # noqa: E731
@@ -296,8 +258,6 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     configs = [c for c in args.configs.split(",") if c]
-    if "fit_pair" in configs and library_uses_pair_factors():
-        configs.remove("fit_pair")  # the library's fit is that one already
     pairs = args.batch * args.batches
     M = K = args.batch
     where = "CPU" if torch.device(args.device).type == "cpu" else args.device
@@ -321,7 +281,7 @@ def main(argv=None) -> None:
           f"{'logits/floor':>12s} {'pairs/s':>10s}")  # fmt: skip
     dash = "-"
     for c in configs:
-        fl = floor(c, args) if c.startswith("fit") else None
+        fl = floor(args) if c == "fit" else None
         x_map = t[c] / ref if ref else None
         x_gemm = t[c] / gemm if gemm else None
         cols = [f"{x_map:7.2f}" if x_map else f"{dash:>7s}", f"{fl:6.2f}" if fl else f"{dash:>6s}",

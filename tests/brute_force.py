@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.func import functional_call, jacrev
 from torch.nn import functional as F
@@ -55,3 +57,48 @@ def dense_glm_moments(la, x: dict) -> tuple[torch.Tensor, torch.Tensor]:
     J = jacrev(f)(la.mean)  # (N, C, P)
     Sigma = dense_posterior_covariance(la)
     return f(la.mean), torch.einsum("ncp,pq,ndq->ncd", J, Sigma, J)
+
+
+def bracketed_argmax(
+    objective, k: int, sweeps: int = 1, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, float, bool]:
+    """Coordinate-wise, derivative-free maximiser of ``objective(t)`` over ``t`` `(k,)`.
+
+    Each coordinate: the best point of a log10 grid (1e-5 .. 1e8 in ``exp(t)``, step 0.25), then
+    golden-section search inside its two neighbours to 1e-9 in ``t``; ``sweeps`` passes over
+    the coordinates. The reference for evidence maximisation (``t`` = log prior precisions).
+
+    Returns ``(t, moved, inside)``: the maximiser, the largest change of a coordinate in the
+    last sweep (``inf`` after one), and whether every grid optimum was an interior point.
+    """
+    grid = torch.arange(-5.0, 8.0 + 1e-9, 0.25, dtype=dtype) * math.log(10.0)
+    t = torch.zeros(k, dtype=dtype)
+    invphi = (math.sqrt(5) - 1) / 2
+    moved, inside = math.inf, True
+
+    def f(i: int, ti: float) -> float:
+        s = t.clone()
+        s[i] = ti
+        return objective(s)
+
+    for _ in range(sweeps):
+        before = t.clone()
+        for i in range(k):
+            values = [f(i, float(x)) for x in grid]
+            j = max(range(len(grid)), key=values.__getitem__)
+            inside &= 0 < j < len(grid) - 1
+            a, b = float(grid[max(j - 1, 0)]), float(grid[min(j + 1, len(grid) - 1)])
+            c, d = b - invphi * (b - a), a + invphi * (b - a)
+            fc, fd = f(i, c), f(i, d)
+            while b - a > 1e-9:
+                if fc > fd:
+                    b, d, fd = d, c, fc
+                    c = b - invphi * (b - a)
+                    fc = f(i, c)
+                else:
+                    a, c, fc = c, d, fd
+                    d = a + invphi * (b - a)
+                    fd = f(i, d)
+            t[i] = (a + b) / 2
+        moved = (t - before).abs().max().item() if sweeps > 1 else math.inf
+    return t, moved, inside

@@ -14,12 +14,10 @@ import torch.nn.functional as F
 from brute_force import per_sample_ggn
 from test_memory import torch_peak_bytes
 
-from laplace_vlm import DualEncoderLaplace
+from laplace_vlm import DualEncoderLaplace, curvature
 from laplace_vlm.curvature import closed_form
-from laplace_vlm.curvature.factor_sums import FactorSums
 from laplace_vlm.curvature.likelihoods import pair_loss
 from laplace_vlm.heads import similarity_logits
-from laplace_vlm.validation import check_nonzero_norm
 
 DTYPE = torch.float64
 D_IMG, D_TXT, D = 6, 5, 4
@@ -147,22 +145,17 @@ def test_siglip_extreme_logits_stay_finite_and_accurate():
             assert _rel(g_, w_) < 1e-4
 
 
-def _batch_sums_pair(self, batch):
-    """The proposed ``DualEncoderLaplace._batch_sums``: one ``pair_factors`` call."""
-    heads = self.heads
-    with torch.no_grad():
-        a_i, r_i, a_t, r_t = self.inputs.pair(batch)
-        z = check_nonzero_norm("image embeddings", heads.embed_image(a_i, r_i))
-        t = check_nonzero_norm("text embeddings", heads.embed_text(a_t, r_t))
-    n = torch.tensor(len(a_i), dtype=torch.int64, device=a_i.device)
-    out = closed_form.pair_factors(z, a_i, t, a_t, heads.scale.detach(), heads.logit_bias,
-                                   self.contrastive, chunk_size=self.chunk_size)  # fmt: skip
-    return FactorSums(*out, n)
-
-
 @pytest.mark.parametrize("chunk_size", [None, 3])
 @pytest.mark.parametrize("contrastive", ["clip", "siglip"])
-def test_fit_through_pair_factors_equals_the_fit(monkeypatch, contrastive, chunk_size):
+def test_fit_through_pair_factors_equals_the_per_head_fit(monkeypatch, contrastive, chunk_size):
+    """The default fit (both heads and the loss from shared logits, ``pair_factors``) against
+    the generic path: ``head_factors`` per head, the other tower at its MAP, and ``pair_loss``,
+    taken by a backend without ``pair_factors``."""
+
+    def per_head(*args, **kwargs):  # a plain function: no ``pair_factors``, so the generic path
+        return closed_form.head_factors(*args, **kwargs)
+
+    monkeypatch.setitem(curvature._BACKENDS, "per_head", per_head)
     g = torch.Generator().manual_seed(7)
     kw = dict(image_projection=torch.nn.Linear(D_IMG, D).double(),
               text_projection=torch.nn.Linear(D_TXT, D).double(), logit_scale=0.7,
@@ -173,9 +166,8 @@ def test_fit_through_pair_factors_equals_the_fit(monkeypatch, contrastive, chunk
                 "text": torch.randn(8, D_TXT, generator=g, dtype=DTYPE),
                 "image_residual": torch.randn(8, D, generator=g, dtype=DTYPE)}
                for _ in range(3)]  # fmt: skip
-    ref = DualEncoderLaplace(**kw)
+    ref = DualEncoderLaplace(**kw, curvature="per_head")
     ref.fit(batches)
-    monkeypatch.setattr(DualEncoderLaplace, "_batch_sums", _batch_sums_pair)
     la = DualEncoderLaplace(**kw)
     la.fit(batches)
     for got, want in zip(la.H_facs.kfacs, ref.H_facs.kfacs, strict=True):

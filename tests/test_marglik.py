@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from brute_force import bracketed_argmax
 from laplace import KronLaplace
 from torch import nn
 
@@ -55,42 +56,15 @@ def evidence(la: DualEncoderLaplace, prior: torch.Tensor) -> float:
 
 
 def bracketed_optimum(la: DualEncoderLaplace, k: int) -> torch.Tensor:
-    """Coordinate-wise maximisation of the evidence over ``k`` log precisions, derivative-free.
+    """The evidence's maximiser over ``k`` log precisions by :func:`brute_force.bracketed_argmax`.
 
-    Each coordinate: the best point of a log10 grid (1e-5 .. 1e8, step 0.25), then golden-section
-    search inside its two neighbours to 1e-9 in log lambda. Two sweeps; the second must not move
-    (so coupling between coordinates, if any, would show).
+    Two sweeps; the second must not move (so coupling between coordinates, if any, would show),
+    and every optimum must lie inside the reference grid.
     """
-    grid = torch.arange(-5.0, 8.0 + 1e-9, 0.25) * math.log(10.0)
-    t = torch.zeros(k)
-    invphi = (math.sqrt(5) - 1) / 2
-
-    def f(i: int, ti: float) -> float:
-        s = t.clone()
-        s[i] = ti
-        return evidence(la, s.exp())
-
-    for sweep in range(2):
-        before = t.clone()
-        for i in range(k):
-            values = [f(i, float(ti)) for ti in grid]
-            j = max(range(len(grid)), key=values.__getitem__)
-            assert 0 < j < len(grid) - 1, "the optimum is outside the reference grid"
-            a, b = float(grid[j - 1]), float(grid[j + 1])
-            c, d = b - invphi * (b - a), a + invphi * (b - a)
-            fc, fd = f(i, c), f(i, d)
-            while b - a > 1e-9:
-                if fc > fd:
-                    b, d, fd = d, c, fc
-                    c = b - invphi * (b - a)
-                    fc = f(i, c)
-                else:
-                    a, c, fc = c, d, fd
-                    d = a + invphi * (b - a)
-                    fd = f(i, d)
-            t[i] = (a + b) / 2
-        if sweep == 1:
-            torch.testing.assert_close(t, before, rtol=0, atol=1e-6)
+    t, moved, inside = bracketed_argmax(lambda s: evidence(la, s.exp()), k, sweeps=2,
+                                        dtype=torch.get_default_dtype())  # fmt: skip
+    assert inside, "the optimum is outside the reference grid"
+    assert moved <= 1e-6, f"the second sweep moved a coordinate by {moved}"
     return t.exp()
 
 
