@@ -129,6 +129,7 @@ def plain(value: object) -> str:
     Returns
     -------
     str
+        ``value.value`` for an Enum member, else ``str(value)``.
     """
     return str(getattr(value, "value", value))
 
@@ -144,6 +145,7 @@ def posterior_form(damping: object) -> PosteriorForm:
     Returns
     -------
     PosteriorForm
+        ``EXACT``, ``DAMPED`` or ``SYMMETRIC``.
 
     Raises
     ------

@@ -7,9 +7,10 @@ properties without a leading ``_``, plus ``__call__``. Each is validated with
 
 - GL08: no docstring;
 - PR01 / PR02: a parameter of the signature undocumented / a documented one not in it;
-- PR07: a documented parameter without a description;
+- PR04 / PR07: a documented parameter without a type / without a description;
 - RT01: no ``Returns`` section for a function that returns a value (a ``return <value>``, as
   numpydoc reads the source, or a return annotation other than ``None``);
+- RT03: a return value without a description;
 - YD01: no ``Yields`` section for a generator.
 
 Properties are exempt from PR and RT checks (numpydoc validates them as plain objects). Where
@@ -45,7 +46,7 @@ from numpydoc.validate import Validator, validate
 import laplace_vlm
 from laplace_vlm.docstrings import DocEntries
 
-CHECKED_CODES = {"GL08", "PR01", "PR02", "PR07", "RT01", "YD01"}
+CHECKED_CODES = {"GL08", "PR01", "PR02", "PR04", "PR07", "RT01", "RT03", "YD01"}
 MEMBER_KINDS = (types.FunctionType, classmethod, staticmethod, property, functools.cached_property)
 NO_RETURN = {"None", "NoReturn", "Never", "typing.NoReturn", "typing.Never"}
 

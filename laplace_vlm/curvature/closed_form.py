@@ -5,7 +5,7 @@ logit scale ``s``, the per-sample GGN of ``z_i`` is ``H_i = s^2 P_i T^T Lambda_i
 ``P_i = (I - u_i u_i^T) / n_i``, ``u_i = z_i / n_i``, ``n_i = ||z_i||`` and ``Lambda_i =
 diag(w_i) - w_i w_i^T`` (CLIP, ``w_i`` the softmax of row ``i``'s logits) or ``diag(w_i)``
 (SigLIP, ``w = sigma(l) sigma(-l)``). Expanding ``P_i X P_i`` gives ``sum_i H_i`` without any
-per-sample `(D, D)` tensor (DESIGN.md):
+per-sample `(D, D)` tensor:
 
     B / s^2 = T^T diag(c) T - (N + N^T),    N = X^T Y + Q^T Q / 2
 

@@ -52,7 +52,11 @@ _fill_doc = fill_doc.extend(
             the cell: data set, target shift and sizes.
         config : ActiveLearningConfig
             the experiment.
-        """
+        """,
+    zero_shot_acc="""
+        zero_shot_acc : float
+            MAP zero-shot accuracy on the target.
+        """,
 )
 
 
@@ -226,8 +230,7 @@ def describe(setting: DemoSetting, config: ActiveLearningConfig, zero_shot_acc: 
     Parameters
     ----------
     %(cell)s
-    zero_shot_acc : float
-        MAP zero-shot accuracy on the target.
+    %(zero_shot_acc)s
 
     Returns
     -------
@@ -242,15 +245,18 @@ def describe(setting: DemoSetting, config: ActiveLearningConfig, zero_shot_acc: 
             f"paired seeds; validation and pseudo-count from the {labels}")  # fmt: skip
 
 
-def report_text(summary: dict, setting: DemoSetting, config, zero_shot_acc: float) -> str:
+@_fill_doc
+def report_text(
+    summary: dict, setting: DemoSetting, config: ActiveLearningConfig, zero_shot_acc: float
+) -> str:
     """The results table and the paired differences to the baselines that were run.
 
     Parameters
     ----------
     summary : dict
         :func:`laplace_vlm.active.report.summarize`'s output.
-    setting, config, zero_shot_acc
-        as for :func:`describe`.
+    %(cell)s
+    %(zero_shot_acc)s
 
     Returns
     -------
