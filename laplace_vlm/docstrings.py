@@ -122,19 +122,6 @@ fill_doc = DocEntries(
         correct : torch.Tensor
             `(N,)` bool (or 0/1) whether each prediction is correct.
         """,
-    # predictive: Gaussian logits
-    logit_moments="""
-        mean, var : torch.Tensor
-            `(N, C)` logit means and variances.
-        """,
-    n_samples="""
-        n_samples : int, default=200
-            Monte Carlo samples of the logits.
-        """,
-    generator="""
-        generator : torch.Generator or int, optional
-            source of the samples, or a seed; torch's global generator if None.
-        """,
     # files and models
     path="""
         path : str or os.PathLike
@@ -149,35 +136,6 @@ fill_doc = DocEntries(
         sub : argparse subparsers
             of ``laplace-vlm`` (the action ``add_subparsers`` returns).
         """,
-    cli_args="""
-        args : argparse.Namespace
-            the parsed arguments of the subcommand.
-        """,
-    exit_status="""
-        int
-            the exit status: 0 on success.
-        """,
-    # entries shared across adapters/, io/, heads, inputs, curvature/, dual_encoder_laplace/
-    # entries shared across evaluation/, tasks/, predictive/, posterior/
-    logit_sampling_parameters="""
-        %(logit_moment_parameters)s
-        %(n_samples)s
-        %(seeded_generator)s
-        """,
-    seeded_generator="""
-        generator : torch.Generator or int, optional
-            randomness (an int is a seed; None means seed 0).
-        """,
-    logit_moment_parameters="""
-        Parameters
-        ----------
-        %(logit_moments)s
-        """,
-    probs_entropy="""
-        entropy : torch.Tensor
-            `(N,)` entropy of ``probs`` (total uncertainty), nats.
-        """,
-    # entries shared across active/, demo/, cli/
     cli_add_parser="""
         Parameters
         ----------
@@ -186,12 +144,36 @@ fill_doc = DocEntries(
     cli_run="""
         Parameters
         ----------
-        %(cli_args)s
+        args : argparse.Namespace
+            the parsed arguments of the subcommand.
 
         Returns
         -------
         %(exit_status)s
         """,
+    exit_status="""
+        int
+            the exit status: 0 on success.
+        """,
+    # predictive: Gaussian logits
+    logit_sampling_parameters="""
+        %(logit_moment_parameters)s
+        n_samples : int, default=200
+            Monte Carlo samples of the logits.
+        generator : torch.Generator or int, optional
+            randomness (an int is a seed; None means seed 0).
+        """,
+    logit_moment_parameters="""
+        Parameters
+        ----------
+        mean, var : torch.Tensor
+            `(N, C)` logit means and variances.
+        """,
+    probs_entropy="""
+        entropy : torch.Tensor
+            `(N,)` entropy of ``probs`` (total uncertainty), nats.
+        """,
+    # active learning and the demos
     zero_shot_posterior="""
         la_init : DualEncoderLaplace
             the zero-shot posterior (not modified).

@@ -36,10 +36,6 @@ _fill_doc = fill_doc.extend(
         images : torch.Tensor
             `(N, 3, H, W)` normalised model inputs.
         """,
-    severity="""
-        severity : float
-            in ``[0, 1]``; 0 leaves the images unchanged.
-        """,
     shifted="""
         torch.Tensor
             `(N, 3, H, W)` shifted, normalised model inputs.
@@ -48,7 +44,8 @@ _fill_doc = fill_doc.extend(
         Parameters
         ----------
         %(shift_images)s
-        %(severity)s
+        severity : float
+            in ``[0, 1]``; 0 leaves the images unchanged.
         """,
 )
 

@@ -24,14 +24,11 @@ CovTerm = tuple[torch.Tensor, torch.Tensor]  # (basis Q (D, D), coefficients c (
 
 
 _fill_doc = fill_doc.extend(
-    activations="""
-        activations : torch.Tensor
-            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
-        """,
     activations_parameters="""
         Parameters
         ----------
-        %(activations)s
+        activations : torch.Tensor
+            `(N, d)` inputs of the head (its design inputs, :meth:`DualHead.design`).
         """,
 )
 

@@ -24,25 +24,16 @@ HeadInputs = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor
 
 
 _fill_doc = fill_doc.extend(
-    heads="""
-        heads : DualHead
-            the heads (embeddings, logit scale and bias).
-        """,
-    posteriors="""
-        posteriors : tuple of HeadPosterior
-            the posteriors of the image head and of the text head.
-        """,
-    inputs="""
-        inputs : tuple
-            validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
-            images and `(C, ...)` classes.
-        """,
     chunk_parameters="""
         Parameters
         ----------
-        %(heads)s
-        %(posteriors)s
-        %(inputs)s
+        heads : DualHead
+            the heads (embeddings, logit scale and bias).
+        posteriors : tuple of HeadPosterior
+            the posteriors of the image head and of the text head.
+        inputs : tuple
+            validated ``(a_img, r_img, a_txt, r_txt)`` (:meth:`InputEncoder.predict`): `(N, ...)`
+            images and `(C, ...)` classes.
         """,
     step="""
         step : int
