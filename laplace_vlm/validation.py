@@ -37,7 +37,8 @@ def check_matrix(name: str, value: object, dim: int | None = None) -> torch.Tens
     TypeError
         if ``value`` is not a floating-point tensor.
     ValueError
-        if it is not 2-D with ``dim`` columns, is empty, on the meta device, or not finite.
+        if it is not 2-D with ``dim`` columns, has no rows or no columns, is on the meta device,
+        or is not finite.
     """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
@@ -46,8 +47,8 @@ def check_matrix(name: str, value: object, dim: int | None = None) -> torch.Tens
     if value.ndim != 2 or (dim is not None and value.shape[1] != dim):
         expected = f"(N, {dim})" if dim is not None else "(N, d)"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}.")
-    if len(value) == 0:
-        raise ValueError(f"{name} is empty.")
+    if value.numel() == 0:  # no rows, or no columns
+        raise ValueError(f"{name} is empty, got shape {tuple(value.shape)}.")
     check_has_data(name, value)
     check_finite(name, value)
     return value

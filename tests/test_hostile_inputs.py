@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -380,3 +381,15 @@ def test_tampered_posterior_files_are_refused(saved, tmp_path, tensors, state, m
     _, path = saved
     bad = _tampered(path, tmp_path, tensors, state)
     raises_value_error(lambda: DualEncoderLaplace.load(str(bad)), match)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0)])
+def test_scores_of_no_inputs_or_no_classes_are_refused_by_name(shape):
+    from laplace_vlm.evaluation.conformal import SplitConformal
+    from laplace_vlm.evaluation.detection import expected_logit_variance, msp
+
+    empty = torch.ones(shape) / max(shape[1], 1)
+    for name, call in [("probs", lambda: msp(empty)), ("var", lambda: expected_logit_variance(empty)),
+                       ("probs", lambda: SplitConformal("lac").scores(empty))]:  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(f"{name} is empty, got shape {shape}")):
+            call()

@@ -38,8 +38,6 @@ _SUM_TOL = 1e-3
 def _check_probs(probs: torch.Tensor, name: str) -> torch.Tensor:
     # TypeError unless a float tensor; ValueError unless finite, non-empty and (N, C)
     probs = check_matrix(name, probs).detach().double()
-    if probs.shape[1] == 0:
-        raise ValueError(f"{name} must hold at least one class, got shape {tuple(probs.shape)}.")
     if (probs < 0).any() or ((probs.sum(1) - 1).abs() > _SUM_TOL).any():
         raise ValueError(
             f"{name} must hold class probabilities (non-negative rows summing to 1); "

@@ -127,14 +127,6 @@ def fpr_at_tpr(score_pos: torch.Tensor, score_neg: torch.Tensor, tpr: float = 0.
     return float((fps[reached] / n_neg).min())
 
 
-def _per_class(name: str, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as float64 after :func:`~laplace_vlm.validation.check_matrix`, with ``C >= 1``."""
-    x = check_matrix(name, x)
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} must have one column per class, got shape {tuple(x.shape)}.")
-    return x.detach().double()
-
-
 def msp(probs: torch.Tensor) -> torch.Tensor:
     """Maximum softmax probability (Hendrycks & Gimpel 2017), an ID confidence.
 
@@ -148,7 +140,7 @@ def msp(probs: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         `(N,)` float64, ``max_c probs[:, c]``; higher = more in-distribution.
     """
-    return _per_class("probs", probs).amax(dim=1)
+    return check_matrix("probs", probs).detach().double().amax(dim=1)
 
 
 def mcm(cosine: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -173,7 +165,7 @@ def mcm(cosine: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    cosine = _per_class("cosine", cosine)
+    cosine = check_matrix("cosine", cosine).detach().double()
     return torch.softmax(cosine / temperature, dim=1).amax(dim=1)
 
 
@@ -190,7 +182,7 @@ def expected_logit_variance(var: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         `(N,)` float64; higher = more out-of-distribution (use ``higher_is_in=False``).
     """
-    var = _per_class("var", var)
+    var = check_matrix("var", var).detach().double()
     if (var < 0).any():
         raise ValueError("var must be non-negative (variances), got negative values.")
     return var.mean(dim=1)
