@@ -59,7 +59,7 @@ def random_heads() -> None:
 
 
 def digits() -> None:
-    from laplace_vlm.demo import recipe
+    from laplace_vlm.experiments import recipe
 
     model, tokenizer = recipe.load_clip("digits")
     splits = recipe.load_splits("digits")

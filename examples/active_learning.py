@@ -31,7 +31,7 @@ from laplace_vlm.active.report import (
     paired_differences,
     summarize,
 )
-from laplace_vlm.demo.active import DemoSetting, prepare
+from laplace_vlm.experiments.active import DemoSetting, prepare
 
 
 def one_round_by_hand(la, problem, budget: int = 20, seed: int = 0) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_vlm.adapters.features import extract_features
-from laplace_vlm.demo import recipe
+from laplace_vlm.experiments import recipe
 from laplace_vlm.tasks.retrieval import rank, recall_at_k
 
 torch.set_num_threads(1)

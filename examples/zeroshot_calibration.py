@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from laplace_vlm.demo import recipe
+from laplace_vlm.experiments import recipe
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.plots import reliability_diagram
 from laplace_vlm.evaluation.pseudo_count import select_pseudo_count

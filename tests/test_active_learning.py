@@ -251,7 +251,7 @@ def test_config_validation_and_presets():
 
 
 def test_cli_options_are_generated_from_the_dataclasses():
-    from laplace_vlm.demo.active import DemoSetting
+    from laplace_vlm.experiments.active import DemoSetting
 
     parser = cli_active.configure_parser(argparse.ArgumentParser())
     args = parser.parse_args([])

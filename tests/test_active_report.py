@@ -61,7 +61,7 @@ def test_figures_are_figure_objects_and_save(tmp_path):
 
 
 def test_sweep_cells_grid_and_verdicts():
-    from laplace_vlm.demo.active_sweep import SweepSetting, severity_grid, verdicts
+    from laplace_vlm.experiments.active_sweep import SweepSetting, severity_grid, verdicts
 
     assert severity_grid("rotation:0.2,0.1;noise:1") == {"rotation": (0.1, 0.2), "noise": (1.0,)}
     for bad in ("spin:0.1", "rotation:"):

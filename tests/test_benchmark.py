@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from laplace_vlm.demo.benchmark import condition_rows, ood_rows, ood_scores
-from laplace_vlm.demo.experiment import Prediction
+from laplace_vlm.experiments.benchmark import condition_rows, ood_rows, ood_scores
+from laplace_vlm.experiments.experiment import Prediction
 from laplace_vlm.evaluation.conformal import SplitConformal
 from laplace_vlm.evaluation.tables import (
     METRICS,
@@ -184,7 +184,7 @@ def test_rows_and_json_follow_the_schema(tmp_path):
 
 def test_cli_knows_the_recipes_data_sets():
     from laplace_vlm.cli import benchmark as cli_benchmark
-    from laplace_vlm.demo.recipe import DATASETS
+    from laplace_vlm.experiments.recipe import DATASETS
 
     assert cli_benchmark.DATASETS == DATASETS
 
@@ -217,8 +217,8 @@ def test_plots_leave_pyplot_alone_and_create_their_folder(tmp_path, predictions)
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    from laplace_vlm.demo.benchmark import run_benchmark
-    from laplace_vlm.demo.experiment import ExperimentConfig
+    from laplace_vlm.experiments.benchmark import run_benchmark
+    from laplace_vlm.experiments.experiment import ExperimentConfig
 
     cache = tmp_path_factory.mktemp("bench_cache")
     config = ExperimentConfig(
@@ -235,7 +235,7 @@ METHOD = re.compile(r"^(map|temperature|laplace_(probcosine|glm|nn)(_n10)?)$")
 
 
 def test_mini_benchmark_schema(mini, tmp_path):
-    from laplace_vlm.demo.fashion_mnist import available
+    from laplace_vlm.datasets.fashion_mnist import available
 
     path = write_json(tmp_path / "b.json", mini.settings, mini.rows)
     stored = json.loads(path.read_text())
@@ -285,8 +285,8 @@ def test_mini_benchmark_settings_and_predictives(mini):
     )
     torch.testing.assert_close(preds["laplace_nn"].probs, probs)
     # temperature scaling: fitted on clean validation logits computed with open_clip directly
-    from laplace_vlm.demo.prompts import PROMPTS
-    from laplace_vlm.demo.train import clip_tokenizer
+    from laplace_vlm.datasets.prompts import PROMPTS
+    from laplace_vlm.standins.training import clip_tokenizer
     from laplace_vlm.evaluation.calibration import TemperatureScaling
 
     val_x, val_y = exp.splits["val"]

@@ -9,9 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from laplace_vlm.demo import data, recipe, train
-from laplace_vlm.demo.data import SEVERITIES, SHIFTS, load_digits_splits, to_pixels
-from laplace_vlm.demo.prompts import PROMPTS
+from laplace_vlm.datasets import digits as data
+from laplace_vlm.datasets.digits import load_digits_splits
+from laplace_vlm.datasets.images import to_pixels
+from laplace_vlm.datasets.shifts import SEVERITIES, SHIFTS
+from laplace_vlm.experiments import recipe
+from laplace_vlm.standins import training as train
+from laplace_vlm.datasets.prompts import PROMPTS
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.tables import ROW_KEYS, value
 
@@ -199,7 +203,7 @@ def test_training_uses_open_clips_loss(monkeypatch, splits):
 
 
 def mini_demo(cache_dir, out_dir, json_path):
-    from laplace_vlm.demo.run import run_demo
+    from laplace_vlm.experiments.demo import run_demo
 
     return run_demo(
         cache_dir=cache_dir,
@@ -214,8 +218,8 @@ def mini_demo(cache_dir, out_dir, json_path):
 
 @pytest.mark.slow
 def test_mini_end_to_end_run(cache_dir, tmp_path):
-    from laplace_vlm.demo.figures import plot_names
-    from laplace_vlm.demo.run import DEMO_TASKS, format_report
+    from laplace_vlm.experiments.figures import plot_names
+    from laplace_vlm.experiments.demo import DEMO_TASKS, format_report
 
     out = tmp_path / "plots"
     out.mkdir()
@@ -253,7 +257,7 @@ def test_mini_end_to_end_run(cache_dir, tmp_path):
 
 
 def test_demo_cli_writes_to_the_default_folder_unless_told_otherwise(monkeypatch, tmp_path):
-    import laplace_vlm.demo.run as run_module
+    import laplace_vlm.experiments.demo as run_module
     from laplace_vlm.cli.main import main
 
     seen = []

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from laplace_vlm.demo import fashion_mnist as fm
-from laplace_vlm.demo.data import to_pixels
-from laplace_vlm.demo.recipe import load_splits
+from laplace_vlm.datasets import fashion_mnist as fm
+from laplace_vlm.datasets.images import to_pixels
+from laplace_vlm.experiments.recipe import load_splits
 
 REAL = fm.DEFAULT_DATA_DIR
 needs_real_data = pytest.mark.skipif(

@@ -26,7 +26,7 @@ def _ones(a):
 def _joint_and_by_hand(contrastive="siglip", prior=0.8, temperature=0.5):
     kw, a_i, a_t = make_problem(True, seed=5, contrastive=contrastive, joint_bias=True)
     a_i = a_i + 2.0  # positive-mean activations, as after a GELU: where the forms differ
-    la = DualEncoderLaplace(**kw, prior_precision=prior, temperature=temperature)
+    la = DualEncoderLaplace(**kw, prior_precision=prior, temperature=temperature, damping=False)
     la.fit(loader(a_i, a_t))
     folded = {}
     for side in ("image", "text"):
@@ -37,7 +37,7 @@ def _joint_and_by_hand(contrastive="siglip", prior=0.8, temperature=0.5):
         folded[f"{side}_projection"] = lin
     by_hand = DualEncoderLaplace(
         None, **folded, logit_scale=kw["logit_scale"], logit_bias=kw.get("logit_bias"),
-        contrastive=contrastive, prior_precision=prior, temperature=temperature,
+        contrastive=contrastive, prior_precision=prior, temperature=temperature, damping=False,
     )  # fmt: skip
     by_hand.fit(loader(_ones(a_i), _ones(a_t)))
     return la, by_hand, kw, a_i, a_t
@@ -95,7 +95,7 @@ def test_separate_blocks_differ_from_the_joint_form_by_a_measured_amount():
         acts = a_i + shift
         traces = []
         for joint in (True, False):
-            la = DualEncoderLaplace(**{**kw, "joint_bias": joint}, prior_precision=50.0)
+            la = DualEncoderLaplace(**{**kw, "joint_bias": joint}, prior_precision=50.0, damping=False)
             la.fit(loader(acts, a_t))
             traces.append(la.embedding_moments({"image": acts, "text": a_t})["image"][1].sum(-1))
         ratio = traces[1] / traces[0]

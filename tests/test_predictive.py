@@ -24,7 +24,7 @@ def fitted(bias=False, contrastive="clip", damping=False, temperature=1.0, prior
 
 @pytest.mark.parametrize("contrastive", ["clip", "siglip"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("damping", [False, True])
+@pytest.mark.parametrize("damping", [False, True, "symmetric"])
 def test_glm_moments_equal_dense_jacobians(contrastive, bias, damping):
     la, a_i, a_t = fitted(bias, contrastive, damping, temperature=0.5, prior=0.7)
     x = {"image": a_i[:5], "text": a_t[:7]}
@@ -66,6 +66,27 @@ def test_damped_embedding_variance_is_the_papers_form():
     torch.testing.assert_close(var, expected, **TOL)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_default_is_the_papers_symmetric_form(bias):
+    """The default posterior is the reference's ``(sqrt(n) A + sqrt(l) I) x (sqrt(n) B + sqrt(l) I)``
+    on ``A = sum a a^T / sqrt(N)``, ``B = sum H / sqrt(N)``, written out densely here."""
+    kw, a_i, a_t = make_problem(bias, seed=0, joint_bias=True)
+    la = DualEncoderLaplace(**kw, temperature=0.1, prior_precision=2.0)
+    la.fit(loader(a_i, a_t))
+    assert la.posterior_form == "symmetric"
+    n, lam, N = 1 / la.temperature, 2.0, la.n_data
+    B_sum, A_mean = la.H_facs.kfacs[0]  # laplace's scaling: [sum B, sum a a^T / N]
+    root = N**0.5
+    B_post = n**0.5 * B_sum / root + lam**0.5 * torch.eye(len(B_sum))
+    A_post = n**0.5 * A_mean * N / root + lam**0.5 * torch.eye(len(A_mean))
+    cov_w = torch.kron(torch.linalg.inv(B_post), torch.linalg.inv(A_post))  # over vec([W | b])
+    a = torch.cat([a_i[:3], torch.ones(3, 1, dtype=a_i.dtype)], 1) if bias else a_i[:3]
+    J = torch.stack([torch.kron(torch.eye(D), ai[None]) for ai in a])
+    want = torch.einsum("npq,qr,nsr->nps", J, cov_w, J)
+    got = la.embedding_moments({"image": a_i[:3], "text": a_t[:2]}, full=True)["image"][1]
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def _mc_cosine(la, x, n_samples, seed):
     """Cosine mean and variance from weight samples pushed exactly through the heads."""
     f = la.functional_samples(x, "nn", n_samples, generator=torch.Generator().manual_seed(seed))
@@ -79,7 +100,8 @@ def wide_problem(prior, temperature, D=32, d=16, seed=3):
     W_i, W_t = torch.randn(D, d, generator=g), torch.randn(D, d, generator=g)
     a_i, a_t = torch.randn(64, d, generator=g), torch.randn(64, d, generator=g)
     la = DualEncoderLaplace(image_projection=W_i, text_projection=W_t, logit_scale=0.7,
-                            prior_precision=prior, temperature=temperature)  # fmt: skip
+                            prior_precision=prior, temperature=temperature,
+                            damping=False)  # fmt: skip
     la.fit(loader(a_i, a_t, batch_size=16))
     return la, {"image": a_i[:6], "text": a_t[:6]}
 

@@ -99,8 +99,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         ``parser``.
     """
     from laplace_vlm.active.config import ActiveLearningConfig
-    from laplace_vlm.demo.active import DemoSetting
-    from laplace_vlm.demo.active_sweep import SweepSetting
+    from laplace_vlm.experiments.active import DemoSetting
+    from laplace_vlm.experiments.active_sweep import SweepSetting
 
     parser.description = (
         "Active few-shot adaptation on the demo data: pool = clean + shifted training images, "
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     %(cli_run)s
     """
     from laplace_vlm.active.config import ActiveLearningConfig
-    from laplace_vlm.demo import active, active_sweep, recipe
+    from laplace_vlm.experiments import active, active_sweep, recipe
 
     if args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")

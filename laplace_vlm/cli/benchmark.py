@@ -10,7 +10,7 @@ from laplace_vlm.cli.errors import CliError
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.validation import positive_number
 
-DATASETS = ("digits", "fashion-mnist")  # laplace_vlm.demo.recipe.DATASETS, without importing it
+DATASETS = ("digits", "fashion-mnist")  # laplace_vlm.experiments.recipe.DATASETS, without importing it
 
 
 @fill_doc
@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     %(cli_run)s
     """
-    from laplace_vlm.demo.benchmark import run_benchmark
-    from laplace_vlm.demo.experiment import ExperimentConfig
-    from laplace_vlm.demo.figures import write_plots
+    from laplace_vlm.experiments.benchmark import run_benchmark
+    from laplace_vlm.experiments.experiment import ExperimentConfig
+    from laplace_vlm.experiments.figures import write_plots
     from laplace_vlm.evaluation.tables import write_json
 
     if not args.alpha < 1:
@@ -85,7 +85,7 @@ def summary(result) -> str:
     Parameters
     ----------
     result : BenchmarkResult
-        from :func:`laplace_vlm.demo.benchmark.run_benchmark`.
+        from :func:`laplace_vlm.experiments.benchmark.run_benchmark`.
 
     Returns
     -------

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     %(cli_run)s
     """
-    from laplace_vlm.demo.run import format_report, run_demo
+    from laplace_vlm.experiments.demo import format_report, run_demo
 
     start = time.perf_counter()
     out = None if args.no_plots else args.out

@@ -2,7 +2,7 @@
 
 Subcommands:
 
-- ``demo``: the offline digits experiment of :mod:`laplace_vlm.demo.run`, with its figures.
+- ``demo``: the offline digits experiment of :mod:`laplace_vlm.experiments.demo`, with its figures.
 - ``benchmark``: calibration, selective/failure, OOD and conformal rows of one demo data set.
 - ``fit``: a posterior for an open_clip model from image-caption pairs, saved as safetensors.
 - ``zeroshot``: predictions with uncertainty for a folder of images, as CSV.

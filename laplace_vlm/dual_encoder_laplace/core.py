@@ -68,12 +68,17 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
     backend : type, optional
         laplace's curvature class (``AsdlGGN``, ``BackPackGGN``, ``CurvlinopsGGN``), mapped to
         ``curvature``; give one of the two.
-    damping : {False, True, 'symmetric'}, default=False
+    damping : {'symmetric', False, True}, default='symmetric'
         how the prior enters each Kronecker block (:class:`laplace_vlm.enums.PosteriorForm`):
-        ``False``, the exact prior ``h F0 x F1 + delta I``; ``True``, laplace's
-        ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)`` on its split
-        ``[sum B, sum a a^T / N]``; ``'symmetric'``, the reference implementation's same form
-        on the split ``[sum B / sqrt(N), sum a a^T / sqrt(N)]``.
+        ``'symmetric'``, the paper's method (its reference implementation's
+        ``(sqrt(h) F0 + sqrt(delta) I) x (sqrt(h) F1 + sqrt(delta) I)`` on the split
+        ``[sum B / sqrt(N), sum a a^T / sqrt(N)]``); ``False``, laplace's exact prior
+        ``h F0 x F1 + delta I``; ``True``, laplace's damped form on its split
+        ``[sum B, sum a a^T / N]``. The default differs from laplace's ``KronLaplace``
+        (``damping=False``) because the paper's posterior is this form: its cross terms
+        ``sqrt(h delta) (F0 x I + I x F1)`` keep it far tighter than the exact-prior form at the
+        same pseudo-count (about 130x in relative embedding variance on the digits stand-in at
+        ``n = 10``).
     joint_bias : bool, default=True
         a head with a bias (SigLIP's) gets one Kronecker factor over ``[W | b]``, the
         activations with a trailing 1, as the reference does: the weight-bias
@@ -109,7 +114,7 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         curvature: str = "closed_form",
         chunk_size: int | None = None,
         backend: type | None = None,
-        damping: bool | str = False,
+        damping: bool | str = "symmetric",
         joint_bias: bool = True,
         **kwargs: Any,
     ) -> None:

@@ -28,8 +28,8 @@ from laplace_vlm.active.report import (
     save_figure,
     summarize,
 )
-from laplace_vlm.demo import recipe
-from laplace_vlm.demo.active import BASELINES, DemoSetting, describe, prepare
+from laplace_vlm.experiments import recipe
+from laplace_vlm.experiments.active import BASELINES, DemoSetting, describe, prepare
 from laplace_vlm.docstrings import fill_doc
 
 Chain = tuple[str, str, tuple[float, ...]]
@@ -79,7 +79,7 @@ class SweepSetting:
     Attributes
     ----------
     datasets : tuple of str
-        from :data:`laplace_vlm.demo.recipe.DATASETS`.
+        from :data:`laplace_vlm.experiments.recipe.DATASETS`.
     grid : str
         ``"shift:s1,s2;shift:..."`` severities (> 0) per shift, in increasing order.
     clean : bool

@@ -2,7 +2,7 @@
 
 Every number is one row (:mod:`laplace_vlm.evaluation.tables`). Conditions are the clean test
 split and every shift of ``SHIFTS`` at every severity. Methods are those of
-:mod:`laplace_vlm.demo.experiment`: ``map``, ``temperature`` and each Laplace predictive at the
+:mod:`laplace_vlm.experiments.experiment`: ``map``, ``temperature`` and each Laplace predictive at the
 pseudo-count chosen on clean validation NLPD and at the paper's ``n = 10``.
 
 - calibration: ``acc``, ``nlpd``, ``ece15``, ``ece20``, ``brier``;
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from laplace_vlm.demo.experiment import (
+from laplace_vlm.experiments.experiment import (
     LAPLACE_PREDICTIVES,
     Experiment,
     ExperimentConfig,
@@ -34,7 +34,7 @@ from laplace_vlm.demo.experiment import (
     laplace_method,
     prepare,
 )
-from laplace_vlm.demo.recipe import (
+from laplace_vlm.experiments.recipe import (
     SEVERITIES,
     SHIFTS,
     ood_images,

@@ -1,28 +1,21 @@
-"""A small open_clip ``CLIP`` trained on image/caption pairs, and its safetensors cache.
+"""The stand-in CLIP: a small open_clip ``CLIP`` trained on image/caption pairs.
 
-One architecture for every demo data set; the training set-up per data set is in
-``TRAIN_CONFIGS``. Where the data come from and when the cache is used is decided by
-:func:`laplace_vlm.demo.recipe.load_clip`.
+One architecture for every stand-in data set; the training set-up per data set is in
+``TRAIN_CONFIGS``. Where the data come from and when the cache (:mod:`.cache`) is used is
+decided by :func:`laplace_vlm.experiments.recipe.load_clip`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import open_clip
-import platformdirs
 import torch
 from open_clip.loss import ClipLoss
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from laplace_vlm.demo.prompts import Prompts
-from laplace_vlm.io.safetensors_file import write_safetensors
+from laplace_vlm.datasets.prompts import Prompts
 
 CONTEXT_LENGTH = 16
 # open_clip architecture at toy size: ViT on 32x32 inputs with 8x8 patches, a 2-layer text
@@ -185,68 +178,3 @@ def train_clip(
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     return model.eval()
-
-
-def default_cache_dir() -> Path:
-    """``platformdirs.user_cache_dir("laplace-vlm")``.
-
-    Returns
-    -------
-    Path
-        the user's cache folder of the package (not created here).
-    """
-    return Path(platformdirs.user_cache_dir("laplace-vlm"))
-
-
-def cache_path(cache_dir: str | os.PathLike | None, dataset: str, key: dict) -> Path:
-    """The cache file of a model: data set name plus 12 hex digits of everything that made it.
-
-    Parameters
-    ----------
-    cache_dir : path or None
-        the folder; :func:`default_cache_dir` if None.
-    dataset : str
-        e.g. ``"digits"``.
-    key : dict
-        JSON-serialisable description of the training data and set-up; the architecture is
-        added here.
-
-    Returns
-    -------
-    Path
-        ``<cache_dir>/<dataset>-clip-<digest>.safetensors``; it may not exist yet.
-    """
-    blob = json.dumps({"model": CLIP_CONFIG, **key}, sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return Path(cache_dir or default_cache_dir()) / f"{dataset}-clip-{digest}.safetensors"
-
-
-def load_cached(path: Path) -> open_clip.model.CLIP:
-    """A demo CLIP with the weights of ``path``, in eval mode.
-
-    Parameters
-    ----------
-    path : Path
-        a safetensors file written by :func:`save`.
-
-    Returns
-    -------
-    open_clip.model.CLIP
-        the model.
-    """
-    model = build_clip()
-    model.load_state_dict(load_file(path))
-    return model.eval()
-
-
-def save(model: open_clip.model.CLIP, path: Path) -> None:
-    """Write the weights atomically: a concurrent or interrupted run never reads half a file.
-
-    Parameters
-    ----------
-    model : open_clip.model.CLIP
-        the model whose ``state_dict`` is written.
-    path : Path
-        the safetensors file; an existing one is replaced.
-    """
-    write_safetensors(path, model.state_dict(), overwrite=True)

@@ -2,7 +2,7 @@
 
 Pool: a stratified subset of the training images, clean, plus a shifted copy of it (the shift
 redrawn for every seed); target: shifted test images, whose inputs are the unlabelled queries.
-The zero-shot posterior is the demo recipe's (:func:`laplace_vlm.demo.recipe.fit_zero_shot_posterior`),
+The zero-shot posterior is the demo recipe's (:func:`laplace_vlm.experiments.recipe.fit_zero_shot_posterior`),
 in feature mode, at the config's pseudo-count with the marginal-likelihood prior. The runner
 is :mod:`laplace_vlm.active`.
 
@@ -35,8 +35,8 @@ from laplace_vlm.active.report import (
     save_figure,
     summarize,
 )
-from laplace_vlm.demo import recipe
-from laplace_vlm.demo.data import stratified_subset
+from laplace_vlm.experiments import recipe
+from laplace_vlm.datasets.images import stratified_subset
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.pseudo_count import tune_prior_at
 
@@ -67,9 +67,9 @@ class DemoSetting:
     Attributes
     ----------
     dataset : str
-        one of :data:`laplace_vlm.demo.recipe.DATASETS`.
+        one of :data:`laplace_vlm.experiments.recipe.DATASETS`.
     shift, severity : str, float
-        the target domain: :data:`laplace_vlm.demo.recipe.SHIFTS` at ``severity`` in [0, 1].
+        the target domain: :data:`laplace_vlm.experiments.recipe.SHIFTS` at ``severity`` in [0, 1].
     max_pool, max_test : int
         clean pool images (the pool also holds their shifted copies) and target test inputs.
     cache_dir, data_dir : str, optional

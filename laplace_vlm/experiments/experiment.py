@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from laplace_vlm.demo.recipe import (
+from laplace_vlm.experiments.recipe import (
     MAX_EVAL,
     MAX_TRAIN,
     SEVERITIES,

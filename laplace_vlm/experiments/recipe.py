@@ -11,7 +11,7 @@ functions, so all of them see the same data, the same model and the same posteri
 >>> probs = la(x)
 
 Data sets: ``"digits"`` (scikit-learn's 1,797 8x8 digits, embedded) and ``"fashion-mnist"``
-(the four idx files of the release, see :mod:`laplace_vlm.demo.fashion_mnist`).
+(the four idx files of the release, see :mod:`laplace_vlm.datasets.fashion_mnist`).
 """
 
 from __future__ import annotations
@@ -24,18 +24,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_vlm.adapters import get_adapter
 from laplace_vlm.adapters.features import extract_features
-from laplace_vlm.demo import train
-from laplace_vlm.demo.data import (
-    SEVERITIES,
-    SHIFTS,
-    Split,
-    load_digits_splits,
-    normalize,
-    stratified_subset,
-)
-from laplace_vlm.demo.fashion_mnist import load_fashion_mnist_splits
-from laplace_vlm.demo.prompts import PROMPTS, Prompts
-from laplace_vlm.demo.train import class_distinct_batches, torch_threads
+from laplace_vlm.datasets.digits import load_digits_splits
+from laplace_vlm.datasets.fashion_mnist import load_fashion_mnist_splits
+from laplace_vlm.datasets.images import Split, normalize, stratified_subset
+from laplace_vlm.datasets.prompts import PROMPTS, Prompts
+from laplace_vlm.datasets.shifts import SEVERITIES, SHIFTS
+from laplace_vlm.standins import cache, training
+from laplace_vlm.standins.training import class_distinct_batches, torch_threads
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 from laplace_vlm.tasks import zeroshot
@@ -233,7 +228,7 @@ def load_clip(
     seed : int
         seed of the split and of the training (initialisation, batches, captions).
     train_config : dict, optional
-        overrides of ``train.TRAIN_CONFIGS[dataset]`` (epochs, lr, weight_decay); part of the
+        overrides of ``training.TRAIN_CONFIGS[dataset]`` (epochs, lr, weight_decay); part of the
         cache key, as are the architecture, the seed and the caption templates.
     data_dir : path, optional
         Fashion-MNIST's folder (see :func:`load_splits`); not part of the cache key.
@@ -248,18 +243,18 @@ def load_clip(
         list of str -> `(n, 16)` token ids.
     """
     prompts = _prompts(dataset)
-    cfg = {**train.TRAIN_CONFIGS[dataset], **(train_config or {}), "seed": seed}
+    cfg = {**training.TRAIN_CONFIGS[dataset], **(train_config or {}), "seed": seed}
     key = {"train": cfg, "max_train": max_train, "prompts": asdict(prompts)}
-    path = train.cache_path(cache_dir, dataset, key)
+    path = cache.cache_path(cache_dir, dataset, key)
     if path.is_file():
-        return train.load_cached(path), train.clip_tokenizer()
+        return cache.load_cached(path), training.clip_tokenizer()
     images, labels = load_splits(dataset, seed, data_dir, max_train)["train"]
     # the toy model's GEMMs are too small to gain from threads, and on a busy machine extra
     # threads stall: one thread trained 2-5x faster than two on 2 shared cores
     with torch_threads(1):
-        model = train.train_clip(images, labels, prompts, cfg, progress_bar)
-    train.save(model, path)
-    return model, train.clip_tokenizer()
+        model = training.train_clip(images, labels, prompts, cfg, progress_bar)
+    cache.save(model, path)
+    return model, training.clip_tokenizer()
 
 
 def encode_images(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

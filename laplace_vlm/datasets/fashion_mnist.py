@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from laplace_vlm.demo.data import IMAGE_SIZE, Split, normalize, stratified_subset
+from laplace_vlm.datasets.images import Split, grey_to_images, stratified_subset
 
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES: dict[str, tuple[str, str]] = {
@@ -121,11 +121,9 @@ def to_images(pixels: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        `(N, 3, 32, 32)` model inputs (see :func:`laplace_vlm.demo.data.normalize`).
+        `(N, 3, 32, 32)` model inputs (see :func:`laplace_vlm.datasets.images.grey_to_images`).
     """
-    grey = pixels.float().div(255.0)[:, None]
-    grey = F.interpolate(grey, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return normalize(grey.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous())
+    return grey_to_images(pixels.float().div(255.0)[:, None])
 
 
 def load_part(part: str, data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, ...]:

@@ -1,6 +1,6 @@
 """The offline demo: zero-shot calibration of the digits CLIP, clean and under shift.
 
-A small view of the benchmark (:mod:`laplace_vlm.demo.benchmark`) on the embedded digits:
+A small view of the benchmark (:mod:`laplace_vlm.experiments.benchmark`) on the embedded digits:
 the tasks calibration, selective and failure prediction, the methods MAP, temperature scaling
 and the Laplace predictives at the pseudo-count chosen on validation NLPD (the paper's fixed
 ``n = 10`` is in the benchmark). Its JSON has the benchmark's schema.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
-from laplace_vlm.demo.benchmark import BenchmarkResult, run_benchmark
-from laplace_vlm.demo.experiment import ExperimentConfig
-from laplace_vlm.demo.figures import write_plots
-from laplace_vlm.demo.recipe import SEVERITIES
+from laplace_vlm.experiments.benchmark import BenchmarkResult, run_benchmark
+from laplace_vlm.experiments.experiment import ExperimentConfig
+from laplace_vlm.experiments.figures import write_plots
+from laplace_vlm.experiments.recipe import SEVERITIES
 from laplace_vlm.evaluation.pseudo_count import PSEUDO_COUNTS
 from laplace_vlm.evaluation.tables import pivot_table, select, write_json
 

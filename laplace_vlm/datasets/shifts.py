@@ -1,9 +1,7 @@
-"""The demo's images: scikit-learn's 8x8 handwritten digits as 3x32x32 tensors, and the shifts.
+"""Distribution shifts of normalised images: noise, rotation, inversion, blur, contrast.
 
-Images are returned normalised with ``MEAN`` / ``STD``; every shift works in pixel space
-(``[0, 1]``), so it first undoes the normalisation, transforms, clamps and normalises again.
-Fashion-MNIST (:mod:`laplace_vlm.demo.fashion_mnist`) uses the same normalisation, so the same
-shifts apply to it.
+Every shift works in pixel space (``[0, 1]``): it undoes the normalisation, transforms, clamps
+and normalises again, so it applies to every stand-in data set alike.
 """
 
 from __future__ import annotations
@@ -11,23 +9,16 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from laplace_vlm.datasets.images import normalize, to_pixels
 from laplace_vlm.docstrings import fill_doc
 
-IMAGE_SIZE = 32
-MEAN = 0.5
-STD = 0.5
-SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 # one severity axis shared by all shifts: 0 is clean data, 1 the strongest shift
 SEVERITIES: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
 
-Split = tuple[torch.Tensor, torch.Tensor]
 Shift = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
 
 # what every shift takes and returns (the signature of ``Shift``)
@@ -48,113 +39,6 @@ _fill_doc = fill_doc.extend(
             in ``[0, 1]``; 0 leaves the images unchanged.
         """,
 )
-
-
-def digits_to_images(pixels: np.ndarray) -> torch.Tensor:
-    """Turn scikit-learn's digit pixels into normalised RGB images.
-
-    Parameters
-    ----------
-    pixels : np.ndarray
-        `(N, 64)` or `(N, 8, 8)` grey values in ``[0, 16]``.
-
-    Returns
-    -------
-    images : torch.Tensor
-        `(N, 3, 32, 32)` float32, normalised with ``MEAN`` / ``STD``.
-    """
-    grey = torch.as_tensor(np.asarray(pixels, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    grey = F.interpolate(grey, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    return normalize(grey.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous())
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """`(N, 3, H, W)` pixels in ``[0, 1]`` -> model inputs.
-
-    Parameters
-    ----------
-    pixels : torch.Tensor
-        `(N, 3, H, W)` pixels in ``[0, 1]``.
-
-    Returns
-    -------
-    torch.Tensor
-        `(N, 3, H, W)` ``(pixels - MEAN) / STD``.
-    """
-    return (pixels - MEAN) / STD
-
-
-@_fill_doc
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Model inputs -> `(N, 3, H, W)` pixels in ``[0, 1]`` (inverse of :func:`normalize`).
-
-    Parameters
-    ----------
-    %(shift_images)s
-
-    Returns
-    -------
-    torch.Tensor
-        `(N, 3, H, W)` ``images * STD + MEAN``.
-    """
-    return images * STD + MEAN
-
-
-def load_digits_splits(seed: int = 0) -> dict[str, Split]:
-    """Stratified, seeded train/val/test splits of the 1,797 digits (60/20/20).
-
-    Parameters
-    ----------
-    seed : int
-        seed of the split; the same seed always gives the same split.
-
-    Returns
-    -------
-    splits : dict
-        ``{"train": (images, labels), "val": ..., "test": ...}`` with images `(N, 3, 32, 32)`
-        float32 and labels `(N,)` int64.
-    """
-    digits = load_digits()
-    index = np.arange(len(digits.target))
-    train, rest = train_test_split(
-        index, train_size=SPLIT_FRACTIONS["train"], stratify=digits.target, random_state=seed
-    )
-    val, test = train_test_split(
-        rest, test_size=0.5, stratify=digits.target[rest], random_state=seed
-    )
-    images = digits_to_images(digits.data)
-    labels = torch.as_tensor(digits.target, dtype=torch.long)
-    return {
-        name: (images[idx], labels[idx])
-        for name, idx in (("train", train), ("val", val), ("test", test))
-    }
-
-
-def stratified_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
-    """Sorted indices of a seeded subset of ``size`` examples with the labels' class shares.
-
-    Parameters
-    ----------
-    labels : torch.Tensor
-        `(N,)` class labels.
-    size : int or None
-        how many to keep; None or ``size >= N`` keeps all.
-    seed : int
-        seed of the draw.
-
-    Returns
-    -------
-    torch.Tensor
-        `(min(size, N),)` int64 indices into ``labels``, increasing.
-    """
-    if size is None or size >= len(labels):
-        return torch.arange(len(labels))
-    if size < len(labels.unique()):
-        raise ValueError(f"size must hold every class at least once, got {size}.")
-    index, _ = train_test_split(
-        np.arange(len(labels)), train_size=size, stratify=labels.numpy(), random_state=seed
-    )
-    return torch.as_tensor(np.sort(index))
 
 
 def _check_severity(severity: float) -> float:

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from laplace_vlm.demo.benchmark import BenchmarkResult
-from laplace_vlm.demo.experiment import (
+from laplace_vlm.experiments.benchmark import BenchmarkResult
+from laplace_vlm.experiments.experiment import (
     LAPLACE_PREDICTIVES,
     PAPER_PSEUDO_COUNT,
     laplace_method,
     predictive_kwargs,
 )
-from laplace_vlm.demo.recipe import torch_threads
+from laplace_vlm.experiments.recipe import torch_threads
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.plots import (
