@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from laplace_vlm.experiments import recipe
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.plots import reliability_diagram
 from laplace_vlm.evaluation.pseudo_count import select_pseudo_count
 from laplace_vlm.evaluation.selective import failure_auroc
+from laplace_vlm.experiments import recipe
 
 torch.set_num_threads(1)  # the toy model gains nothing from threads
 

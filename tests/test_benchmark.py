@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from laplace_vlm.experiments.benchmark import condition_rows, ood_rows, ood_scores
-from laplace_vlm.experiments.experiment import Prediction
 from laplace_vlm.evaluation.conformal import SplitConformal
 from laplace_vlm.evaluation.tables import (
     METRICS,
@@ -23,6 +21,8 @@ from laplace_vlm.evaluation.tables import (
     value,
     write_json,
 )
+from laplace_vlm.experiments.benchmark import condition_rows, ood_rows, ood_scores
+from laplace_vlm.experiments.experiment import Prediction
 
 TINY_TRAINING = {"epochs": 1}
 
@@ -286,8 +286,8 @@ def test_mini_benchmark_settings_and_predictives(mini):
     torch.testing.assert_close(preds["laplace_nn"].probs, probs)
     # temperature scaling: fitted on clean validation logits computed with open_clip directly
     from laplace_vlm.datasets.prompts import PROMPTS
-    from laplace_vlm.standins.training import clip_tokenizer
     from laplace_vlm.evaluation.calibration import TemperatureScaling
+    from laplace_vlm.standins.training import clip_tokenizer
 
     val_x, val_y = exp.splits["val"]
     prompts = PROMPTS["digits"]

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from laplace_vlm.datasets import digits as data
 from laplace_vlm.datasets.digits import load_digits_splits
 from laplace_vlm.datasets.images import to_pixels
-from laplace_vlm.datasets.shifts import SEVERITIES, SHIFTS
-from laplace_vlm.experiments import recipe
-from laplace_vlm.standins import training as train
 from laplace_vlm.datasets.prompts import PROMPTS
+from laplace_vlm.datasets.shifts import SEVERITIES, SHIFTS
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.tables import ROW_KEYS, value
+from laplace_vlm.experiments import recipe
+from laplace_vlm.standins import training as train
 
 TINY_TRAINING = {"epochs": 1}
 
@@ -218,8 +218,8 @@ def mini_demo(cache_dir, out_dir, json_path):
 
 @pytest.mark.slow
 def test_mini_end_to_end_run(cache_dir, tmp_path):
-    from laplace_vlm.experiments.figures import plot_names
     from laplace_vlm.experiments.demo import DEMO_TASKS, format_report
+    from laplace_vlm.experiments.figures import plot_names
 
     out = tmp_path / "plots"
     out.mkdir()

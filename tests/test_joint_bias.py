@@ -95,7 +95,9 @@ def test_separate_blocks_differ_from_the_joint_form_by_a_measured_amount():
         acts = a_i + shift
         traces = []
         for joint in (True, False):
-            la = DualEncoderLaplace(**{**kw, "joint_bias": joint}, prior_precision=50.0, damping=False)
+            la = DualEncoderLaplace(
+                **{**kw, "joint_bias": joint}, prior_precision=50.0, damping=False
+            )
             la.fit(loader(acts, a_t))
             traces.append(la.embedding_moments({"image": acts, "text": a_t})["image"][1].sum(-1))
         ratio = traces[1] / traces[0]

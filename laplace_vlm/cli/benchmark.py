@@ -10,7 +10,10 @@ from laplace_vlm.cli.errors import CliError
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.validation import positive_number
 
-DATASETS = ("digits", "fashion-mnist")  # laplace_vlm.experiments.recipe.DATASETS, without importing it
+DATASETS = (
+    "digits",
+    "fashion-mnist",
+)  # laplace_vlm.experiments.recipe.DATASETS, without importing it
 
 
 @fill_doc
@@ -46,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
     %(cli_run)s
     """
+    from laplace_vlm.evaluation.tables import write_json
     from laplace_vlm.experiments.benchmark import run_benchmark
     from laplace_vlm.experiments.experiment import ExperimentConfig
     from laplace_vlm.experiments.figures import write_plots
-    from laplace_vlm.evaluation.tables import write_json
 
     if not args.alpha < 1:
         raise CliError(f"--alpha must lie in (0, 1), got {args.alpha}")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from laplace_vlm.datasets.images import Split, grey_to_images, stratified_subset
 

@@ -35,10 +35,10 @@ from laplace_vlm.active.report import (
     save_figure,
     summarize,
 )
-from laplace_vlm.experiments import recipe
 from laplace_vlm.datasets.images import stratified_subset
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.pseudo_count import tune_prior_at
+from laplace_vlm.experiments import recipe
 
 BASELINES: tuple[str, ...] = ("random", "map_entropy")
 """The paired comparisons of the report: targeted random and MAP entropy."""

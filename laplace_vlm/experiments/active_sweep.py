@@ -28,9 +28,9 @@ from laplace_vlm.active.report import (
     save_figure,
     summarize,
 )
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.experiments import recipe
 from laplace_vlm.experiments.active import BASELINES, DemoSetting, describe, prepare
-from laplace_vlm.docstrings import fill_doc
 
 Chain = tuple[str, str, tuple[float, ...]]
 """``(dataset, shift, severities)``: cells run in order, stopping below ``min_zero_shot``."""

@@ -25,6 +25,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from laplace_vlm.evaluation.conformal import SplitConformal
+from laplace_vlm.evaluation.detection import expected_logit_variance, mcm, msp
+from laplace_vlm.evaluation.metrics import classification_metrics
+from laplace_vlm.evaluation.tables import (
+    TASKS,
+    Row,
+    check_rows,
+    confidence_scores,
+    conformal_values,
+    failure_values,
+    make_rows,
+    ood_values,
+    selective_values,
+)
 from laplace_vlm.experiments.experiment import (
     LAPLACE_PREDICTIVES,
     Experiment,
@@ -39,20 +53,6 @@ from laplace_vlm.experiments.recipe import (
     SHIFTS,
     ood_images,
     torch_threads,
-)
-from laplace_vlm.evaluation.conformal import SplitConformal
-from laplace_vlm.evaluation.detection import expected_logit_variance, mcm, msp
-from laplace_vlm.evaluation.metrics import classification_metrics
-from laplace_vlm.evaluation.tables import (
-    TASKS,
-    Row,
-    check_rows,
-    confidence_scores,
-    conformal_values,
-    failure_values,
-    make_rows,
-    ood_values,
-    selective_values,
 )
 
 ALPHA = 0.1

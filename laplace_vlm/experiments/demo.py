@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 
+from laplace_vlm.evaluation.pseudo_count import PSEUDO_COUNTS
+from laplace_vlm.evaluation.tables import pivot_table, select, write_json
 from laplace_vlm.experiments.benchmark import BenchmarkResult, run_benchmark
 from laplace_vlm.experiments.experiment import ExperimentConfig
 from laplace_vlm.experiments.figures import write_plots
 from laplace_vlm.experiments.recipe import SEVERITIES
-from laplace_vlm.evaluation.pseudo_count import PSEUDO_COUNTS
-from laplace_vlm.evaluation.tables import pivot_table, select, write_json
 
 DEMO_TASKS: tuple[str, ...] = ("calibration", "selective", "failure")
 

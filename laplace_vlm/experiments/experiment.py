@@ -21,6 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
+from laplace_vlm.evaluation.calibration import TemperatureScaling
+from laplace_vlm.evaluation.pseudo_count import (
+    PSEUDO_COUNTS,
+    PosteriorSetting,
+    PseudoCountChoice,
+    select_pseudo_count,
+    tune_prior_at,
+)
 from laplace_vlm.experiments.recipe import (
     MAX_EVAL,
     MAX_TRAIN,
@@ -31,16 +41,6 @@ from laplace_vlm.experiments.recipe import (
     fit_zero_shot_posterior,
     load_clip,
     load_splits,
-)
-from laplace_vlm.docstrings import fill_doc
-from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
-from laplace_vlm.evaluation.calibration import TemperatureScaling
-from laplace_vlm.evaluation.pseudo_count import (
-    PSEUDO_COUNTS,
-    PosteriorSetting,
-    PseudoCountChoice,
-    select_pseudo_count,
-    tune_prior_at,
 )
 from laplace_vlm.predictive.uncertainty import entropy
 from laplace_vlm.tasks.zeroshot import ZeroShotClassifier

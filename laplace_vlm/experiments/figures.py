@@ -13,14 +13,6 @@ from pathlib import Path
 
 import torch
 
-from laplace_vlm.experiments.benchmark import BenchmarkResult
-from laplace_vlm.experiments.experiment import (
-    LAPLACE_PREDICTIVES,
-    PAPER_PSEUDO_COUNT,
-    laplace_method,
-    predictive_kwargs,
-)
-from laplace_vlm.experiments.recipe import torch_threads
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.plots import (
@@ -33,6 +25,14 @@ from laplace_vlm.evaluation.plots import (
 from laplace_vlm.evaluation.pseudo_count import PSEUDO_COUNTS, tune_prior_at
 from laplace_vlm.evaluation.selective import risk_coverage_curve
 from laplace_vlm.evaluation.tables import condition_label, select
+from laplace_vlm.experiments.benchmark import BenchmarkResult
+from laplace_vlm.experiments.experiment import (
+    LAPLACE_PREDICTIVES,
+    PAPER_PSEUDO_COUNT,
+    laplace_method,
+    predictive_kwargs,
+)
+from laplace_vlm.experiments.recipe import torch_threads
 
 # (task, metric, score) of the metric-vs-severity figures
 SEVERITY_FIGURES: tuple[tuple[str, str, str | None], ...] = (

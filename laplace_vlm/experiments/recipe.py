@@ -29,10 +29,10 @@ from laplace_vlm.datasets.fashion_mnist import load_fashion_mnist_splits
 from laplace_vlm.datasets.images import Split, normalize, stratified_subset
 from laplace_vlm.datasets.prompts import PROMPTS, Prompts
 from laplace_vlm.datasets.shifts import SEVERITIES, SHIFTS
-from laplace_vlm.standins import cache, training
-from laplace_vlm.standins.training import class_distinct_batches, torch_threads
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
+from laplace_vlm.standins import cache, training
+from laplace_vlm.standins.training import class_distinct_batches, torch_threads
 from laplace_vlm.tasks import zeroshot
 
 __all__ = [
