@@ -7,6 +7,7 @@ Importing this package registers ``DualEncoderLaplace`` with laplace's factory u
 from __future__ import annotations
 
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 
 with warnings.catch_warnings():
     # laplace imports asdl, whose torch.jit.script decorators warn on every import
@@ -32,4 +33,7 @@ __all__ = [
     "probit_softmax",
     "register_curvature_backend",
 ]
-__version__ = "0.1.0"
+try:
+    __version__ = version("laplace-vlm")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
