@@ -279,6 +279,7 @@ def test_data_without_pairs_is_a_one_line_error(tmp_path, tiny_checkpoint, capsy
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--pseudo-count", "-1"),
+                                         ("--checkpoint-every", "0"),
                                          ("--max-pairs", "many")])  # fmt: skip
 def test_numeric_options_are_validated_by_argparse(tmp_path, capsys, flag, value):
     args = ["fit", "--data", str(tmp_path), "--output", str(tmp_path / "p.safetensors")]

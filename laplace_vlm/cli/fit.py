@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import tarfile  # only to tell a tar file from a typo before the model loads
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from laplace_vlm.cli.errors import CliError, check_output
+from laplace_vlm.cli.launch import World, launched
 from laplace_vlm.cli.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_open_clip
+from laplace_vlm.cli.pairs import (
+    IMAGE_SUFFIXES,
+    at_most,
+    folder_pairs,
+    pair_batches,
+    pair_source,
+    shard_batches,
+)
+from laplace_vlm.curvature.distributed import (
+    RankFailure,
+    failures_shared_across_ranks,
+    one_line,
+)
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.validation import positive_number
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CAPTION_SUFFIXES = (".txt", ".caption")
+__all__ = ["IMAGE_SUFFIXES", "add_model_args", "add_parser", "run"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +83,31 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--output", type=Path, required=True, help="posterior file (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="loader processes per rank that decode the shards (0: the main process)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="encoder dtype: fp32, fp64 (exact reference fits) or bf16/fp16 autocast on CUDA; "
+        "the curvature and posterior stay in fp32/fp64",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="resumable partial sums (one file per rank under torchrun); a rerun resumes",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_number(int),
+        default=100,
+        help="class batches between checkpoint writes",
+    )
     p.set_defaults(func=run)
 
 
@@ -81,159 +117,78 @@ def run(args: argparse.Namespace) -> int:
 
     The likelihood is ``--contrastive`` (default: ``siglip`` if the model has a logit bias,
     else ``clip``); the layerwise prior precision is optimised by the marginal likelihood at
-    temperature ``1 / --pseudo-count``.
+    temperature ``1 / --pseudo-count``. Under ``torchrun`` every rank reads its share of the
+    shards (webdataset's ``split_by_node``, then ``split_by_worker`` over ``--num-workers``),
+    the factor sums are all-reduced, rank 0 alone writes ``--output``, and an error on one
+    rank (a bad shard) ends every rank with that error.
 
     %(cli_run)s
     """
-    from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
-
-    check_output(args.output, args.overwrite)
-    pairs = image_caption_pairs(args.data, args.captions)
-    model, preprocess, tokenizer = load_open_clip(args.model, args.pretrained, args.device)
-    has_bias = getattr(model, "logit_bias", None) is not None
-    contrastive = args.contrastive or ("siglip" if has_bias else "clip")
-    la = DualEncoderLaplace(model, contrastive=contrastive)
-    batches = pair_batches(islice(pairs, args.max_pairs), preprocess, tokenizer, args.batch_size)
-    try:
-        la.fit(batches, progress_bar=not args.no_progress)
-    except ValueError as err:  # e.g. a CSV or shards without a single complete pair
-        raise CliError(f"--data: {err}") from None
-    la.temperature = 1.0 / args.pseudo_count
-    la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
-    la.save(args.output, overwrite=args.overwrite)
-    prior = ", ".join(f"{p:.4g}" for p in la.prior_precision.flatten().tolist())
-    print(f"fitted on {la.n_data} pairs; prior precision [{prior}]; saved {args.output}")
+    with launched(args.device) as world:
+        with _shared_cli_errors():  # a typo or a missing checkpoint fails before any pair is read
+            if world.is_main:
+                check_output(args.output, args.overwrite)
+            batches = _pair_batches_of(args, world)
+            model, preprocess, tokenizer = load_open_clip(args.model, args.pretrained, world.device)
+        la = _fit(args, world, model, batches(preprocess, tokenizer))
+        with _shared_cli_errors():
+            if world.is_main:
+                la.save(args.output, overwrite=args.overwrite)
+        if world.is_main:
+            prior = ", ".join(f"{p:.4g}" for p in la.prior_precision.flatten().tolist())
+            ranks = f" on {world.size} ranks" if world.size > 1 else ""
+            print(f"fitted on {la.n_data} pairs{ranks}; prior precision [{prior}]; "
+                  f"saved {args.output}")  # fmt: skip
     return 0
 
 
-def image_caption_pairs(data: Sequence[str], captions: Path | None) -> Iterator[tuple]:
-    """``(PIL image, caption)`` pairs from a folder + CSV or from webdataset tar shards.
+def _fit(args: argparse.Namespace, world: World, model, batches: Iterable[tuple]):
+    """The fitted, prior-optimised posterior of ``model`` (all ranks end with the same one)."""
+    from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 
-    Paths are checked before anything is read, so a typo fails before the model loads.
-
-    Parameters
-    ----------
-    data : Sequence of str
-        one folder of images (without ``.tar`` files), or tar shards and folders of them.
-    captions : Path or None
-        CSV with columns ``filename,caption`` for a folder; None: ``captions.csv`` in it.
-
-    Returns
-    -------
-    Iterator of tuple
-        the pairs, read lazily.
-    """
-    paths = [Path(d) for d in data]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise CliError(f"--data: no such file or folder: {', '.join(missing)}")
-    if len(paths) == 1 and paths[0].is_dir() and not list(paths[0].glob("*.tar")):
-        csv_path = captions or paths[0] / "captions.csv"
-        if not csv_path.is_file():
-            raise CliError(f"--captions: no captions CSV at {csv_path} (columns filename,caption)")
-        return folder_pairs(paths[0], _read_captions(csv_path))
-    shards = sorted(s for p in paths for s in (p.glob("*.tar") if p.is_dir() else [p]))
-    if not shards:
-        raise CliError(f"--data: no .tar shards in {', '.join(map(str, paths))}")
-    not_tar = [str(s) for s in shards if not tarfile.is_tarfile(s)]
-    if not_tar:
-        raise CliError(f"--data: not a tar file: {', '.join(not_tar)}")
-    return tar_pairs(shards)
-
-
-def _read_captions(path: Path) -> list[tuple[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"filename", "caption"} <= set(reader.fieldnames or ()):
-            raise CliError(f"--captions: {path} needs the columns filename,caption")
-        return [(row["filename"], row["caption"]) for row in reader]
-
-
-def folder_pairs(folder: Path, rows: Iterable[tuple[str, str]]) -> Iterator[tuple]:
-    """``(PIL image, caption)`` pairs of the files in ``folder`` that ``rows`` name, RGB.
-
-    Parameters
-    ----------
-    folder : Path
-        the images' folder.
-    rows : Iterable of (str, str)
-        ``(filename, caption)`` rows of the captions CSV; a missing file is a :class:`CliError`.
-
-    Yields
-    ------
-    tuple
-        ``(image, caption)``: an RGB PIL image and its caption, in the order of ``rows``.
-    """
-    from PIL import Image
-
-    for filename, caption in rows:
-        path = folder / filename
-        if not path.is_file():
-            raise CliError(f"--captions names {filename}, which is not in {folder}")
-        with Image.open(path) as image:
-            yield image.convert("RGB"), caption
-
-
-def tar_pairs(shards: Iterable[Path]) -> Iterator[tuple]:
-    """``(PIL image, caption)`` pairs of webdataset tar shards (LAION's format), in order.
-
-    A sample is the files sharing a key; it needs one image and one ``.txt`` / ``.caption``
-    file, and samples without both are skipped (webdataset's grouping and decoding).
-
-    Parameters
-    ----------
-    shards : Iterable of Path
-        the tar files.
-
-    Yields
-    ------
-    tuple
-        ``(image, caption)``: an RGB PIL image and its stripped caption.
-    """
+    has_bias = getattr(model, "logit_bias", None) is not None
+    contrastive = args.contrastive or ("siglip" if has_bias else "clip")
+    model = PRECISIONS[args.precision](model)
+    la = DualEncoderLaplace(model, contrastive=contrastive)
+    checkpoint = None if args.checkpoint is None else world.per_rank(args.checkpoint)
     try:
-        import webdataset as wds
-    except ImportError:
-        raise CliError(
-            "--data: reading tar shards needs webdataset: pip install 'laplace-vlm[webdataset]'"
-        ) from None
-    images = ";".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
-    captions = ";".join(s.lstrip(".") for s in CAPTION_SUFFIXES)
-    dataset = (
-        wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False)
-        .select(lambda sample: _has(sample, IMAGE_SUFFIXES) and _has(sample, CAPTION_SUFFIXES))
-        .decode("pil")
-        .to_tuple(images, captions)
+        la.fit(at_most(batches, args.max_pairs), progress_bar=world.is_main and not args.no_progress,
+               checkpoint=checkpoint, checkpoint_every=args.checkpoint_every)  # fmt: skip
+    except (ValueError, RankFailure) as err:  # a bad shard, a CSV without a complete pair
+        raise CliError(f"--data: {one_line(err)}") from None
+    la.temperature = 1.0 / args.pseudo_count
+    la.optimize_prior_precision(method="marglik", prior_structure="layerwise")
+    return la
+
+
+def _pair_batches_of(args: argparse.Namespace, world: World):
+    """A function ``(preprocess, tokenizer) -> class batches`` of this rank's pairs."""
+    if args.num_workers < 0:
+        raise CliError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    source = pair_source(args.data, args.captions)
+    if isinstance(source, list):  # shards
+        return lambda preprocess, tokenizer: shard_batches(
+            source, preprocess, tokenizer, args.batch_size, args.num_workers
+        )
+    folder, rows = source  # a CSV: every rank takes every size-th row
+    rows = rows[world.rank :: world.size]
+    return lambda preprocess, tokenizer: pair_batches(
+        folder_pairs(folder, rows), preprocess, tokenizer, args.batch_size
     )
-    for image, caption in dataset:
-        yield image.convert("RGB"), caption.strip()
 
 
-def _has(sample: dict, suffixes: tuple[str, ...]) -> bool:
-    return any(s.lstrip(".") in sample for s in suffixes)
+@contextmanager
+def _shared_cli_errors() -> Iterator[None]:
+    """Every rank fails with one line when any rank's block fails."""
+    try:
+        with failures_shared_across_ranks():
+            yield
+    except RankFailure as err:
+        raise CliError(str(err)) from None
 
 
-def pair_batches(pairs: Iterable[tuple], preprocess, tokenizer, batch_size: int) -> Iterator[tuple]:
-    """``(images (B, 3, H, W), tokens (B, L))`` class batches of ``batch_size`` pairs.
+def _as_fp64(model):
+    return model.double()
 
-    Parameters
-    ----------
-    pairs : Iterable of tuple
-        ``(PIL image, caption)`` pairs.
-    preprocess : callable
-        open_clip's image transform, PIL image to `(3, H, W)` tensor.
-    tokenizer : callable
-        open_clip's tokenizer, list of captions to `(B, L)` tokens.
-    batch_size : int
-        pairs per batch; the last batch may be smaller.
 
-    Yields
-    ------
-    tuple
-        ``(images, tokens)``: `(B, 3, H, W)` preprocessed images and `(B, L)` caption tokens.
-    """
-    import torch
-
-    pairs = iter(pairs)
-    while chunk := list(islice(pairs, batch_size)):
-        images = torch.stack([preprocess(image) for image, _ in chunk])
-        yield images, tokenizer([caption for _, caption in chunk])
+PRECISIONS = {"fp32": lambda model: model, "fp64": _as_fp64}

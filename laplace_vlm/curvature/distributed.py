@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 import torch.distributed as dist
 
 from laplace_vlm.curvature.factor_sums import FactorSums
@@ -45,14 +45,19 @@ def all_reduce_sums(sums: FactorSums) -> FactorSums:
     return sums
 
 
+class RankFailure(RuntimeError):
+    """Raised on the ranks whose block succeeded when another rank's block raised."""
+
+
 @contextmanager
 def failures_shared_across_ranks() -> Iterator[None]:
     """Make every rank raise when one rank's block raises, instead of leaving the others
     blocked in the next collective (the all-reduce of the factor sums).
 
-    Each rank all-reduces a failure flag after the block; a rank that failed re-raises its
-    own error, the others raise a ``RuntimeError`` that says another rank failed. Without a
-    process group of several ranks the block runs unchanged.
+    The ranks gather each other's error messages after the block; a rank that failed
+    re-raises its own error, the others raise a :class:`RankFailure` that names the failed
+    ranks and their messages (a bad shard's name reaches every rank's log). Without a process
+    group of several ranks the block runs unchanged.
 
     Yields
     ------
@@ -61,7 +66,7 @@ def failures_shared_across_ranks() -> Iterator[None]:
 
     Raises
     ------
-    RuntimeError
+    RankFailure
         on the ranks whose block succeeded when another rank's block raised.
     """
     if not is_distributed():
@@ -72,11 +77,30 @@ def failures_shared_across_ranks() -> Iterator[None]:
         yield
     except Exception as err:  # shared below, then re-raised
         error = err
-    flag = torch.tensor([float(error is not None)])
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else one_line(error))
     if error is not None:
         raise error
-    if flag.item() > 0:
-        raise RuntimeError("fit failed on another rank; see that rank's error.")
+    failed = [f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None]
+    if failed:
+        raise RankFailure(f"fit failed on another rank ({'; '.join(failed)}).")
+
+
+def one_line(error: BaseException) -> str:
+    """The last line of an error's message, without a leading ``SomeError:``.
+
+    A loader worker's error reaches the main process with the worker's traceback in its
+    message; its last line is the original message.
+
+    Parameters
+    ----------
+    error : BaseException
+        the error.
+
+    Returns
+    -------
+    str
+        one line.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return re.sub(r"^\w*(Error|Exception): ", "", lines[-1]) if lines else type(error).__name__
