@@ -116,3 +116,47 @@ def test_files_of_version_0_1_still_load(fitted, tmp_path):
     assert loaded.posterior_form == "damped" and loaded.temperature == 0.5
     for a, b in zip(loaded.predictive_moments(x), la.predictive_moments(x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.fixture(params=["hard link", "no hard links"])
+def link_support(request, monkeypatch):
+    """The writer's two ways to publish a new file: a hard link, or (file systems without
+    them) an exclusively created placeholder renamed over."""
+    if request.param == "no hard links":
+
+        def no_link(src, dst):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr("laplace_vlm.io.safetensors_file.os.link", no_link)
+    return request.param
+
+
+def test_a_file_that_appears_while_saving_is_not_replaced(fitted, tmp_path, monkeypatch,
+                                                          link_support):  # fmt: skip
+    import laplace_vlm.io.safetensors_file as safetensors_file
+
+    la, _, _ = fitted
+    path = tmp_path / "la.safetensors"
+    write = safetensors_file.save_file
+
+    def racing_write(tensors, filename, metadata=None):
+        write(tensors, filename, metadata=metadata)
+        path.write_bytes(b"another process's file")  # after the existence check, before rename
+
+    monkeypatch.setattr(safetensors_file, "save_file", racing_write)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        la.save(path)
+    assert path.read_bytes() == b"another process's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["la.safetensors"]  # no temporary left
+
+
+def test_saving_a_new_file_works_either_way(fitted, tmp_path, link_support):
+    la, _, x = fitted
+    path = tmp_path / "la.safetensors"
+    la.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["la.safetensors"]
+    from laplace_vlm.io.posterior_file import read_state
+
+    _assert_same_state(read_state(path), la.state_dict())
+    for a, b in zip(DualEncoderLaplace.load(path).predictive_moments(x), la.predictive_moments(x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

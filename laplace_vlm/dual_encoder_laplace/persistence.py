@@ -145,8 +145,11 @@ class PersistenceMixin:
             kwargs.update(image_projection=_head(heads, "image", joint[0]),
                           text_projection=_head(heads, "text", joint[1]),
                           logit_scale=heads["logit_scale"], logit_bias=heads.get("logit_bias"))  # fmt: skip
-        la = cls(model, **kwargs)
-        la.load_state_dict(state)
+        try:
+            la = cls(model, **kwargs)
+            la.load_state_dict(state)
+        except ValueError as err:  # other heads, another form, or a value laplace refuses
+            raise ValueError(f"{os.fspath(path)}: {err}") from err
         return la
 
     @classmethod

@@ -36,7 +36,8 @@ def write_safetensors(
     metadata : dict of str to str, optional
         the file's header metadata.
     overwrite : bool, default=False
-        replace an existing ``path``; otherwise a ``FileExistsError``.
+        replace an existing ``path``; otherwise a ``FileExistsError``, also when another
+        process creates ``path`` while this one writes.
 
     Raises
     ------
@@ -45,22 +46,48 @@ def write_safetensors(
 
     Notes
     -----
-    The uniquely named sibling lives on the same file system, so ``os.replace`` is atomic and
-    concurrent writers never share a temporary file. (safetensors creates the file readable
-    by its owner only.)
+    The uniquely named sibling lives on the same file system, so the final step is atomic and
+    concurrent writers never share a temporary file. Without ``overwrite`` that step is a hard
+    link, which the OS refuses if ``path`` exists (no check-then-rename race); on a file system
+    without hard links, ``path`` is first created exclusively (``O_EXCL``) and the complete
+    file renamed over that placeholder. (safetensors creates the file readable by its owner
+    only.)
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    if path.exists() and not overwrite:  # fail before serialising anything
+        raise _exists(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _exists(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+
+
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` to ``path`` only if ``path`` does not exist, atomically."""
+    try:
+        os.link(tmp, path)  # fails with EEXIST whatever appeared since the first check
+        return
+    except FileExistsError:
+        raise _exists(path) from None
+    except OSError:  # no hard links here (FAT, some network file systems): claim the name
+        pass
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise _exists(path) from None
+    os.replace(tmp, path)  # over our own empty placeholder, never over another file
 
 
 @fill_doc
