@@ -294,3 +294,55 @@ def test_select_top_plain_balanced_and_exclude():
     assert torch.equal(a, b) and not torch.equal(a, acq.select_top(flat, 5, generator=2))
     with pytest.raises(ValueError, match="predicted_class"):
         acq.select_top(scores, 3, class_balanced=True)
+
+
+def _most_balanced_quotas(avail: list[int], counts: list[int], budget: int) -> set[tuple]:
+    """Brute force: every quota vector q (q_c <= avail_c, sum q = b) whose histogram
+    counts + q is the most balanced (its sorted-descending vector lexicographically least)."""
+    import itertools
+
+    budget = min(budget, sum(avail))
+    feasible = [q for q in itertools.product(*(range(a + 1) for a in avail)) if sum(q) == budget]
+    key = {q: sorted((c + x for c, x in zip(counts, q)), reverse=True) for q in feasible}
+    best = min(key.values())
+    return {q for q in feasible if key[q] == best}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_balanced_order_meets_the_brute_force_quotas(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, n_classes = 14, 3
+    predicted = torch.randint(0, n_classes, (n,), generator=g)
+    order = torch.randperm(n, generator=g)
+    counts = torch.randint(0, 3, (n_classes,), generator=g)
+    for budget in (1, 4, 9, 20):
+        picked = acq.balanced_order(order, predicted, budget, counts)
+        q = tuple(int((predicted[picked] == c).sum()) for c in range(n_classes))
+        avail = [int((predicted == c).sum()) for c in range(n_classes)]
+        assert q in _most_balanced_quotas(avail, counts.tolist(), budget)
+        # within a class, the points come in the strategy's order
+        for c in range(n_classes):
+            mine = [i for i in picked.tolist() if predicted[i] == c]
+            assert mine == [i for i in order.tolist() if predicted[i] == c][: len(mine)]
+        assert len(set(picked.tolist())) == len(picked) == min(budget, n)
+
+
+def test_balanced_strategies_parse_and_select_from_their_rule():
+    s = acq.Strategy.parse("epig_density_balanced_power")
+    assert (s.score, s.density, s.balanced, s.selection) == ("epig", True, True, "power")
+    assert not acq.Strategy.parse("bald").balanced
+    scores = torch.rand(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    classes = torch.arange(30) % 3
+    top = acq.select(scores, 6, acq.Strategy.parse("bald_balanced"), predicted_class=classes)
+    assert top.tolist() == acq.select_top(scores, 6, class_balanced=True,
+                                          predicted_class=classes).tolist()  # fmt: skip
+    # labelled counts shift the quotas: class 0 already has 4 labels, so it is skipped
+    skewed = acq.select(scores, 4, acq.Strategy.parse("bald_balanced"), predicted_class=classes,
+                        counts=torch.tensor([4, 0, 0]))  # fmt: skip
+    assert sorted(classes[skewed].tolist()) == [1, 1, 2, 2]
+    power = acq.Strategy.parse("bald_balanced_power")
+    a = acq.select(scores, 6, power, predicted_class=classes, generator=3)
+    order = acq.select_stochastic(scores, 30, "power", generator=3)
+    assert a.tolist() == acq.balanced_order(order, classes, 6).tolist()
+    with pytest.raises(ValueError, match="predicted_class"):
+        acq.select(scores, 3, acq.Strategy.parse("bald_balanced"))

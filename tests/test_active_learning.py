@@ -8,16 +8,25 @@ import math
 
 import pytest
 import torch
+from brute_force import dense_glm_moments
 from torch.func import jacrev
 from torch.nn import functional as F
 
 from laplace_vlm import DualEncoderLaplace
-from laplace_vlm.active import loop
-from laplace_vlm.active.adaptation import FinetuneSettings, cv_folds, finetune_image_projection
+from laplace_vlm.active import acquisition, loop
+from laplace_vlm.active.acquisition import Strategy
+from laplace_vlm.active.adaptation import (
+    FinetuneSettings,
+    cv_folds,
+    finetune_image_projection,
+    sgd_step,
+)
 from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
 from laplace_vlm.active.experiment import run_experiment
 from laplace_vlm.active.posterior_update import classification_factor_sums, update_posterior
+from laplace_vlm.active.reference import greedy_epig, online_update
 from laplace_vlm.active.report import summarize
+from laplace_vlm.active.selection import weighted_scores
 from laplace_vlm.cli import active as cli_active
 
 D, D_IMG, D_TXT, C = 6, 8, 5, 3
@@ -130,8 +139,70 @@ def test_cv_folds_partition_and_stratify():
     for c in range(3):
         counts = [int((labels[f] == c).sum()) for f in folds]
         assert max(counts) - min(counts) <= 1
+    # no class with 4 points (every class twice): scikit-learn cannot stratify, plain folds
+    pairs = torch.arange(6).repeat(2)
+    folds = cv_folds(pairs, 4, generator=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(12)) and len(folds) == 4
+    assert [len(f) for f in cv_folds(torch.tensor([0, 1, 1]), 5, generator=0)] == [1, 1, 1]
     with pytest.raises(ValueError, match="n_folds"):
         cv_folds(labels, 1)
+
+
+def test_sgd_step_is_one_gradient_step_of_the_cross_entropy():
+    la, p = _laplace(), _problem()
+    x, y = p.pool[:4], p.pool_labels[:4]
+    W = la.heads.image_projection.weight.detach().clone().requires_grad_()
+    t = F.normalize(la.heads.embed_text(p.class_text), dim=-1).detach()
+    loss = F.cross_entropy(la.heads.scale * F.normalize(x @ W.T, dim=-1) @ t.T, y)
+    (grad,) = torch.autograd.grad(loss, W)
+    stepped = sgd_step(la.heads, (x, y), p.class_text, lr=0.3)
+    torch.testing.assert_close(stepped.weight, W.detach() - 0.3 * grad)
+    assert torch.equal(la.heads.image_projection.weight, W.detach())  # heads untouched
+
+
+def test_greedy_epig_update_against_a_dense_recomputation():
+    """Online picks (lr 0) equal a from-scratch rebuild at every step; each pick adds exactly
+    its dense C-way GGN (the outer product a a^T, not the reference's scalar ||a||^2)."""
+    la, p = _laplace(), _problem()
+    cfg = _tiny_config(n_samples=64, n_epig_targets=25, epig_lr=0.0)
+    region = torch.arange(12)
+    strategy = Strategy.parse("epig")
+    order = greedy_epig(la, p, region, 4, strategy, cfg, torch.Generator().manual_seed(5),
+                        loop.LabelOracle(p.pool_labels))  # fmt: skip
+    g, picked = torch.Generator().manual_seed(5), []
+    for _ in range(4):  # the naive loop: the posterior rebuilt from la with all picks so far
+        rebuilt = copy.deepcopy(la)
+        if picked:
+            idx = torch.tensor(picked)
+            update_posterior(rebuilt, la.heads.image_projection,
+                             (p.pool[idx], p.pool_labels[idx]), p.class_text)  # fmt: skip
+        free = torch.tensor([i for i in region.tolist() if i not in picked])
+        scores, _ = weighted_scores(rebuilt, p.pool[free], p, strategy, cfg, g)
+        picked.append(int(free[acquisition.select(scores, 1, strategy, generator=g)]))
+    assert order.tolist() == picked
+    one = copy.deepcopy(la)
+    before = one.factor_sums()
+    online_update(one, (p.pool[picked[:1]], p.pool_labels[picked[:1]]), p.class_text, 0.0)
+    after = one.factor_sums()
+    dB, dA = after.B_image - before.B_image, after.A_image - before.A_image
+    torch.testing.assert_close(torch.kron(dB, dA), _dense_ggn(la, p.pool[picked[:1]],
+                                                              p.class_text))  # fmt: skip
+    assert torch.linalg.matrix_rank(dA).item() == 1
+
+
+def test_zero_shot_row_nlpd_against_a_dense_laplace_predictive():
+    """A Laplace number of the runner on a small slice: the budget-0 NLPD and accuracy of the
+    linearised predictive from the dense posterior covariance and autodiff Jacobians."""
+    la, p = _laplace(), _problem()
+    cfg = _tiny_config(strategies=("random",), seeds=(0,), rounds=1, pred_type="glm")
+    row = run_experiment(la, p, cfg)["random"][0][0]
+    mean, cov = dense_glm_moments(la, {"image": p.test, "text": p.class_text})
+    var = torch.diagonal(cov, dim1=-2, dim2=-1)
+    probs = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
+    expected = -torch.log(probs[torch.arange(len(p.test_labels)), p.test_labels]).mean()
+    assert row["nlpd"] == pytest.approx(expected.item(), rel=1e-6)
+    assert row["acc"] == pytest.approx((probs.argmax(-1) == p.test_labels).double().mean().item())
+    assert row["label_entropy"] == 0.0 and row["class_counts"] == [0] * C
 
 
 def _adamw_reference(heads, init, x, y, text, lr, wd, epochs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from laplace_vlm.active import report
@@ -75,4 +76,35 @@ def test_sweep_cells_grid_and_verdicts():
             "differences": {"random": {"bald": diff(0.01), "epig": diff(-0.01)},
                             "map_entropy": {"bald": diff(0.03), "epig": diff(0.03)}}}  # fmt: skip
     config = ActiveLearningConfig(strategies=("random", "map_entropy", "bald", "epig"))
-    assert verdicts([cell], config) == ["digits rotation 0.2 (zero-shot 0.600): bald"]
+    # bald beats both at every budget, but at 40 labels by 2 SE only (not more): not clear
+    assert verdicts([cell], config) == [
+        "digits rotation 0.2 (zero-shot 0.600): epig every budget False, clear at largest "
+        "False; beat both: bald"
+    ]
+    cell["differences"]["random"]["bald"]["40"] = {"mean": 0.05, "se": 0.01}
+    cell["differences"]["map_entropy"]["bald"]["40"] = {"mean": 0.021, "se": 0.01}
+    assert verdicts([cell], config)[0].endswith("beat both: bald (clear)")
+
+
+def test_label_balance_rank_agreement_and_class_histograms():
+    from scipy.stats import spearmanr
+
+    from laplace_vlm.active.loop import label_balance
+
+    got = label_balance(torch.tensor([0, 0, 1, 2]), 4)
+    share = [0.5, 0.25, 0.25]
+    assert got["class_counts"] == [2, 1, 1, 0]
+    assert got["label_entropy"] == pytest.approx(-sum(q * math.log(q) for q in share))
+    runs = [dict(r, class_counts=c, label_entropy=e)
+            for r, c, e in zip(_runs([0.5, 0.6]), ([2, 0], [1, 1]), (0.0, math.log(2)))]  # fmt: skip
+    row = report.summarize({"bald": {20: runs}})["bald"]["20"]
+    assert row["class_counts_mean"] == [1.5, 0.5]
+    assert row["label_entropy_mean"] == pytest.approx(math.log(2) / 2)
+    assert "0.347" in report.format_balance({"bald": {"0": {}, "20": row}})
+    a = torch.tensor([0.9, 0.1, 0.5, 0.7, 0.3])
+    b = torch.tensor([0.8, 0.2, 0.6, 0.4, 0.1])
+    agree = report.rank_agreement(a, b, 2)
+    assert agree["top_k_overlap"] == 1 and agree["k"] == 2  # {0, 3} against {0, 2}
+    assert agree["spearman"] == pytest.approx(spearmanr(a.numpy(), b.numpy())[0])
+    with pytest.raises(ValueError, match="a and b"):
+        report.rank_agreement(a, b[:3], 2)

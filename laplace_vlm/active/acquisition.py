@@ -15,12 +15,16 @@ Two kinds of input:
 
 A batch is chosen from the scores by
 
-- ``top``: the ``b`` best (:func:`select_top`), optionally balanced over predicted classes;
+- ``top``: the ``b`` best (:func:`select_top`);
 - ``power`` / ``softmax`` / ``softrank``: stochastic batch acquisition (Kirsch et al. 2023,
   "Stochastic Batch Acquisition: A Simple Baseline for Deep Active Learning", TMLR): ``b``
   points sampled without replacement with probabilities proportional to ``s^beta``,
   ``exp(beta s)`` or ``rank^-beta`` (:func:`select_stochastic`). Top-k of one round's scores
   picks near-duplicates (a few hard classes); sampling keeps the batch diverse at no cost.
+
+A ``_balanced`` strategy takes its rule's order under per-predicted-class quotas that count
+the labels already bought (:func:`balanced_order`, PCB's pseudo-class balancing): naive
+uncertainty picks class-imbalanced sets at few-shot budgets.
 
 A strategy may weight its scores by how representative a candidate is of the target (query)
 inputs, the *information density* of Settles & Craven (2008), "An Analysis of Active Learning
@@ -53,6 +57,7 @@ SAMPLED_SCORES: tuple[str, ...] = ("bald", "epig")
 SELECTIONS: tuple[str, ...] = ("top", "power", "softmax", "softrank")
 """``top``: the best b; the others: Kirsch et al.'s stochastic batch acquisition."""
 DENSITY = "density"
+BALANCED = "balanced"
 RANDOM_UNTARGETED = "random_untargeted"
 
 # the batch rules' common arguments
@@ -72,7 +77,8 @@ _fill_doc = fill_doc.extend(
 
 @dataclass(frozen=True)
 class Strategy:
-    """A parsed strategy name: ``<score>[_density][_<selection>]`` or ``random_untargeted``.
+    """A parsed strategy name: ``<score>[_density][_balanced][_<selection>]`` or
+    ``random_untargeted``.
 
     Attributes
     ----------
@@ -86,6 +92,9 @@ class Strategy:
         one of :data:`SELECTIONS`.
     targeted : bool
         False only for ``random_untargeted`` (uniform over the whole pool).
+    balanced : bool
+        take the selection rule's order under per-predicted-class quotas
+        (:func:`balanced_order`, as PCB does).
     """
 
     name: str
@@ -93,6 +102,7 @@ class Strategy:
     density: bool = False
     selection: str = "top"
     targeted: bool = True
+    balanced: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Strategy:
@@ -101,7 +111,7 @@ class Strategy:
         Parameters
         ----------
         name : str
-            ``<score>[_density][_<selection>]`` or ``random_untargeted``.
+            ``<score>[_density][_balanced][_<selection>]`` or ``random_untargeted``.
 
         Returns
         -------
@@ -114,14 +124,17 @@ class Strategy:
         for option in SELECTIONS[1:]:
             if rest.endswith(f"_{option}"):
                 rest, selection = rest[: -len(option) - 1], option
+        balanced = rest.endswith(f"_{BALANCED}")
+        rest = rest[: -len(BALANCED) - 1] if balanced else rest
         density = rest.endswith(f"_{DENSITY}")
         score = rest[: -len(DENSITY) - 1] if density else rest
         if score not in SCORES:
             raise ValueError(
-                f"strategy must be {RANDOM_UNTARGETED!r} or <score>[_{DENSITY}][_<selection>] "
-                f"with score in {SCORES} and selection in {SELECTIONS[1:]}, got {name!r}."
+                f"strategy must be {RANDOM_UNTARGETED!r} or "
+                f"<score>[_{DENSITY}][_{BALANCED}][_<selection>] with score in {SCORES} and "
+                f"selection in {SELECTIONS[1:]}, got {name!r}."
             )
-        return cls(name, score, density, selection)
+        return cls(name, score, density, selection, balanced=balanced)
 
 
 def acquisition_scores(
@@ -262,13 +275,59 @@ def select_top(
     s = scores.detach().cpu().to(torch.float64)[perm]
     order = perm[torch.sort(s, descending=True, stable=True).indices]
     if class_balanced:
-        cls = predicted_class.cpu()[order]
-        rank = torch.empty_like(cls)  # rank of each point within its class, in score order
-        for c in cls.unique():
-            idx = (cls == c).nonzero().squeeze(1)
-            rank[idx] = torch.arange(idx.numel())
-        order = order[torch.sort(rank, stable=True).indices]
+        return balanced_order(order, predicted_class, budget)
     return order[:budget]
+
+
+def balanced_order(
+    order: torch.Tensor,
+    predicted_class: torch.Tensor,
+    budget: int,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The first ``budget`` points of ``order`` under per-predicted-class quotas (PCB).
+
+    Pseudo-class balancing (Bang et al., CVPR 2024, "Active Prompt Learning in Vision Language
+    Models"): every next point comes from the class with the fewest points so far, counting
+    the already-labelled ones (``counts``, by their true labels) and the points picked here
+    (by their predicted classes); within a class the points are taken in ``order``, and a tie
+    between classes goes to the class whose next point comes first in ``order``. A class with
+    no point left drops out. With ``counts`` zero this is a round-robin over the classes.
+
+    Parameters
+    ----------
+    order : torch.Tensor
+        `(M,)` long point indices in the strategy's priority order (no repeats).
+    predicted_class : torch.Tensor
+        `(N,)` int class of every point (indexed by ``order``'s entries).
+    budget : int
+        number of points b.
+    counts : torch.Tensor, optional
+        `(C',)` labelled points per class so far (default: none); classes beyond its length
+        count 0.
+
+    Returns
+    -------
+    torch.Tensor
+        `(min(b, M),)` long, a sub-sequence of ``order`` in pick order.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}.")
+    classes = predicted_class.cpu()[order.cpu()].tolist()
+    queues: dict[int, list[int]] = {}
+    for position, c in enumerate(classes):
+        queues.setdefault(int(c), []).append(position)
+    given = [] if counts is None else [int(v) for v in counts.tolist()]
+    have = {c: (given[c] if c < len(given) else 0) for c in queues}
+    heads = dict.fromkeys(queues, 0)
+    picked: list[int] = []
+    while len(picked) < budget and queues:
+        c = min(queues, key=lambda k: (have[k], queues[k][heads[k]]))
+        picked.append(queues[c][heads[c]])
+        have[c], heads[c] = have[c] + 1, heads[c] + 1
+        if heads[c] == len(queues[c]):
+            del queues[c]
+    return order[torch.tensor(picked, dtype=torch.long)]
 
 
 def sampling_log_weights(scores: torch.Tensor, selection: str, beta: float = 1.0) -> torch.Tensor:
@@ -361,11 +420,14 @@ def select(
     strategy: Strategy,
     beta: float = 1.0,
     *,
-    class_balanced: bool = False,
     predicted_class: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
     generator: torch.Generator | int | None = None,
 ) -> torch.Tensor:
     """The batch of ``strategy``'s selection rule (top-k or a stochastic one).
+
+    A ``balanced`` strategy takes the rule's whole order under per-predicted-class quotas
+    (:func:`balanced_order`).
 
     Parameters
     ----------
@@ -377,10 +439,10 @@ def select(
         its ``selection`` decides: :func:`select_top` or :func:`select_stochastic`.
     beta : float
         inverse temperature of the stochastic rules.
-    class_balanced : bool
-        top-k only: balance over ``predicted_class``.
     predicted_class : torch.Tensor, optional
-        `(N,)` MAP class per point.
+        `(N,)` MAP class per point (required by a ``balanced`` strategy).
+    counts : torch.Tensor, optional
+        `(C,)` labelled points per class so far, for a ``balanced`` strategy's quotas.
     generator : torch.Generator or int, optional
         tie-breaking / sampling randomness.
 
@@ -389,7 +451,11 @@ def select(
     indices : torch.Tensor
         `(min(b, N),)` long, in selection order.
     """
+    if strategy.balanced and predicted_class is None:
+        raise ValueError(f"predicted_class is required by the balanced strategy {strategy.name!r}.")
+    n = len(scores) if strategy.balanced else budget
     if strategy.selection == "top":
-        return select_top(scores, budget, class_balanced=class_balanced,
-                          predicted_class=predicted_class, generator=generator)  # fmt: skip
-    return select_stochastic(scores, budget, strategy.selection, beta, generator=generator)
+        order = select_top(scores, n, generator=generator)
+    else:
+        order = select_stochastic(scores, n, strategy.selection, beta, generator=generator)
+    return balanced_order(order, predicted_class, budget, counts) if strategy.balanced else order

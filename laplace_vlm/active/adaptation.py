@@ -14,9 +14,11 @@ in :mod:`laplace_vlm.active.posterior_update`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+from sklearn.model_selection import KFold, StratifiedKFold
 from torch import nn
 from torch.nn import functional as F
 
@@ -106,10 +108,12 @@ def check_labelled(name: str, data: Labelled, d: int, c: int) -> None:
 
 
 def cv_folds(labels: torch.Tensor, n_folds: int, generator=None) -> list[torch.Tensor]:
-    """Stratified folds: indices of each fold's held-out points.
+    """Stratified folds (scikit-learn's ``StratifiedKFold``): each fold's held-out indices.
 
-    The points are shuffled, sorted by label (stably) and dealt round-robin, so every fold
-    holds each class's share up to one point. ``min(n_folds, N)`` folds, none empty.
+    Every fold holds each class's share up to one point. ``min(n_folds, N)`` folds, none
+    empty; a class with fewer points than folds is allowed (scikit-learn's warning about it is
+    silenced: at few-shot budgets it is the rule). When no class has as many points as folds,
+    scikit-learn cannot stratify and the folds are ``KFold``'s shuffled ones.
 
     Parameters
     ----------
@@ -118,7 +122,7 @@ def cv_folds(labels: torch.Tensor, n_folds: int, generator=None) -> list[torch.T
     n_folds : int
         K >= 2.
     generator : torch.Generator or int, optional
-        the shuffle.
+        the shuffle (it draws the ``random_state``).
 
     Returns
     -------
@@ -129,10 +133,14 @@ def cv_folds(labels: torch.Tensor, n_folds: int, generator=None) -> list[torch.T
         raise ValueError(f"n_folds must be >= 2, got {n_folds}.")
     if len(labels) < 2:
         raise ValueError(f"cross-validation needs at least 2 labels, got {len(labels)}.")
-    perm = torch.randperm(len(labels), generator=as_generator(generator))
-    order = perm[torch.sort(labels.cpu()[perm], stable=True).indices]
-    k = min(n_folds, len(labels))
-    return [order[f::k].sort().values for f in range(k)]
+    state = int(torch.randint(2**31 - 1, (1,), generator=as_generator(generator)))
+    k, y = min(n_folds, len(labels)), labels.cpu().numpy()
+    # scikit-learn refuses to stratify when no class has k points: plain shuffled folds then
+    stratify = int(torch.bincount(labels.cpu().long()).max()) >= k
+    splitter = (StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=state)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        return [torch.as_tensor(held, dtype=torch.long) for _, held in splitter.split(y, y)]
 
 
 @fill_doc
@@ -268,6 +276,43 @@ def finetune_image_projection(
             break
     projections = [members.linear(best_state, m, init) for m in range(len(masks))]
     return FinetuneResult(projections[0], projections[1:], best_epoch, best_loss, epoch)
+
+
+@fill_doc
+def sgd_step(heads: DualHead, labelled: Labelled, class_text: torch.Tensor, lr: float) -> nn.Linear:
+    """The image projection after one SGD step on the mean cross-entropy of ``labelled``.
+
+    The reference's greedy EPIG takes this step with every picked label (its ``epig_lr``).
+
+    Parameters
+    ----------
+    heads : DualHead
+        the current heads (not modified).
+    labelled : tuple of torch.Tensor
+        ``(activations (M, d_img), labels (M,))``.
+    %(class_text)s
+    lr : float
+        the step size (>= 0; 0 returns a copy).
+
+    Returns
+    -------
+    nn.Linear
+        a new projection: ``W - lr * grad``.
+    """
+    check_labelled("labelled", labelled, heads.in_features("image"), class_text.shape[0])
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}.")
+    init = heads.image_projection
+    members = _Members(init, 1)
+    x = heads.design("image", labelled[0].to(init.weight))
+    ce = _member_ce(
+        heads, members, x, labelled[1].to(x.device), class_embeddings(heads, class_text)
+    )
+    ce.mean().backward()
+    with torch.no_grad():
+        for p in members.params:
+            p -= lr * p.grad
+    return members.linear(members.state(), 0, init)
 
 
 def _fold_masks(n_rows: int, folds: list[torch.Tensor]) -> torch.Tensor:

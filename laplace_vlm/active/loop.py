@@ -32,10 +32,11 @@ from laplace_vlm.active.acquisition import Strategy
 from laplace_vlm.active.adaptation import Labelled, cv_folds, finetune_image_projection
 from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
 from laplace_vlm.active.posterior_update import update_posterior
-from laplace_vlm.active.selection import select_batch
+from laplace_vlm.active.selection import class_counts, select_batch
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.metrics import accuracy, ece, nlpd
 from laplace_vlm.evaluation.pseudo_count import select_pseudo_count, tune_prior_at
+from laplace_vlm.predictive.uncertainty import entropy
 
 
 class LabelOracle:
@@ -73,7 +74,9 @@ class LabelOracle:
         return int(self.revealed.sum())
 
 
-def evaluate(la, problem: ActiveLearningProblem, pred_type: str = "probcosine") -> dict[str, float]:
+def evaluate(
+    la, problem: ActiveLearningProblem, pred_type: str = "probcosine", mean_logits: bool = False
+) -> dict[str, float]:
     """Accuracy, ECE, NLPD (Laplace predictive, probit) and MAP accuracy on the target test set.
 
     Parameters
@@ -84,6 +87,9 @@ def evaluate(la, problem: ActiveLearningProblem, pred_type: str = "probcosine") 
         its test inputs, test labels and class texts.
     pred_type : str
         the predictive of ``la(x, pred_type=...)``.
+    mean_logits : bool
+        the softmax of the mean logits of ``pred_type`` instead of the probit predictive (the
+        reference scripts' test predictions).
 
     Returns
     -------
@@ -93,7 +99,10 @@ def evaluate(la, problem: ActiveLearningProblem, pred_type: str = "probcosine") 
     x = {"image": problem.test, "text": problem.class_text}
     y = problem.test_labels
     with torch.no_grad():
-        probs = la(x, pred_type=pred_type)
+        if mean_logits:
+            probs = torch.softmax(la.predictive_moments(x, pred_type=pred_type)[0], -1)
+        else:
+            probs = la(x, pred_type=pred_type)
         map_probs = la(x, pred_type="map")
     return {"acc": accuracy(probs, y), "ece": ece(probs, y), "nlpd": nlpd(probs, y),
             "map_acc": accuracy(map_probs, y)}  # fmt: skip
@@ -146,6 +155,46 @@ def _cv_pseudo_count(la_init, fit, support: Labelled, folds, problem, config) ->
 
 
 @fill_doc
+def finetune_on_support(la_init, support: Labelled, problem: ActiveLearningProblem,
+                        config: ActiveLearningConfig, generator: torch.Generator):  # fmt: skip
+    """Fine-tune the image projection on ``support``, early-stopped as ``config.validation`` says.
+
+    Parameters
+    ----------
+    %(zero_shot_posterior)s
+    support : tuple of torch.Tensor
+        ``(activations, labels)`` of everything labelled.
+    problem : ActiveLearningProblem
+        class texts (and the validation split with ``validation='target_split'``).
+    config : ActiveLearningConfig
+        fine-tuning and validation settings.
+    generator : torch.Generator
+        folds and minibatches.
+
+    Returns
+    -------
+    fit : FinetuneResult
+        the fine-tuned projections.
+    folds : list of torch.Tensor or None
+        the cross-validation folds (None with ``validation='target_split'``).
+    validation_labels : int
+        labels used beyond ``support`` (the target split's size, or 0).
+    """
+    settings, text = config.finetune, problem.class_text
+    if config.validation == "target_split":
+        if problem.val is None:
+            raise ValueError("validation='target_split' needs a problem with val, val_labels.")
+        val = (problem.val, problem.val_labels)
+        fit = finetune_image_projection(la_init.heads, support, text, val=val,
+                                        settings=settings, generator=generator)  # fmt: skip
+        return fit, None, len(val[1])
+    folds = cv_folds(support[1], config.cv_folds, generator)
+    fit = finetune_image_projection(la_init.heads, support, text, folds=folds,
+                                    settings=settings, generator=generator)  # fmt: skip
+    return fit, folds, 0
+
+
+@fill_doc
 def adapt(
     la_init,
     support: Labelled,
@@ -174,32 +223,45 @@ def adapt(
     info : dict
         ``pseudo_count``, ``best_epoch`` and ``validation_labels`` (labels beyond ``support``).
     """
-    settings, text = config.finetune, problem.class_text
-    if config.validation == "target_split":
-        if problem.val is None:
-            raise ValueError("validation='target_split' needs a problem with val, val_labels.")
-        val = (problem.val, problem.val_labels)
-        fit = finetune_image_projection(la_init.heads, support, text, val=val,
-                                        settings=settings, generator=generator)  # fmt: skip
-        la = posterior_at(la_init, fit.projection, support, text)
-        x_val = {"image": val[0], "text": text}
-        choice = select_pseudo_count(la, x_val, val[1], {"laplace": {"pred_type": config.pred_type}},
+    fit, folds, extra = finetune_on_support(la_init, support, problem, config, generator)
+    la = posterior_at(la_init, fit.projection, support, problem.class_text)
+    if folds is None:
+        x_val = {"image": problem.val, "text": problem.class_text}
+        choice = select_pseudo_count(la, x_val, problem.val_labels,
+                                     {"laplace": {"pred_type": config.pred_type}},
                                      config.pseudo_counts)["laplace"]  # fmt: skip
-        n, extra = choice.setting.pseudo_count, len(val[1])
+        n = choice.setting.pseudo_count
     else:
-        folds = cv_folds(support[1], config.cv_folds, generator)
-        fit = finetune_image_projection(la_init.heads, support, text, folds=folds,
-                                        settings=settings, generator=generator)  # fmt: skip
-        n, extra = _cv_pseudo_count(la_init, fit, support, folds, problem, config), 0
-        la = posterior_at(la_init, fit.projection, support, text)
+        n = _cv_pseudo_count(la_init, fit, support, folds, problem, config)
     tune_prior_at(la, n)
     return la, {"pseudo_count": n, "best_epoch": fit.best_epoch, "validation_labels": extra}
 
 
+def label_balance(labels: torch.Tensor, n_classes: int) -> dict:
+    """The class histogram of labelled points and the entropy of their label distribution.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        `(M,)` labels of the labelled points.
+    n_classes : int
+        C.
+
+    Returns
+    -------
+    dict
+        ``class_counts`` (list of C ints) and ``label_entropy`` (nats; ``log C`` is balanced,
+        0 one class; 0 for no label).
+    """
+    counts = class_counts(labels, n_classes)
+    share = counts.double() / max(int(counts.sum()), 1)
+    return {"class_counts": counts.tolist(), "label_entropy": entropy(share).item()}
+
+
 def result_row(
-    la, problem, config, oracle: LabelOracle, info: dict[str, float]
+    la, problem, config, oracle: LabelOracle, info: dict[str, float], mean_logits: bool = False
 ) -> dict[str, float]:
-    """:func:`evaluate` plus ``info`` and ``labels_used`` (pool labels + validation labels).
+    """:func:`evaluate` plus ``info``, ``labels_used`` and the labelled set's class balance.
 
     Parameters
     ----------
@@ -213,19 +275,25 @@ def result_row(
         counts the pool labels used.
     info : dict
         from :func:`adapt` (``validation_labels`` is added to the count).
+    mean_logits : bool
+        evaluate the softmax of the mean logits (:func:`evaluate`).
 
     Returns
     -------
     dict of str to float
-        :func:`evaluate`'s metrics, ``info``, and ``labels_used``: the distinct pool labels
-        asked plus the validation labels.
+        :func:`evaluate`'s metrics, ``info``, ``labels_used`` (the distinct pool labels asked
+        plus the validation labels) and :func:`label_balance` of the pool labels asked.
     """
-    row = evaluate(la, problem, config.pred_type)
+    row = evaluate(la, problem, config.pred_type, mean_logits)
     row.update(info, labels_used=oracle.count + info.get("validation_labels", 0))
+    asked = problem.pool_labels[oracle.revealed]
+    row.update(label_balance(asked, len(problem.class_text)))
     return row
 
 
-def zero_shot_row(la_init, problem: ActiveLearningProblem, config) -> dict[str, float]:
+def zero_shot_row(
+    la_init, problem: ActiveLearningProblem, config, mean_logits: bool = False
+) -> dict[str, float]:
     """Budget 0: the zero-shot posterior, no label used.
 
     Parameters
@@ -236,6 +304,8 @@ def zero_shot_row(la_init, problem: ActiveLearningProblem, config) -> dict[str, 
         the test set.
     config : ActiveLearningConfig
         its ``pred_type``.
+    mean_logits : bool
+        evaluate the softmax of the mean logits (:func:`evaluate`).
 
     Returns
     -------
@@ -244,7 +314,8 @@ def zero_shot_row(la_init, problem: ActiveLearningProblem, config) -> dict[str, 
         no label used.
     """
     info = {"pseudo_count": 1.0 / la_init.temperature, "best_epoch": 0, "validation_labels": 0}
-    return result_row(la_init, problem, config, LabelOracle(problem.pool_labels), info)
+    oracle = LabelOracle(problem.pool_labels)
+    return result_row(la_init, problem, config, oracle, info, mean_logits)
 
 
 @fill_doc
@@ -265,7 +336,7 @@ def run_rounds(
     results = {0: zero_shot_row(la_init, problem, config)}
     for budget in config.budgets:
         new = select_batch(la, problem, strategy, labelled, budget - len(labelled), config,
-                           generator)  # fmt: skip
+                           generator, problem.pool_labels[oracle.revealed])  # fmt: skip
         if len(new) == 0:
             break
         labelled = torch.cat([labelled, new])

@@ -15,12 +15,14 @@ from matplotlib.figure import Figure
 
 Summary = Mapping[str, Mapping[str, Mapping[str, float]]]
 """``{strategy: {budget (str): {"acc_mean", "acc_std", "ece_mean", ...}}}``."""
-METRICS: tuple[str, ...] = ("ece", "nlpd", "map_acc", "pseudo_count", "labels_used")
+METRICS: tuple[str, ...] = ("ece", "nlpd", "map_acc", "pseudo_count", "labels_used",
+                            "label_entropy")  # fmt: skip
 
 
 def summarize(results: Mapping[str, Mapping[int, Sequence[Mapping[str, float]]]]) -> dict:
     """``{strategy: {budget: {acc_mean, acc_std, ece_mean, nlpd_mean, map_acc_mean,
-    pseudo_count_mean, labels_used_mean, labels_used_max, n_seeds, acc_per_seed}}}``.
+    pseudo_count_mean, labels_used_mean, label_entropy_mean, class_counts_mean,
+    labels_used_max, n_seeds, acc_per_seed}}}``.
 
     Budgets become strings (JSON keys); the std is the sample std over seeds (0 for one seed);
     ``acc_per_seed`` (in seed order) allows paired comparisons between strategies.
@@ -49,6 +51,9 @@ def summarize(results: Mapping[str, Mapping[int, Sequence[Mapping[str, float]]]]
                     row[f"{key}_mean"] = sum(float(r[key]) for r in runs) / len(runs)
             if all("labels_used" in r for r in runs):
                 row["labels_used_max"] = max(int(r["labels_used"]) for r in runs)
+            if all("class_counts" in r for r in runs):  # the mean class histogram
+                counts = torch.tensor([r["class_counts"] for r in runs], dtype=torch.float64)
+                row["class_counts_mean"] = counts.mean(0).tolist()
             row["n_seeds"] = len(runs)
             row["acc_per_seed"] = acc.tolist()
             summary[strategy][str(budget)] = row
@@ -135,6 +140,82 @@ def _labels_line(summary: Summary, budgets: list[str]) -> str:
     return "labels used in total: " + ", ".join(
         f"n={b}: {int(u)}" if u >= 0 else f"n={b}: ?" for b, u in zip(budgets, used)
     )
+
+
+def beats_baselines(differences: Mapping[str, Mapping], strategy: str,
+                    baselines: Sequence[str]) -> dict[str, bool]:  # fmt: skip
+    """Whether ``strategy`` beats every baseline: at every budget, and clearly at the largest.
+
+    Parameters
+    ----------
+    differences : mapping
+        ``{baseline: paired_differences(summary, baseline)}``.
+    strategy : str
+        the strategy judged.
+    baselines : sequence of str
+        the baselines it must beat (each a key of ``differences``).
+
+    Returns
+    -------
+    dict
+        ``every_budget``: a positive mean paired difference to every baseline at every budget;
+        ``clear_at_largest``: more than two paired standard errors above every baseline at the
+        largest budget.
+    """
+    rows = [differences[b][strategy] for b in baselines]
+    largest = [r[max(r, key=int)] for r in rows]
+    return {"every_budget": all(d["mean"] > 0 for r in rows for d in r.values()),
+            "clear_at_largest": all(d["mean"] > 2 * d["se"] for d in largest)}  # fmt: skip
+
+
+def rank_agreement(a: torch.Tensor, b: torch.Tensor, k: int) -> dict[str, float]:
+    """How alike two score vectors rank the same points: Spearman and top-k overlap.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        `(N,)` scores of the same points (e.g. two Monte Carlo seeds of BALD).
+    k : int
+        the size of the top compared (capped at N).
+
+    Returns
+    -------
+    dict
+        ``spearman`` (scipy's rank correlation), ``top_k_overlap`` (points in both top-k),
+        ``k``.
+    """
+    from scipy.stats import spearmanr
+
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"a and b must be (N,) of one shape, got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)}.")  # fmt: skip
+    k = min(int(k), len(a))
+    top_a, top_b = set(a.topk(k).indices.tolist()), set(b.topk(k).indices.tolist())
+    rho = float(spearmanr(a.double().cpu().numpy(), b.double().cpu().numpy())[0])
+    return {"spearman": rho, "top_k_overlap": len(top_a & top_b), "k": k}
+
+
+def format_balance(summary: Summary) -> str:
+    """Plain-text table of the labelled sets' label entropy (nats) per strategy and budget.
+
+    Parameters
+    ----------
+    summary : mapping
+        :func:`summarize`'s output (with ``label_entropy_mean``).
+
+    Returns
+    -------
+    str
+        one line per strategy, one column per budget > 0.
+    """
+    budgets = sorted({b for rows in summary.values() for b in rows if b != "0"}, key=int)
+    width = max(len(s) for s in summary) + 2
+    lines = ["label entropy (nats)".ljust(width) + "".join(f"{'n=' + b:>10}" for b in budgets)]
+    for strategy, rows in summary.items():
+        cells = [f"{r['label_entropy_mean']:.3f}" if (r := rows.get(b)) and
+                 "label_entropy_mean" in r else "-" for b in budgets]  # fmt: skip
+        lines.append(strategy.ljust(width) + "".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)
 
 
 def format_differences(differences: Mapping[str, Mapping[str, Mapping[str, float]]],

@@ -154,6 +154,7 @@ def score_inputs(
 
 def _epig_samples(la, images, problem, config, generator) -> dict[str, torch.Tensor]:
     # one weight draw shared by the inputs and the targets: their predictions are correlated
+    # a fresh subset per batch when the queries outnumber n_epig_targets, else all of them
     pick = torch.randperm(len(problem.test), generator=generator)[: config.n_epig_targets]
     joint = {"image": torch.cat([images, problem.test[pick]]), "text": problem.class_text}
     f = la.functional_samples(joint, config.sample_pred_type, config.n_samples,
@@ -206,6 +207,24 @@ def weighted_scores(
     return scores, predicted
 
 
+def class_counts(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """`(n_classes,)` long: how many of ``labels`` fall in each class.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        `(M,)` int labels in ``[0, n_classes)``.
+    n_classes : int
+        C.
+
+    Returns
+    -------
+    torch.Tensor
+        the histogram.
+    """
+    return torch.bincount(labels.cpu().long(), minlength=n_classes)
+
+
 def select_batch(
     la,
     problem: ActiveLearningProblem,
@@ -214,6 +233,7 @@ def select_batch(
     n_new: int,
     config: ActiveLearningConfig,
     generator: torch.Generator,
+    labelled_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pool indices `(n_new,)` to label next with ``strategy`` (the rounds protocol).
 
@@ -233,6 +253,8 @@ def select_batch(
         targeting, samples, ``beta``.
     generator : torch.Generator
         randomness of the batch.
+    labelled_labels : torch.Tensor, optional
+        `(len(labelled),)` their revealed labels: a ``balanced`` strategy's quotas count them.
 
     Returns
     -------
@@ -245,9 +267,10 @@ def select_batch(
     cand = candidates(la, problem, labelled, config)
     scores, predicted = weighted_scores(la, problem.pool[cand], problem, strategy, config,
                                         generator)  # fmt: skip
-    chosen = acquisition.select(scores, n_new, strategy, config.beta,
-                                class_balanced=config.class_balanced, predicted_class=predicted,
-                                generator=generator)  # fmt: skip
+    counts = (None if labelled_labels is None
+              else class_counts(labelled_labels, len(problem.class_text)))  # fmt: skip
+    chosen = acquisition.select(scores, n_new, strategy, config.beta, predicted_class=predicted,
+                                counts=counts, generator=generator)  # fmt: skip
     return cand[chosen]
 
 
@@ -267,9 +290,9 @@ def selection_order(
     strategy : Strategy
         its selection rule.
     config : ActiveLearningConfig
-        ``beta`` and ``class_balanced``.
+        ``beta``.
     predicted : torch.Tensor
-        `(N,)` MAP classes (for class balancing).
+        `(N,)` MAP classes (for a ``balanced`` strategy).
     generator : torch.Generator
         randomness of the order.
 
@@ -279,5 +302,4 @@ def selection_order(
         `(N,)` long, a permutation of ``0..N-1``: any budget's batch is a prefix.
     """
     return acquisition.select(scores, len(scores), strategy, config.beta,
-                              class_balanced=config.class_balanced, predicted_class=predicted,
-                              generator=generator)  # fmt: skip
+                              predicted_class=predicted, generator=generator)  # fmt: skip

@@ -18,10 +18,18 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from laplace_vlm.active.config import ActiveLearningConfig, comma_list, option, positive_int
+from laplace_vlm.active.config import (
+    DEFAULT_STRATEGY,
+    ActiveLearningConfig,
+    comma_list,
+    option,
+    positive_int,
+)
 from laplace_vlm.active.experiment import run_experiment
 from laplace_vlm.active.report import (
+    beats_baselines,
     differences_vs_zero_shot_figure,
+    format_balance,
     format_differences,
     learning_curves_figure,
     paired_differences,
@@ -30,7 +38,14 @@ from laplace_vlm.active.report import (
 )
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.experiments import recipe
-from laplace_vlm.experiments.active import BASELINES, DemoSetting, describe, prepare
+from laplace_vlm.experiments.active import (
+    BASELINES,
+    DemoSetting,
+    describe,
+    format_agreement,
+    mc_agreement,
+    prepare,
+)
 
 Chain = tuple[str, str, tuple[float, ...]]
 """``(dataset, shift, severities)``: cells run in order, stopping below ``min_zero_shot``."""
@@ -142,8 +157,8 @@ def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
     -------
     list of dict
         one cell per severity run: ``dataset``, ``shift``, ``severity``, ``zero_shot_acc``,
-        then ``summary``, ``differences``, ``description`` and ``seconds``, or ``skipped``
-        for the last cell if it fell below ``min_zero_shot``.
+        then ``summary``, ``differences``, ``mc_agreement``, ``description`` and ``seconds``,
+        or ``skipped`` for the last cell if it fell below ``min_zero_shot``.
     """
     dataset, shift, severities = chain
     cells = []
@@ -161,6 +176,7 @@ def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
             "dataset": dataset, "shift": "none" if severity == 0 else shift,
             "severity": severity, "zero_shot_acc": zero_shot, "summary": summary,
             "differences": {b: paired_differences(summary, b) for b in BASELINES if b in summary},
+            "mc_agreement": mc_agreement(prepared, config),
             "description": describe(setting, config, zero_shot),
             "seconds": time.perf_counter() - start,
         })  # fmt: skip
@@ -229,9 +245,11 @@ def posterior_strategies(config: ActiveLearningConfig) -> list[str]:
 
 
 def verdicts(cells: list[dict], config: ActiveLearningConfig) -> list[str]:
-    """Per cell, the posterior strategies that beat both baselines at every budget.
+    """Per cell, the default strategy's verdict and the posterior strategies that beat both.
 
-    "Beat" is a positive mean paired difference at every budget (the tables give the SEs).
+    "Beat" is a positive mean paired difference to both baselines at every budget; "clear" adds
+    more than two paired SEs above both at the largest budget
+    (:func:`laplace_vlm.active.report.beats_baselines`).
 
     Parameters
     ----------
@@ -243,19 +261,23 @@ def verdicts(cells: list[dict], config: ActiveLearningConfig) -> list[str]:
     Returns
     -------
     list of str
-        ``"<dataset> <shift> <severity> (zero-shot <acc>): <strategies>"`` per cell run with
-        both baselines.
+        ``"<dataset> <shift> <severity> (zero-shot <acc>): default <verdict>; beat both:
+        <strategies>"`` per cell run with both baselines.
     """
     lines = []
     for cell in (c for c in cells if not c.get("skipped")):
         diffs = cell["differences"]
         if not all(b in diffs for b in BASELINES):
             continue
-        wins = [s for s in posterior_strategies(config)
-                if all(d["mean"] > 0 for b in BASELINES for d in diffs[b][s].values())]  # fmt: skip
+        judged = {s: beats_baselines(diffs, s, BASELINES) for s in posterior_strategies(config)}
+        wins = [s + (" (clear)" if v["clear_at_largest"] else "")
+                for s, v in judged.items() if v["every_budget"]]  # fmt: skip
         name = f"{cell['dataset']} {cell['shift']} {cell['severity']:g}"
-        lines.append(f"{name} (zero-shot {cell['zero_shot_acc']:.3f}): "
-                     + (", ".join(wins) if wins else "none beats both at every budget"))  # fmt: skip
+        default = judged.get(DEFAULT_STRATEGY)
+        head = ("" if default is None else f"{DEFAULT_STRATEGY} every budget "
+                f"{default['every_budget']}, clear at largest {default['clear_at_largest']}; ")  # fmt: skip
+        lines.append(f"{name} (zero-shot {cell['zero_shot_acc']:.3f}): {head}beat both: "
+                     + (", ".join(wins) if wins else "none"))  # fmt: skip
     return lines
 
 
@@ -326,6 +348,8 @@ def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, j
     cells = run_sweep(sweep, config, base, on_chain)
     for cell in (c for c in cells if not c.get("skipped")):
         print(f"\n{cell['description']} [{cell['seconds']:.0f} s]")
+        print(format_agreement(cell["mc_agreement"]))
+        print(format_balance(cell["summary"]))
         for baseline, diffs in cell["differences"].items():
             print(format_differences(diffs, baseline))
     print("\nposterior strategies beating targeted random and MAP entropy at every budget:")
