@@ -121,7 +121,7 @@ def test_failure_rows_are_null_without_errors(predictions):
     assert json.loads(json.dumps(rows)) == rows  # strict JSON: null, not NaN
 
 
-def test_ood_rows_orient_each_score_and_keep_mcm_for_map(predictions):
+def test_ood_rows_score_every_model_with_every_score(predictions):
     out = {
         "map": synthetic_prediction(150, 3, False, 1.0),
         "laplace_glm": synthetic_prediction(150, 4, True, 1.0),
@@ -137,6 +137,7 @@ def test_ood_rows_orient_each_score_and_keep_mcm_for_map(predictions):
         ("map", "mcm"),
         ("laplace_glm", "msp"),
         ("laplace_glm", "entropy"),
+        ("laplace_glm", "mcm"),
         ("laplace_glm", "mutual_information"),
         ("laplace_glm", "expected_logit_variance"),
     }
@@ -145,7 +146,7 @@ def test_ood_rows_orient_each_score_and_keep_mcm_for_map(predictions):
     def in_confidence(p: Prediction, score: str) -> np.ndarray:  # higher = more in-distribution
         if score == "msp":
             return p.probs.max(-1).values.numpy()
-        if score == "mcm":  # softmax of the unscaled cosines, temperature 1
+        if score == "mcm":  # softmax of the (expected) cosines, temperature 1
             return torch.softmax(p.logit_mean / scale, -1).max(-1).values.numpy()
         if score == "expected_logit_variance":
             return -p.logit_var.mean(-1).numpy()
@@ -167,7 +168,7 @@ def test_rows_and_json_follow_the_schema(tmp_path):
         "conformal",
         "clean",
         0,
-        "laplace_probcosine_n10",
+        "bayesvlm",
         "aps",
     )
     assert [tuple(r) for r in rows] == [ROW_KEYS, ROW_KEYS]
@@ -231,7 +232,9 @@ def mini(tmp_path_factory):
     return run_benchmark(config, severities=(1.0,))
 
 
-METHOD = re.compile(r"^(map|temperature|laplace_(probcosine|glm|nn)(_n10)?)$")
+METHOD = re.compile(
+    r"^(map|temperature|bayesvlm|laplace_(probcosine|glm|nn)|laplace_probcosine_exact)$"
+)
 
 
 def test_mini_benchmark_schema(mini, tmp_path):
@@ -245,12 +248,11 @@ def test_mini_benchmark_schema(mini, tmp_path):
     assert {r["method"] for r in rows} == {
         "map",
         "temperature",
+        "bayesvlm",
         "laplace_probcosine",
         "laplace_glm",
         "laplace_nn",
-        "laplace_probcosine_n10",
-        "laplace_glm_n10",
-        "laplace_nn_n10",
+        "laplace_probcosine_exact",
     }
     for r in rows:
         assert tuple(r) == ROW_KEYS and METHOD.match(r["method"]), r
@@ -270,10 +272,12 @@ def test_mini_benchmark_settings_and_predictives(mini):
     for method, choice in exp.choices.items():  # the grid point of lowest validation NLPD
         by_n = choice.nlpd_by_pseudo_count
         assert mini.settings["pseudo_counts"][method] == min(by_n, key=by_n.get)
-        assert mini.settings["pseudo_counts"][f"{method}_n10"] == 10.0
+    assert mini.settings["pseudo_counts"]["bayesvlm"] == 10.0
+    assert mini.settings["laplace_methods"]["bayesvlm"]["form"] == "symmetric"
+    assert mini.settings["laplace_methods"]["laplace_probcosine_exact"]["form"] == "exact"
     # laplace_nn is laplace's exact MC predictive with the same draws
     acts, preds = mini.kept[("clean", 0.0)]
-    _, setting = exp.settings["laplace_nn"]
+    setting = exp.settings["laplace_nn"].setting
     setting.apply(exp.la)
     x = exp.classifier.inputs(acts)
     probs = exp.la(
@@ -299,3 +303,43 @@ def test_mini_benchmark_settings_and_predictives(mini):
     assert mini.settings["temperature"] == pytest.approx(
         TemperatureScaling().fit(logits, val_y).temperature, rel=1e-3
     )
+
+
+def test_mini_benchmark_bayesvlm_is_the_papers_method_written_out(mini):
+    """The ``bayesvlm`` probabilities from the released method's formulas, by hand: the symmetric
+    Kronecker posterior of each head at n = 10 from the curvature pairs' factor sums, the full
+    ProbCosine moments and the probit softmax."""
+    exp = mini.experiment
+    acts, preds = mini.kept[("clean", 0.0)]
+    la = exp.la
+    sums, N = la.factor_sums(), float(la.n_data)
+    prior = torch.as_tensor(mini.settings["prior_precision"]["bayesvlm"], dtype=torch.float64)
+    n = 10.0
+
+    def head_cov(B_sum, A_sum, lam):  # (sqrt(n) B/sqrt(N) + sqrt(l) I)^-1, the same for A
+        inv = lambda M: torch.linalg.inv(  # noqa: E731
+            n**0.5 * M.double() / N**0.5 + lam**0.5 * torch.eye(len(M), dtype=torch.float64)
+        )
+        return inv(B_sum), inv(A_sum)
+
+    S_Bi, S_Ai = head_cov(sums.B_image, sums.A_image, prior[0])
+    S_Bt, S_At = head_cov(sums.B_text, sums.A_text, prior[-1])
+    W_i = la.heads.image_projection.weight.double()
+    W_t = la.heads.text_projection.weight.double()
+    a_i, a_t = acts.double(), exp.classifier.class_activations.double()
+    z, t = a_i @ W_i.T, a_t @ W_t.T
+    q_i = torch.einsum("nd,de,ne->n", a_i, S_Ai, a_i)  # Cov[z_n] = q_i[n] S_Bi
+    q_t = torch.einsum("cd,de,ce->c", a_t, S_At, a_t)
+    num_var = (
+        q_t[None] * torch.einsum("nd,de,ne->n", z, S_Bt, z)[:, None]
+        + q_i[:, None] * torch.einsum("cd,de,ce->c", t, S_Bi, t)[None]
+        + q_i[:, None] * q_t[None] * (S_Bi * S_Bt).sum()
+    )
+    norm2_z = z.square().sum(-1) + q_i * S_Bi.trace()
+    norm2_t = t.square().sum(-1) + q_t * S_Bt.trace()
+    denom = norm2_z[:, None] * norm2_t[None]
+    s = la.heads.scale.double()
+    mean, var = s * (z @ t.T) / denom.sqrt(), s**2 * num_var / denom
+    probs = torch.softmax(mean / (1 + torch.pi / 8 * var).sqrt(), -1)
+    torch.testing.assert_close(preds["bayesvlm"].probs.double(), probs, rtol=1e-4, atol=1e-6)
+    assert exp.settings["bayesvlm"].setting.pseudo_count == n

@@ -92,13 +92,18 @@ def test_splits_on_a_fake_release(tmp_path, compress):
     assert fm.available(tmp_path)
     splits = load_splits("fashion-mnist", seed=0, data_dir=tmp_path, max_train=100, max_eval=50)
     sizes = {name: len(y) for name, (_, y) in splits.items()}
-    assert sizes == {"train": 100, "val": 50, "test": 50}
+    assert sizes == {"train": 100, "curvature": 100, "val": 50, "test": 50}
     for _, labels in splits.values():  # stratified: 10 classes, equal shares
         assert torch.bincount(labels, minlength=10).tolist() == [len(labels) // 10] * 10
     # every image is its raw grey values, scaled to [0, 1], upsampled, in three channels:
     # find each split image among the raw images of its part by its 28x28 downsampling
     found = {}
-    for name, part in (("train", "train"), ("val", "test"), ("test", "test")):
+    for name, part in (
+        ("train", "train"),
+        ("curvature", "train"),
+        ("val", "test"),
+        ("test", "test"),
+    ):
         images, labels = splits[name]
         pixels = to_pixels(images)
         assert torch.equal(pixels[:, 0], pixels[:, 2])
@@ -107,8 +112,10 @@ def test_splits_on_a_fake_release(tmp_path, compress):
         nearest = torch.cdist(down.flatten(1), raw_images.flatten(1)).argmin(1)
         assert torch.equal(torch.as_tensor(raw[part][1])[nearest], labels)
         found[name] = set(nearest.tolist())
-    # val and test: disjoint subsets of the official test part, exchangeable with each other
+    # val and test: disjoint subsets of the official test part, exchangeable with each other;
+    # the curvature pairs: training-part images the model is not trained on
     assert len(found["val"]) == 50 and not found["val"] & found["test"]
+    assert len(found["curvature"]) == 100 and not found["curvature"] & found["train"]
     again = load_splits("fashion-mnist", seed=0, data_dir=tmp_path, max_train=100, max_eval=50)
     assert torch.equal(again["val"][0], splits["val"][0])
     other = load_splits("fashion-mnist", seed=1, data_dir=tmp_path, max_train=100, max_eval=50)

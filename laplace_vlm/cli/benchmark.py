@@ -39,6 +39,13 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--alpha", type=positive_number(float), default=0.1, help="conformal miscoverage"
     )
+    p.add_argument(
+        "--curvature-pairs",
+        choices=("curvature", "train"),
+        default="curvature",
+        help="fit the curvature on the held-out curvature pairs (default) or on the stand-in's "
+        "own training pairs (to measure what memorised pairs do)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             args.cache_dir,
             args.data_dir,
             progress_bar=not args.no_progress,
+            curvature_pairs=args.curvature_pairs,
         )
         result = run_benchmark(config, alpha=args.alpha)
     except FileNotFoundError as err:  # Fashion-MNIST's files are missing
@@ -95,22 +103,29 @@ def summary(result) -> str:
     str
         the tables, separated by blank lines, ending with the pseudo-counts and temperature.
     """
+    from laplace_vlm.evaluation.regime import format_regime
     from laplace_vlm.evaluation.tables import pivot_table, select
 
-    rows, tables = result.rows, []
+    rows, tables = result.rows, [format_regime(result.settings["regime"])]
     tables.append(pivot_table(select(rows, task="calibration"), ("acc", "ece15", "nlpd")))
     for task, metrics, score in (
         ("selective", ("aurc",), "msp"),
         ("failure", ("auroc", "fpr95"), "msp"),
-        ("conformal", ("coverage", "set_size"), "lac"),
-        ("conformal", ("coverage", "set_size"), "aps"),
+        *(
+            ("conformal", ("coverage", "set_size", "empty_rate"), score)
+            for score in ("lac", "lac_target50", "aps", "aps_target50")
+        ),
     ):
         tables.append(pivot_table(select(rows, task=task), metrics, score=score))
     ood = select(rows, task="ood")
     for score in dict.fromkeys(r["score"] for r in ood):
         tables.append(pivot_table(ood, ("auroc", "fpr95"), score=score))
     settings = result.settings
-    chosen = ", ".join(f"{m} n={n:g}" for m, n in settings["pseudo_counts"].items())
+    edge = settings["pseudo_count_at_grid_edge"]
+    chosen = ", ".join(
+        f"{m} n={n:g}" + (" (grid edge)" if edge.get(m) else "")
+        for m, n in settings["pseudo_counts"].items()
+    )
     tables.append(
         f"pseudo-counts: {chosen}\ntemperature scaling: T = {settings['temperature']:.3f}"
     )

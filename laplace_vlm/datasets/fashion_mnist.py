@@ -160,9 +160,12 @@ def load_fashion_mnist_splits(
     data_dir: str | os.PathLike | None = None,
     sizes: dict[str, int | None] | None = None,
 ) -> dict[str, Split]:
-    """Seeded, stratified train/val/test splits of Fashion-MNIST.
+    """Seeded, stratified train/curvature/val/test splits of Fashion-MNIST.
 
-    ``"train"`` is a subset of the official 60,000 training images; ``"val"`` and ``"test"``
+    ``"train"`` is a subset of the official 60,000 training images and ``"curvature"`` a
+    disjoint subset of the same part, never trained on (the posterior's curvature pairs, as
+    the paper fits its factors on pairs of the training distribution on which the loss is far
+    from zero); ``"val"`` and ``"test"``
     are disjoint subsets of the official 10,000 test images, so that validation (temperature,
     pseudo-count, conformal calibration) is exchangeable with the test data. Validation
     images held out of the official training part were not: on them the demo CLIP had
@@ -176,26 +179,36 @@ def load_fashion_mnist_splits(
     data_dir : path, optional
         folder of the four idx files; ``DEFAULT_DATA_DIR`` if None.
     sizes : dict, optional
-        ``{"train": n, "val": n, "test": n}``; a missing key or None means all the training
-        images (train), half of the official test images (val) and the rest of them (test).
+        ``{"train": n, "curvature": n, "val": n, "test": n}``; a missing key or None means
+        all the training images (train; then no curvature images are left, and
+        ``"curvature"`` must be 0), all the others (curvature), half of the official test
+        images (val) and the rest of them (test).
 
     Returns
     -------
     splits : dict
-        ``{"train": (images, labels), "val": ..., "test": ...}`` with images
-        `(N, 3, 32, 32)` float32 and labels `(N,)` int64.
+        ``{"train": (images, labels), "curvature": ..., "val": ..., "test": ...}`` with
+        images `(N, 3, 32, 32)` float32 and labels `(N,)` int64.
     """
     sizes = sizes or {}
     pixels, labels = load_part("train", data_dir)
     train = stratified_subset(labels, sizes.get("train"), seed)
+    unused = _complement(len(labels), train)
+    curvature = unused[stratified_subset(labels[unused], sizes.get("curvature"), seed + 3)]
     test_pixels, test_labels = load_part("test", data_dir)
     val = stratified_subset(test_labels, sizes.get("val") or len(test_labels) // 2, seed + 1)
-    rest = torch.ones(len(test_labels), dtype=torch.bool)
-    rest[val] = False
-    rest = rest.nonzero().squeeze(1)
+    rest = _complement(len(test_labels), val)
     test = rest[stratified_subset(test_labels[rest], sizes.get("test"), seed + 2)]
     return {
         "train": (to_images(pixels[train]), labels[train]),
+        "curvature": (to_images(pixels[curvature]), labels[curvature]),
         "val": (to_images(test_pixels[val]), test_labels[val]),
         "test": (to_images(test_pixels[test]), test_labels[test]),
     }
+
+
+def _complement(n: int, index: torch.Tensor) -> torch.Tensor:
+    """The increasing indices of ``range(n)`` not in ``index``."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[index] = False
+    return keep.nonzero().squeeze(1)

@@ -330,3 +330,22 @@ def mean_set_size(sets: torch.Tensor) -> float:
         Mean set size in ``[0, C]``.
     """
     return float(_check_sets(sets).sum(1).double().mean())
+
+
+def empty_rate(sets: torch.Tensor) -> float:
+    """Fraction of inputs whose prediction set is empty.
+
+    LAC returns an empty set wherever no class reaches the calibrated threshold: with an
+    accurate model the threshold is high, and the sets of uncertain inputs are often empty.
+
+    Parameters
+    ----------
+    sets : torch.Tensor
+        `(N, C)` bool prediction-set mask, ``N >= 1``.
+
+    Returns
+    -------
+    float
+        in ``[0, 1]``.
+    """
+    return float((~_check_sets(sets).any(1)).double().mean())

@@ -16,8 +16,12 @@ import torch
 
 from laplace_vlm.evaluation.metrics import nlpd
 
-PSEUDO_COUNTS: tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000)
-"""The default grid, half-decades from 1 to 30,000."""
+PSEUDO_COUNTS: tuple[float, ...] = tuple(
+    float(f"{m}e{e}") for e in range(-2, 6) for m in (1, 3)
+) + (1e6,)
+"""The default grid, half-decades from 0.01 to 10^6 (wide enough that the chosen ``n`` of
+the paper's form lies inside it on both stand-ins; :meth:`PseudoCountChoice.at_edge` says
+when it does not)."""
 
 
 @dataclass
@@ -61,6 +65,12 @@ class PseudoCountChoice:
 
     setting: PosteriorSetting
     nlpd_by_pseudo_count: dict[float, float]
+
+    @property
+    def at_edge(self) -> bool:
+        """Whether the chosen pseudo-count is the smallest or largest of the grid."""
+        grid = self.nlpd_by_pseudo_count
+        return self.setting.pseudo_count in (min(grid), max(grid))
 
 
 def tune_prior_at(la: Any, pseudo_count: float, prior_structure: str = "layerwise"):

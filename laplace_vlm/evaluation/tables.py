@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from laplace_vlm.docstrings import fill_doc
-from laplace_vlm.evaluation.conformal import coverage, mean_set_size
+from laplace_vlm.evaluation.conformal import coverage, empty_rate, mean_set_size
 from laplace_vlm.evaluation.detection import ood_metrics
 from laplace_vlm.evaluation.selective import aurc, excess_aurc, failure_auroc, failure_fpr95
 
@@ -40,7 +40,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "selective": ("aurc", "eaurc"),
     "failure": ("auroc", "fpr95"),
     "ood": ("auroc", "fpr95"),
-    "conformal": ("coverage", "set_size"),
+    "conformal": ("coverage", "set_size", "empty_rate"),
 }
 
 Row = dict[str, Any]
@@ -215,7 +215,7 @@ def ood_values(
 
 @fill_doc
 def conformal_values(sets: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """``coverage`` and ``set_size`` of `(N, C)` boolean prediction sets.
+    """``coverage``, ``set_size`` and ``empty_rate`` of `(N, C)` boolean prediction sets.
 
     Parameters
     ----------
@@ -226,10 +226,14 @@ def conformal_values(sets: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     Returns
     -------
     dict of str to float
-        ``{"coverage", "set_size"}``: the fraction of sets holding the label, in ``[0, 1]``, and
-        the mean number of classes per set.
+        ``{"coverage", "set_size", "empty_rate"}``: the fraction of sets holding the label, in
+        ``[0, 1]``, the mean number of classes per set and the fraction of empty sets.
     """
-    return {"coverage": coverage(sets, labels), "set_size": mean_set_size(sets)}
+    return {
+        "coverage": coverage(sets, labels),
+        "set_size": mean_set_size(sets),
+        "empty_rate": empty_rate(sets),
+    }
 
 
 def check_rows(rows: Iterable[Row]) -> list[Row]:

@@ -2,19 +2,25 @@
 
 Every number is one row (:mod:`laplace_vlm.evaluation.tables`). Conditions are the clean test
 split and every shift of ``SHIFTS`` at every severity. Methods are those of
-:mod:`laplace_vlm.experiments.experiment`: ``map``, ``temperature`` and each Laplace predictive at the
-pseudo-count chosen on clean validation NLPD and at the paper's ``n = 10``.
+:mod:`laplace_vlm.experiments.experiment`: ``map``, ``temperature``, ``bayesvlm`` (the paper's
+method), each Laplace predictive at the pseudo-count chosen on clean validation NLPD, and the
+exact-prior form at its own chosen pseudo-count.
 
 - calibration: ``acc``, ``nlpd``, ``ece15``, ``ece20``, ``brier``;
 - selective (``aurc``, ``eaurc``) and failure (``auroc``, ``fpr95``, correct predictions
   positive) with the scores ``msp`` (every method) and ``entropy`` / ``mutual_information``
   (Laplace methods);
 - ood: the clean test split against the other data set's test split and against uniform
-  noise images, scores ``msp``, ``entropy`` (every method), ``mcm`` (``map`` only: the
-  deterministic zero-shot baseline of Ming et al. 2022, temperature 1 on the cosines),
-  ``mutual_information`` and ``expected_logit_variance`` (Laplace methods);
+  noise images. Every score on every model, so that a table separates "which score" from
+  "which model": ``msp`` and ``entropy`` (every method; ``temperature``'s MSP is the
+  temperature-scaled MSP), ``mcm`` (Ming et al. 2022: softmax of the cosines at temperature 1;
+  on the MAP cosines for ``map``, on the posterior's expected cosines for a Laplace method),
+  and for the Laplace methods ``mutual_information`` and ``expected_logit_variance``;
 - conformal: LAC and APS sets at ``alpha`` calibrated on each method's clean validation
-  probabilities; ``coverage`` and ``set_size`` on every condition.
+  probabilities (``lac``, ``aps``) and, the shift-aware baseline, recalibrated on
+  ``TARGET_LABELS`` labelled validation images of the same condition (``lac_target50``,
+  ``aps_target50``: what a user with a few target labels gets); ``coverage``, ``set_size``
+  and ``empty_rate`` on every condition.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from laplace_vlm.datasets.images import stratified_subset
 from laplace_vlm.evaluation.conformal import SplitConformal
 from laplace_vlm.evaluation.detection import expected_logit_variance, mcm, msp
 from laplace_vlm.evaluation.metrics import classification_metrics
+from laplace_vlm.evaluation.regime import posterior_card, reference_card
 from laplace_vlm.evaluation.tables import (
     TASKS,
     Row,
@@ -40,7 +48,7 @@ from laplace_vlm.evaluation.tables import (
     selective_values,
 )
 from laplace_vlm.experiments.experiment import (
-    LAPLACE_PREDICTIVES,
+    PAPER_METHOD,
     Experiment,
     ExperimentConfig,
     Prediction,
@@ -57,6 +65,13 @@ from laplace_vlm.experiments.recipe import (
 
 ALPHA = 0.1
 CONFORMAL_SCORES: tuple[str, ...] = ("lac", "aps")
+TARGET_LABELS = 50
+# the released ViT-B/32 factors beside a checkout (the project's shared folder)
+REFERENCE_DIR = os.environ.get(
+    "LAPLACE_VLM_REFERENCE", os.path.join("..", "shared", "reference", "bayesvlm-clip-vit-b-32")
+)
+# the validation images are shifted with their own seeds, never the test images' draws
+_VAL_SHIFT_SEED = 7_919
 
 
 @dataclass
@@ -151,7 +166,8 @@ def ood_scores(predictions: dict[str, Prediction], logit_scale: float) -> dict[t
     predictions : dict of str to Prediction
         method -> its prediction on one set of images.
     logit_scale : float
-        CLIP's ``exp(logit_scale)``; MCM takes the unscaled cosines ``logits / scale``.
+        CLIP's ``exp(logit_scale)``; MCM takes the cosines ``logit_mean / scale`` (the
+        expected cosines of a posterior).
 
     Returns
     -------
@@ -163,7 +179,7 @@ def ood_scores(predictions: dict[str, Prediction], logit_scale: float) -> dict[t
     for method, p in predictions.items():
         out[(method, "msp")] = (msp(p.probs), True)
         out[(method, "entropy")] = (p.entropy.double(), False)
-        if method == "map":
+        if method != "temperature":  # the same cosines as map
             out[(method, "mcm")] = (mcm(p.logit_mean / logit_scale, temperature=1.0), True)
         if p.mutual_information is not None:
             out[(method, "mutual_information")] = (p.mutual_information.double(), False)
@@ -204,33 +220,60 @@ def ood_rows(
 
 
 def fit_conformal(
-    experiment: Experiment, val_predictions: dict[str, Prediction], alpha: float
+    predictions: dict[str, Prediction],
+    labels: torch.Tensor,
+    alpha: float,
+    seed: int,
+    suffix: str = "",
 ) -> dict[str, dict[str, SplitConformal]]:
-    """LAC and APS predictors of every method, calibrated on its clean validation probabilities.
+    """LAC and APS predictors of every method, calibrated on its labelled probabilities.
 
     Parameters
     ----------
-    experiment : Experiment
-        for the validation labels and the seed of APS's randomisation.
-    val_predictions : dict of str to Prediction
-        method -> its prediction on the validation split.
+    predictions : dict of str to Prediction
+        method -> its prediction on the calibration images.
+    labels : torch.Tensor
+        `(M,)` their labels.
     alpha : float
         miscoverage level.
+    seed : int
+        seed of APS's randomisation (per method).
+    suffix : str
+        appended to the score names (``"lac" + suffix``).
 
     Returns
     -------
     dict of str to dict
-        method -> ``{"lac": ..., "aps": ...}`` fitted ``SplitConformal`` predictors.
+        method -> ``{"lac" + suffix: ..., "aps" + suffix: ...}`` fitted predictors.
     """
-    labels = experiment.splits["val"][1]
     out: dict[str, dict[str, SplitConformal]] = {}
-    for method, p in val_predictions.items():
+    for method, p in predictions.items():
         out[method] = {}
         for score in CONFORMAL_SCORES:  # APS is randomised (tight coverage): seeded per method
-            generator = None if score == "lac" else torch.Generator().manual_seed(experiment.seed)
+            generator = None if score == "lac" else torch.Generator().manual_seed(seed)
             predictor = SplitConformal(score, alpha, generator=generator)
-            out[method][score] = predictor.fit(p.probs, labels)
+            out[method][score + suffix] = predictor.fit(p.probs, labels)
     return out
+
+
+def target_sample(labels: torch.Tensor, seed: int, size: int = TARGET_LABELS) -> torch.Tensor:
+    """Indices of the few labelled target images of the shift-aware conformal baseline.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        `(M,)` validation labels.
+    seed : int
+        seed of the draw.
+    size : int
+        how many (stratified).
+
+    Returns
+    -------
+    torch.Tensor
+        `(size,)` indices into the validation split.
+    """
+    return stratified_subset(labels, size, seed)
 
 
 def run_benchmark(
@@ -263,14 +306,25 @@ def run_benchmark(
     with torch_threads(1):  # the toy model's GEMMs gain nothing from more; they stall on busy cores
         exp = prepare(config)
         test_x, labels = exp.splits["test"]
-        conformal = None
+        val_x, val_y = exp.splits["val"]
+        clean_conformal, target = None, target_sample(val_y, config.seed)
         if "conformal" in tasks:
-            val_predictions = exp.predict(exp.encode(exp.splits["val"][0]))
-            conformal = fit_conformal(exp, val_predictions, alpha)
+            val_predictions = exp.predict(exp.encode(val_x))
+            clean_conformal = fit_conformal(val_predictions, val_y, alpha, config.seed)
         result = BenchmarkResult({}, [], labels, experiment=exp)
-        for condition, severity, images in conditions(test_x, config.seed, severities):
+        shifted_val = conditions(val_x[target], config.seed + _VAL_SHIFT_SEED, severities)
+        for (condition, severity, images), (_, _, val_images) in zip(
+            conditions(test_x, config.seed, severities), shifted_val
+        ):
             acts = exp.encode(images)
             predictions = exp.predict(acts)
+            conformal = None
+            if clean_conformal is not None:
+                few = exp.predict(exp.encode(val_images))
+                target_conformal = fit_conformal(
+                    few, val_y[target], alpha, config.seed, f"_target{TARGET_LABELS}"
+                )
+                conformal = {m: {**clean_conformal[m], **target_conformal[m]} for m in few}
             result.rows += condition_rows(
                 config.dataset, condition, severity, predictions, labels, tasks, conformal
             )
@@ -301,6 +355,7 @@ def settings(
     severities: Sequence[float],
     pseudo_counts: Sequence[float],
     skipped: list[str],
+    reference_dir: str | os.PathLike | None = REFERENCE_DIR,
 ) -> dict:
     """The JSON ``settings`` of a run: everything needed to read and reproduce its rows.
 
@@ -316,34 +371,71 @@ def settings(
         the validation grid.
     skipped : list of str
         parts left out, with the reason.
+    reference_dir : path, optional
+        the released ViT-B/32 factors for the regime card (stored figures where absent).
 
     Returns
     -------
     dict
         JSON-safe: data set, seed, alpha, split sizes, shifts and severities, methods and
-        predictives, temperature, pseudo-count grid and choices, prior precisions, validation
-        NLPD per pseudo-count, and ``skipped``.
+        their predictive, form, pseudo-count and prior precision, temperature, the grid, the
+        chosen pseudo-counts at an edge of it, validation NLPD per pseudo-count, the regime
+        card of the stand-in and of ViT-B/32, and ``skipped``.
     """
     return {
         "dataset": exp.dataset,
         "seed": exp.seed,
         "alpha": alpha,
+        "target_labels": TARGET_LABELS,
         "sizes": {name: len(labels) for name, (_, labels) in exp.splits.items()},
         "shifts": list(SHIFTS),
         "severities": [float(s) for s in severities],
         "methods": list(exp.methods),
-        "laplace_predictives": {
-            laplace_method(p): {"pred_type": p, "link_approx": link}
-            for p, link in LAPLACE_PREDICTIVES.items()
+        "laplace_methods": {
+            name: {"pred_type": m.pred_type, "link_approx": m.link_approx, "form": m.form}
+            for name, m in exp.settings.items()
         },
         "mc_samples": exp.mc_samples,
         "temperature": exp.scaler.temperature,
         "pseudo_count_grid": [float(n) for n in pseudo_counts],
-        "pseudo_counts": {m: s.pseudo_count for m, (_, s) in exp.settings.items()},
-        "prior_precision": {m: s.prior_precision.tolist() for m, (_, s) in exp.settings.items()},
+        "pseudo_counts": {m: s.setting.pseudo_count for m, s in exp.settings.items()},
+        "pseudo_count_at_grid_edge": {m: c.at_edge for m, c in exp.choices.items()},
+        "prior_precision": {m: s.setting.prior_precision.tolist() for m, s in exp.settings.items()},
         "validation_nlpd_by_pseudo_count": {
             m: {f"{n:g}": v for n, v in c.nlpd_by_pseudo_count.items()}
             for m, c in exp.choices.items()
         },
+        "regime": regime(exp, reference_dir),
         "skipped": skipped,
+    }
+
+
+def regime(exp: Experiment, reference_dir: str | os.PathLike | None = REFERENCE_DIR) -> dict:
+    """The regime card of the stand-in's posterior beside the released ViT-B/32 factors'.
+
+    Parameters
+    ----------
+    exp : Experiment
+        the fitted experiment; its symmetric posterior is left at the chosen setting.
+    reference_dir : path, optional
+        the released factors' folder.
+
+    Returns
+    -------
+    dict
+        ``{"stand_in": ..., "vit_b_32": ..., "map_temperature": T}``: the stand-in's card at
+        the paper's and the chosen ``n`` in the paper's form (relative variance on the clean
+        test images), ViT-B/32's, and the temperature scaling's ``T`` on clean validation.
+    """
+    name = laplace_method("probcosine")
+    chosen = {"paper": exp.settings[PAPER_METHOD].setting, "chosen": exp.settings[name].setting}
+    batches = exp.splits[exp.curvature_pairs][1].bincount().max().item()
+    card = posterior_card(
+        exp.la, exp.encode(exp.splits["test"][0]), chosen, exp.la.n_data / batches
+    )
+    card["pseudo_count"] = {k: s.pseudo_count for k, s in chosen.items()}
+    return {
+        "stand_in": card,
+        "vit_b_32": reference_card(reference_dir),
+        "map_temperature": exp.scaler.temperature,
     }

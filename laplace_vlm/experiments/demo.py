@@ -1,9 +1,10 @@
 """The offline demo: zero-shot calibration of the digits CLIP, clean and under shift.
 
 A small view of the benchmark (:mod:`laplace_vlm.experiments.benchmark`) on the embedded digits:
-the tasks calibration, selective and failure prediction, the methods MAP, temperature scaling
-and the Laplace predictives at the pseudo-count chosen on validation NLPD (the paper's fixed
-``n = 10`` is in the benchmark). Its JSON has the benchmark's schema.
+the tasks calibration, selective and failure prediction, the methods MAP, temperature scaling,
+the paper's method (``bayesvlm``), the Laplace predictives at the pseudo-count chosen on
+validation NLPD and the exact-prior form; the regime card says how far the stand-in is from
+a real CLIP. Its JSON has the benchmark's schema.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 
 from laplace_vlm.evaluation.pseudo_count import PSEUDO_COUNTS
+from laplace_vlm.evaluation.regime import format_regime
 from laplace_vlm.evaluation.tables import pivot_table, select, write_json
 from laplace_vlm.experiments.benchmark import BenchmarkResult, run_benchmark
 from laplace_vlm.experiments.experiment import ExperimentConfig
@@ -65,7 +67,6 @@ def run_demo(
         progress_bar=progress_bar,
         train_config=train_config,
         pseudo_counts=pseudo_counts,
-        fixed_pseudo_counts=(),
     )
     result = run_benchmark(config, tasks=DEMO_TASKS, severities=severities)
     if out_dir is not None:
@@ -76,7 +77,7 @@ def run_demo(
 
 
 def format_report(result: BenchmarkResult) -> str:
-    """The demo's text tables: accuracy, then ECE (20 bins) / NLPD, then failure AUROC (MSP).
+    """The demo's text: the regime card, accuracy, ECE (20 bins) / NLPD, failure AUROC (MSP).
 
     Parameters
     ----------
@@ -86,12 +87,13 @@ def format_report(result: BenchmarkResult) -> str:
     Returns
     -------
     str
-        the three pivot tables, separated by blank lines.
+        the regime card and the three pivot tables, separated by blank lines.
     """
     calibration = select(result.rows, task="calibration")
     failure = select(result.rows, task="failure", score="msp")
     return "\n\n".join(
         [
+            format_regime(result.settings["regime"]),
             pivot_table(calibration, ("acc",)),
             pivot_table(calibration, ("ece20", "nlpd")),
             pivot_table(failure, ("auroc",), score="msp"),

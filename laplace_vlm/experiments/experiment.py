@@ -1,16 +1,20 @@
 """The fitted experiment the demo and the benchmark share: posterior, settings and predictions.
 
-:func:`prepare` runs the recipe (splits, trained CLIP, zero-shot posterior), fits the
-temperature-scaling baseline on the clean validation split, chooses the pseudo-count of every
-Laplace predictive on clean validation NLPD (``evaluation.pseudo_count.select_pseudo_count``;
-the prior precision is re-tuned by the marginal likelihood at every ``n``) and, optionally,
-adds fixed pseudo-counts such as the paper's ``n = 10``. :meth:`Experiment.predict` then gives
-every method's probabilities and uncertainty scores for a batch of image activations.
+:func:`prepare` runs the recipe (splits, stand-in CLIP, the posterior's curvature on the
+held-out curvature pairs), fits the temperature-scaling baseline on the clean validation split
+and sets up every Laplace method. :meth:`Experiment.predict` then gives every method's
+probabilities and uncertainty scores for a batch of image activations.
 
-Methods: ``"map"`` (the deterministic model), ``"temperature"`` and ``"laplace_<pred_type>"``
-for the predictives of ``LAPLACE_PREDICTIVES`` (``"laplace_<pred_type>_n10"`` at ``n = 10``).
-``laplace_nn`` is the exact Monte Carlo predictive: weights of both heads sampled from the
-posterior and pushed through the cosine normalisation (``pred_type="nn", link_approx="mc"``).
+Methods:
+
+- ``"map"`` (the deterministic model) and ``"temperature"`` (temperature scaling);
+- ``"bayesvlm"``: the paper's method exactly, the symmetric posterior form at the pseudo-count
+  ``n = 10``, prior precision by marginal likelihood, ProbCosine with the probit link;
+- ``"laplace_<pred_type>"`` for the predictives of ``LAPLACE_PREDICTIVES``, in the same form at
+  the pseudo-count chosen on clean validation NLPD (prior re-tuned at every ``n``);
+  ``laplace_nn`` is exact Monte Carlo through the cosine normalisation;
+- ``"laplace_probcosine_exact"``: laplace's exact-prior form at its own chosen pseudo-count,
+  for comparison.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from laplace_vlm.experiments.recipe import (
     class_text_activations,
     encode_images,
     fit_zero_shot_posterior,
+    in_form,
     load_clip,
     load_splits,
 )
@@ -48,6 +53,10 @@ from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
 # pred_type -> link of each Laplace predictive: the default, the linearised one, exact MC
 LAPLACE_PREDICTIVES: dict[str, str] = {"probcosine": "probit", "glm": "probit", "nn": "mc"}
 PAPER_PSEUDO_COUNT = 10.0
+PAPER_METHOD = "bayesvlm"
+# the posterior forms compared: the paper's (the class default) and laplace's exact prior
+FORMS: dict[str, bool | str] = {"symmetric": "symmetric", "exact": False}
+EXACT_METHOD = "laplace_probcosine_exact"
 MC_SAMPLES = 200
 
 # what every method predicts from
@@ -107,6 +116,30 @@ def laplace_method(pred_type: str, pseudo_count: float | None = None) -> str:
 
 
 @dataclass
+class LaplaceMethod:
+    """One Laplace method: a predictive, a posterior form and its setting.
+
+    Attributes
+    ----------
+    pred_type : str
+        a key of ``LAPLACE_PREDICTIVES``.
+    form : str
+        a key of ``FORMS``.
+    setting : PosteriorSetting
+        pseudo-count and prior precision.
+    """
+
+    pred_type: str
+    form: str
+    setting: PosteriorSetting
+
+    @property
+    def link_approx(self) -> str:
+        """The link of :attr:`pred_type` (``LAPLACE_PREDICTIVES``)."""
+        return LAPLACE_PREDICTIVES[self.pred_type]
+
+
+@dataclass
 class Experiment:
     """A data set's model, posterior and baselines, ready to predict.
 
@@ -118,32 +151,43 @@ class Experiment:
         seed of everything random (split, training, captions, Monte Carlo).
     model : open_clip.model.CLIP
         the trained CLIP.
-    la : DualEncoderLaplace
-        the fitted posterior (its setting is switched per method by :meth:`predict`).
-    classifier : ZeroShotClassifier
-        ``la`` with the template-ensembled class activations.
+    classifiers : dict of str to ZeroShotClassifier
+        posterior form -> the fitted posterior in that form (same curvature) with the
+        template-ensembled class activations; its setting is switched per method.
     splits : dict
-        ``{"train", "val", "test"}`` -> (images, labels).
+        ``{"train", "curvature", "val", "test"}`` -> (images, labels).
     scaler : TemperatureScaling
         fitted on clean validation MAP logits.
-    settings : dict of str to (str, PosteriorSetting)
-        Laplace method -> its pred_type, and its pseudo-count and prior precision.
+    settings : dict of str to LaplaceMethod
+        Laplace method -> its predictive, form, pseudo-count and prior precision.
     choices : dict of str to PseudoCountChoice
         validation NLPD at every pseudo-count of the grid, per chosen method.
     mc_samples : int
         Monte Carlo samples of ``laplace_nn`` and of the mutual information.
+    curvature_pairs : str
+        the split the curvature was fitted on (see ``ExperimentConfig``).
     """
 
     dataset: str
     seed: int
     model: torch.nn.Module
-    la: DualEncoderLaplace
-    classifier: ZeroShotClassifier
+    classifiers: dict[str, ZeroShotClassifier]
     splits: dict
     scaler: TemperatureScaling
-    settings: dict[str, tuple[str, PosteriorSetting]]
+    settings: dict[str, LaplaceMethod]
     choices: dict[str, PseudoCountChoice]
     mc_samples: int = MC_SAMPLES
+    curvature_pairs: str = "curvature"
+
+    @property
+    def la(self) -> DualEncoderLaplace:
+        """The posterior in the paper's form (the class default)."""
+        return self.classifiers["symmetric"].la
+
+    @property
+    def classifier(self) -> ZeroShotClassifier:
+        """:attr:`la` as a zero-shot classifier."""
+        return self.classifiers["symmetric"]
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -177,8 +221,8 @@ class Experiment:
             in the order of :attr:`methods`.
         """
         out = self.deterministic(image_acts)
-        for method, (pred_type, setting) in self.settings.items():
-            out[method] = self.laplace(image_acts, pred_type, setting)
+        for name, method in self.settings.items():
+            out[name] = self.laplace(image_acts, method)
         return out
 
     @_fill_doc
@@ -197,18 +241,14 @@ class Experiment:
         return {m: Prediction(p, logits, None, entropy(p), None) for m, p in probs.items()}
 
     @_fill_doc
-    def laplace(
-        self, image_acts: torch.Tensor, pred_type: str, setting: PosteriorSetting
-    ) -> Prediction:
-        """One Laplace predictive at one posterior setting.
+    def laplace(self, image_acts: torch.Tensor, method: LaplaceMethod) -> Prediction:
+        """One Laplace method's prediction.
 
         Parameters
         ----------
         %(image_acts)s
-        pred_type : str
-            a key of ``LAPLACE_PREDICTIVES``.
-        setting : PosteriorSetting
-            pseudo-count and prior precision, applied to :attr:`la` first.
+        method : LaplaceMethod
+            predictive, form and setting (applied to that form's posterior first).
 
         Returns
         -------
@@ -216,12 +256,13 @@ class Experiment:
             probabilities and scores; the Monte Carlo draws are seeded with :attr:`seed`, the
             same for every call (common random numbers across conditions).
         """
-        setting.apply(self.la)
+        classifier = self.classifiers[method.form]
+        method.setting.apply(classifier.la)
         generator = torch.Generator().manual_seed(self.seed)
-        p = self.classifier.predict(
+        p = classifier.predict(
             image_acts,
-            pred_type=pred_type,
-            link_approx=LAPLACE_PREDICTIVES[pred_type],
+            pred_type=method.pred_type,
+            link_approx=method.link_approx,
             n_samples=self.mc_samples,
             generator=generator,
         )
@@ -274,9 +315,10 @@ class ExperimentConfig:
         overrides of the training set-up (tests use a tiny budget).
     pseudo_counts : sequence of float
         the validation grid of ``n``.
-    fixed_pseudo_counts : sequence of float
-        extra methods ``laplace_<pred_type>_n<n>`` at these ``n`` (the paper's 10 by default;
-        empty for none).
+    curvature_pairs : {'curvature', 'train'}
+        the split the curvature is fitted on: the held-out ``"curvature"`` pairs (default:
+        the stand-in never trained on them) or the stand-in's own training pairs (to measure
+        what memorised pairs do to the posterior).
     max_train, max_eval : int or None
         subset sizes (see ``recipe.load_splits``).
     mc_samples : int
@@ -290,7 +332,7 @@ class ExperimentConfig:
     progress_bar: bool = False
     train_config: dict | None = None
     pseudo_counts: Sequence[float] = PSEUDO_COUNTS
-    fixed_pseudo_counts: Sequence[float] = (PAPER_PSEUDO_COUNT,)
+    curvature_pairs: str = "curvature"
     max_train: int | None = MAX_TRAIN
     max_eval: int | None = MAX_EVAL
     mc_samples: int = MC_SAMPLES
@@ -302,41 +344,76 @@ def prepare(config: ExperimentConfig) -> Experiment:
     Parameters
     ----------
     config : ExperimentConfig
-        data set, seed, cache, grid.
+        data set, seed, cache, grid, curvature pairs.
 
     Returns
     -------
     Experiment
-        the model, posterior, classifier, splits and every method's fitted setting.
+        the model, posteriors, classifiers, splits and every method's fitted setting.
     """
     c = config
-    dataset, seed = c.dataset, c.seed
-    splits = load_splits(dataset, seed, c.data_dir, c.max_train, c.max_eval)
+    if c.curvature_pairs not in ("curvature", "train"):
+        raise ValueError(
+            f"curvature_pairs must be 'curvature' or 'train', got {c.curvature_pairs!r}."
+        )
+    splits = load_splits(c.dataset, c.seed, c.data_dir, c.max_train, c.max_eval)
     model, tokenizer = load_clip(
-        dataset, c.cache_dir, c.progress_bar, seed, c.train_config, c.data_dir, c.max_train
+        c.dataset, c.cache_dir, c.progress_bar, c.seed, c.train_config, c.data_dir, c.max_train
     )
-    la = fit_zero_shot_posterior(model, tokenizer, *splits["train"], seed=seed, dataset=dataset)
-    classifier = ZeroShotClassifier(la, class_text_activations(model, tokenizer, dataset))
+    la = fit_zero_shot_posterior(
+        model, tokenizer, *splits[c.curvature_pairs], seed=c.seed, dataset=c.dataset
+    )
+    class_acts = class_text_activations(model, tokenizer, c.dataset)
+    classifiers = {
+        form: ZeroShotClassifier(la if damping == "symmetric" else in_form(la, damping), class_acts)
+        for form, damping in FORMS.items()
+    }
     val_x, val_y = splits["val"]
     val_acts = encode_images(model, val_x)
-    val_logits = classifier.predict(val_acts, pred_type="map").logit_mean
+    val_logits = classifiers["symmetric"].predict(val_acts, pred_type="map").logit_mean
     scaler = TemperatureScaling().fit(val_logits, val_y)
-    choices = select_pseudo_count(
-        la,
-        classifier.inputs(val_acts),
-        val_y,
-        predictive_kwargs(seed, c.mc_samples),
-        c.pseudo_counts,
-    )
-    settings = {
-        laplace_method(p): (p, choices[laplace_method(p)].setting) for p in LAPLACE_PREDICTIVES
-    }
-    for n in c.fixed_pseudo_counts:
-        setting = tune_prior_at(la, n)
-        settings.update({laplace_method(p, n): (p, setting) for p in LAPLACE_PREDICTIVES})
+    settings, choices = _laplace_methods(classifiers, val_acts, val_y, c)
     return Experiment(
-        dataset, seed, model, la, classifier, splits, scaler, settings, choices, c.mc_samples
+        c.dataset,
+        c.seed,
+        model,
+        classifiers,
+        splits,
+        scaler,
+        settings,
+        choices,
+        c.mc_samples,
+        c.curvature_pairs,
     )
+
+
+def _laplace_methods(
+    classifiers: dict[str, ZeroShotClassifier],
+    val_acts: torch.Tensor,
+    val_y: torch.Tensor,
+    c: ExperimentConfig,
+) -> tuple[dict[str, LaplaceMethod], dict[str, PseudoCountChoice]]:
+    """The paper's method, each predictive at its chosen n, the exact form at its own n."""
+    symmetric, exact = classifiers["symmetric"], classifiers["exact"]
+    methods = {
+        PAPER_METHOD: LaplaceMethod(
+            "probcosine", "symmetric", tune_prior_at(symmetric.la, PAPER_PSEUDO_COUNT)
+        )
+    }
+    kwargs = predictive_kwargs(c.seed, c.mc_samples)
+    choices = select_pseudo_count(
+        symmetric.la, symmetric.inputs(val_acts), val_y, kwargs, c.pseudo_counts
+    )
+    for pred_type in LAPLACE_PREDICTIVES:
+        name = laplace_method(pred_type)
+        methods[name] = LaplaceMethod(pred_type, "symmetric", choices[name].setting)
+    exact_kwargs = {EXACT_METHOD: kwargs[laplace_method("probcosine")]}
+    exact_choice = select_pseudo_count(
+        exact.la, exact.inputs(val_acts), val_y, exact_kwargs, c.pseudo_counts
+    )
+    choices.update(exact_choice)
+    methods[EXACT_METHOD] = LaplaceMethod("probcosine", "exact", exact_choice[EXACT_METHOD].setting)
+    return methods, choices
 
 
 def conditions(

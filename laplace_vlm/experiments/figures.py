@@ -28,7 +28,7 @@ from laplace_vlm.evaluation.tables import condition_label, select
 from laplace_vlm.experiments.benchmark import BenchmarkResult
 from laplace_vlm.experiments.experiment import (
     LAPLACE_PREDICTIVES,
-    PAPER_PSEUDO_COUNT,
+    PAPER_METHOD,
     laplace_method,
     predictive_kwargs,
 )
@@ -44,14 +44,14 @@ SEVERITY_FIGURES: tuple[tuple[str, str, str | None], ...] = (
     ("conformal", "coverage", "lac"),
     ("conformal", "set_size", "lac"),
 )
-# the OOD histograms: the MAP baselines and the default predictive's scores
+# the OOD histograms: the MAP baselines and the paper's method's scores
 OOD_PANELS: tuple[tuple[str, str], ...] = (
     ("map", "msp"),
     ("map", "mcm"),
-    ("laplace_probcosine", "msp"),
-    ("laplace_probcosine", "entropy"),
-    ("laplace_probcosine", "mutual_information"),
-    ("laplace_probcosine", "expected_logit_variance"),
+    (PAPER_METHOD, "msp"),
+    (PAPER_METHOD, "mcm"),
+    (PAPER_METHOD, "mutual_information"),
+    (PAPER_METHOD, "expected_logit_variance"),
 )
 SWEEP_METRICS: tuple[str, ...] = ("ece20", "nlpd")
 
@@ -65,21 +65,25 @@ _fill_doc = fill_doc.extend(
 
 
 def figure_methods(result: BenchmarkResult) -> list[str]:
-    """The methods drawn: MAP, temperature, each predictive at its chosen n, probcosine at 10.
+    """The methods drawn: MAP, temperature, the paper's method, each predictive at its chosen n.
 
     Parameters
     ----------
     result : BenchmarkResult
-        a finished run; probcosine at the paper's pseudo-count is drawn only if it has it.
+        a finished run.
 
     Returns
     -------
     list of str
-        method names.
+        method names (the exact-prior comparison is left to the tables).
     """
-    methods = ["map", "temperature", *(laplace_method(p) for p in LAPLACE_PREDICTIVES)]
-    paper = laplace_method("probcosine", PAPER_PSEUDO_COUNT)
-    return methods + [paper] if paper in result.experiment.methods else methods
+    methods = [
+        "map",
+        "temperature",
+        PAPER_METHOD,
+        *(laplace_method(p) for p in LAPLACE_PREDICTIVES),
+    ]
+    return [m for m in methods if m in result.experiment.methods]
 
 
 @_fill_doc
@@ -154,7 +158,7 @@ def write_plots(
         paths.append(score_histograms(panels, out / next(names), title=title))
     if pseudo_counts is not None:
         sweep = pseudo_count_sweep(result, pseudo_counts)
-        chosen = {m: s.pseudo_count for m, (_, s) in result.experiment.settings.items()}
+        chosen = {m: s.setting.pseudo_count for m, s in result.experiment.settings.items()}
         paths.append(
             pseudo_count_plot(
                 sweep,

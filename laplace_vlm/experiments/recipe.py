@@ -132,7 +132,10 @@ def load_splits(
     max_train: int | None = MAX_TRAIN,
     max_eval: int | None = MAX_EVAL,
 ) -> dict[str, Split]:
-    """Seeded, stratified train/val/test splits as normalised `(N, 3, 32, 32)` images.
+    """Seeded, stratified train/curvature/val/test splits as normalised `(N, 3, 32, 32)` images.
+
+    ``"curvature"`` holds pairs of the training distribution the stand-in never trains on:
+    the posterior's curvature is fitted on them (see :func:`fit_zero_shot_posterior`).
 
     Parameters
     ----------
@@ -144,23 +147,24 @@ def load_splits(
         ``/usr/share/datasets/fashion-mnist``); a ``FileNotFoundError`` names the files when
         they are missing.
     max_train : int or None
-        at most this many training examples (a seeded stratified subset); None keeps all.
+        at most this many training examples (a seeded stratified subset), and as many
+        curvature examples; None keeps all.
     max_eval : int or None
         the same for ``"val"`` and ``"test"`` each.
 
     Returns
     -------
     splits : dict
-        ``{"train": (images, labels), "val": ..., "test": ...}``, images float32, labels int64.
+        ``{"train": (images, labels), "curvature": ..., "val": ..., "test": ...}``, images
+        float32, labels int64.
     """
     _prompts(dataset)
+    limits = {"train": max_train, "curvature": max_train, "val": max_eval, "test": max_eval}
     if dataset == "fashion-mnist":
-        sizes = {"train": max_train, "val": max_eval, "test": max_eval}
-        return load_fashion_mnist_splits(seed, data_dir, sizes)
+        return load_fashion_mnist_splits(seed, data_dir, limits)
     if data_dir is not None:
         raise ValueError("data_dir: the digits are embedded in scikit-learn; pass None.")
     splits = load_digits_splits(seed)
-    limits = {"train": max_train, "val": max_eval, "test": max_eval}
     for name, (images, labels) in splits.items():
         keep = stratified_subset(labels, limits[name], seed)
         splits[name] = (images[keep], labels[keep])
@@ -233,7 +237,8 @@ def load_clip(
     data_dir : path, optional
         Fashion-MNIST's folder (see :func:`load_splits`); not part of the cache key.
     max_train : int or None
-        training subset size (see :func:`load_splits`); part of the cache key.
+        training subset size (see :func:`load_splits`); the training images and labels are
+        part of the cache key (a SHA-256 of their bytes).
 
     Returns
     -------
@@ -244,11 +249,12 @@ def load_clip(
     """
     prompts = _prompts(dataset)
     cfg = {**training.TRAIN_CONFIGS[dataset], **(train_config or {}), "seed": seed}
-    key = {"train": cfg, "max_train": max_train, "prompts": asdict(prompts)}
+    images, labels = load_splits(dataset, seed, data_dir, max_train)["train"]
+    # the training data are part of the key: a changed split never loads a stale model
+    key = {"train": cfg, "data": cache.digest(images, labels), "prompts": asdict(prompts)}
     path = cache.cache_path(cache_dir, dataset, key)
     if path.is_file():
         return cache.load_cached(path), training.clip_tokenizer()
-    images, labels = load_splits(dataset, seed, data_dir, max_train)["train"]
     # the toy model's GEMMs are too small to gain from threads, and on a busy machine extra
     # threads stall: one thread trained 2-5x faster than two on 2 shared cores
     with torch_threads(1):
@@ -303,9 +309,18 @@ def class_text_activations(model, tokenizer, dataset: str) -> torch.Tensor:
 
 
 def fit_zero_shot_posterior(
-    model, tokenizer, images: torch.Tensor, labels: torch.Tensor, seed: int, dataset: str = "digits"
+    model,
+    tokenizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    dataset: str = "digits",
+    damping: bool | str = "symmetric",
 ) -> DualEncoderLaplace:
     """KFAC posterior of both heads from labelled images, one seeded caption per image.
+
+    The experiments pass the ``"curvature"`` split of :func:`load_splits`: pairs of the
+    training distribution the stand-in never trained on.
 
     Class batches hold distinct classes (:func:`class_distinct_batches`, every example used):
     each image's classes are the captions of its batch, the zero-shot problem the posterior is
@@ -325,6 +340,8 @@ def fit_zero_shot_posterior(
         seed of the captions and the batches.
     dataset : {'digits', 'fashion-mnist'}
         whose captions.
+    damping : {'symmetric', False, True}, default='symmetric'
+        the posterior form (the paper's by default; see ``DualEncoderLaplace``).
 
     Returns
     -------
@@ -335,6 +352,27 @@ def fit_zero_shot_posterior(
     tokens = tokenizer(captions(dataset, labels, generator))
     pairs = extract_features(model, DataLoader(TensorDataset(images, tokens), 512))
     acts_img, acts_txt = pairs.image.activations, pairs.text.activations
-    la = DualEncoderLaplace(model, contrastive="clip")
+    la = DualEncoderLaplace(model, contrastive="clip", damping=damping)
     la.fit([(acts_img[b], acts_txt[b]) for b in class_distinct_batches(labels, generator)])
     return la
+
+
+def in_form(la: DualEncoderLaplace, damping: bool | str) -> DualEncoderLaplace:
+    """The same fitted curvature in another posterior form (``damping`` of the class).
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        a fitted posterior (model mode).
+    damping : {'symmetric', False, True}
+        the other form.
+
+    Returns
+    -------
+    DualEncoderLaplace
+        over the same model, with ``la``'s factor sums, at laplace's default prior and
+        temperature.
+    """
+    other = DualEncoderLaplace(la.adapter.model, contrastive=la.contrastive, damping=damping)
+    other.set_factor_sums(la.factor_sums())
+    return other

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import open_clip
 import platformdirs
+import torch
 from safetensors.torch import load_file
 
 from laplace_vlm.io.safetensors_file import write_safetensors
@@ -24,6 +25,27 @@ def default_cache_dir() -> Path:
         the user's cache folder of the package (not created here).
     """
     return Path(platformdirs.user_cache_dir("laplace-vlm"))
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes: the identity of a training set.
+
+    Parameters
+    ----------
+    *tensors : torch.Tensor
+        e.g. the training images and labels.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
 def cache_path(cache_dir: str | os.PathLike | None, dataset: str, key: dict) -> Path:
