@@ -20,6 +20,7 @@ from laplace_vlm.enums import LinkApprox, PosteriorForm, PredType
 from laplace_vlm.heads import DualHead
 from laplace_vlm.predictive.links import probit_sigmoid, probit_softmax
 from laplace_vlm.predictive.moments import probcosine
+from laplace_vlm.tasks.estimator import ZeroShotEstimator
 
 __all__ = [
     "DualEncoderLaplace",
@@ -27,6 +28,7 @@ __all__ = [
     "LinkApprox",
     "PosteriorForm",
     "PredType",
+    "ZeroShotEstimator",
     "available_curvature_backends",
     "probcosine",
     "probit_sigmoid",
