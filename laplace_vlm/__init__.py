@@ -16,18 +16,32 @@ with warnings.catch_warnings():
 
 from laplace_vlm.curvature import available_curvature_backends, register_curvature_backend
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
-from laplace_vlm.enums import LinkApprox, PosteriorForm, PredType
+from laplace_vlm.enums import (
+    Contrastive,
+    Direction,
+    Link,
+    LinkApprox,
+    PosteriorForm,
+    PredType,
+    PriorStructure,
+    TuningMethod,
+)
 from laplace_vlm.heads import DualHead
 from laplace_vlm.predictive.links import probit_sigmoid, probit_softmax
 from laplace_vlm.predictive.moments import probcosine
 from laplace_vlm.tasks.estimator import ZeroShotEstimator
 
 __all__ = [
+    "Contrastive",
+    "Direction",
     "DualEncoderLaplace",
     "DualHead",
+    "Link",
     "LinkApprox",
     "PosteriorForm",
     "PredType",
+    "PriorStructure",
+    "TuningMethod",
     "ZeroShotEstimator",
     "available_curvature_backends",
     "probcosine",

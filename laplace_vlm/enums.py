@@ -14,7 +14,11 @@ E = TypeVar("E", bound=Enum)
 
 
 class PredType(str, Enum):
-    """Valid options for ``pred_type``: how the posterior reaches the similarity logits."""
+    """Valid options for ``pred_type``: how the posterior reaches the similarity logits.
+
+    Extends ``laplace.PredType``: every laplace member (``GLM``, ``NN``, ``GP``) has its value
+    here, so ``laplace.PredType.GLM`` and ``"glm"`` are accepted wherever ours are.
+    """
 
     PROBCOSINE = "probcosine"
     """Moment matching of the cosine with the full embedding covariances (the default)."""
@@ -31,13 +35,20 @@ class PredType(str, Enum):
     MAP = "map"
     """The deterministic model at the posterior mean."""
 
+    GP = "gp"
+    """laplace's function-space predictive of ``FunctionalLaplace``: a member for laplace's
+    sake, refused by the Kronecker ``DualEncoderLaplace`` with an error that says so."""
+
 
 MOMENT_PRED_TYPES = (PredType.PROBCOSINE, PredType.PROBCOSINE_DIAG, PredType.GLM)
 """The pred types with analytic logit moments (``predictive_moments``)."""
 
 
 class LinkApprox(str, Enum):
-    """Valid options for ``link_approx``: how the logit distribution reaches probabilities."""
+    """Valid options for ``link_approx``: how the logit distribution reaches probabilities.
+
+    The members of ``laplace.LinkApprox``, with the same values.
+    """
 
     PROBIT = "probit"
     """MacKay's probit approximation on the logit moments."""
@@ -70,6 +81,45 @@ class Contrastive(str, Enum):
 
     SIGLIP = "siglip"
     """Pairwise sigmoid with a logit bias."""
+
+
+class PriorStructure(str, Enum):
+    """Valid options for ``prior_structure``: which parameters share a prior precision.
+
+    laplace's ``PriorStructure`` members plus ``HEAD``.
+    """
+
+    SCALAR = "scalar"
+    """One precision for all parameters."""
+
+    HEAD = "head"
+    """One precision per projection head (its weight and bias)."""
+
+    LAYERWISE = "layerwise"
+    """One precision per weight and bias tensor (laplace's layers)."""
+
+    DIAG = "diag"
+    """One precision per parameter: laplace's member, refused by a Kronecker posterior."""
+
+
+class TuningMethod(str, Enum):
+    """Valid options for ``method`` of ``optimize_prior_precision`` (laplace's members)."""
+
+    MARGLIK = "marglik"
+    """The evidence optimum."""
+
+    GRIDSEARCH = "gridsearch"
+    """The best validation loss on a logarithmic grid."""
+
+
+class Direction(str, Enum):
+    """Valid options for ``direction`` of retrieval."""
+
+    IMAGE_TO_TEXT = "image_to_text"
+    """Queries are the images, the gallery the texts."""
+
+    TEXT_TO_IMAGE = "text_to_image"
+    """Queries are the texts, the gallery the images."""
 
 
 class PosteriorForm(str, Enum):

@@ -77,10 +77,11 @@ class InputEncoder:
 
         Parameters
         ----------
-        x : dict or object
+        x : dict or tuple or object
             a dict with ``"image"`` and optionally ``"text"``, ``"image_residual"``,
-            ``"text_residual"`` (without ``"text"``: the classes of ``set_classes``); anything
-            else is the images, scored against those classes.
+            ``"text_residual"`` (without ``"text"``: the classes of ``set_classes``); a fit
+            batch ``(image, text)`` (the texts are the classes); anything else is the images,
+            scored against those classes.
 
         Returns
         -------
@@ -95,6 +96,13 @@ class InputEncoder:
             for a dict without ``"image"`` or with other keys, or when the classes are
             needed and none are set.
         """
+        if isinstance(x, (tuple, list)):  # a fit batch (image, text), as laplace takes (X, y)
+            if len(x) != 2:
+                raise ValueError(
+                    "x as a sequence must be a fit batch (image, text), got "
+                    f"{len(x)} elements: pass a dict {{'image': ..., 'text': ...}}."
+                )
+            x = {"image": x[0], "text": x[1]}
         if not isinstance(x, Mapping):
             return (*self.features("image", x, None), *self.classes())
         unknown = set(x) - PREDICT_KEYS

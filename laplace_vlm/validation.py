@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -167,6 +168,199 @@ def check_nonzero_norm(name: str, z: torch.Tensor, eps: float = 1e-12) -> torch.
             "the cosine similarity is undefined."
         )
     return z
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` (sample counts, chunk sizes, bins, iteration budgets).
+
+    ``bool`` is refused (``True`` is not a count); numpy and 0-d integer torch scalars are
+    accepted (anything with ``__index__``).
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        what was passed.
+    minimum : int, default=1
+        the smallest valid value.
+
+    Returns
+    -------
+    int
+        ``value`` as a Python int.
+
+    Raises
+    ------
+    TypeError
+        if ``value`` is not an integer (e.g. ``1.5``, ``"a"``, ``True``).
+    ValueError
+        if it is below ``minimum``.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}.")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}."
+        ) from None
+    if number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {number}.")
+    return number
+
+
+def check_optional_int(name: str, value: object, minimum: int = 1) -> int | None:
+    """``None``, or :func:`check_int` of ``value``.
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        what was passed; None means "the default".
+    minimum : int, default=1
+        the smallest valid value.
+
+    Returns
+    -------
+    int or None
+        ``value`` as a Python int, or None.
+    """
+    return None if value is None else check_int(name, value, minimum)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """A ``bool`` switch: a truthy tensor, string or number is refused, not interpreted.
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        what was passed.
+
+    Returns
+    -------
+    bool
+        ``value`` itself.
+
+    Raises
+    ------
+    TypeError
+        if ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def check_generator(name: str, value: object) -> torch.Generator | None:
+    """``None`` or a ``torch.Generator`` (laplace refuses anything else as well).
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        what was passed.
+
+    Returns
+    -------
+    torch.Generator or None
+        ``value`` itself.
+
+    Raises
+    ------
+    TypeError
+        for anything else (a seed: wrap it in ``torch.Generator().manual_seed(seed)``).
+    """
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(
+            f"{name} must be a torch.Generator or None, got {type(value).__name__}; for a seed "
+            "pass torch.Generator().manual_seed(seed)."
+        )
+    return value
+
+
+def check_probabilities(name: str, value: object) -> torch.Tensor:
+    """A :func:`check_matrix` whose rows are distributions: entries in [0, 1] summing to 1.
+
+    Logits and per-pair sigmoid probabilities fail here; a metric that can take logits says
+    so with ``from_logits=True``.
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        what was passed, `(N, C)`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value`` itself.
+
+    Raises
+    ------
+    TypeError, ValueError
+        as :func:`check_matrix`; ``ValueError`` for entries outside [0, 1] or rows that do
+        not sum to 1 (within ``1e-3`` in float32 and below, ``1e-6`` in float64).
+    """
+    check_matrix(name, value)
+    lo, hi = torch.aminmax(value.detach())
+    tol = 1e-6 if value.dtype == torch.float64 else 1e-3
+    err = (value.detach().sum(-1, dtype=torch.float64) - 1).abs().max().item()
+    if lo.item() < 0 or hi.item() > 1 or err > tol:
+        raise ValueError(
+            f"{name} must be probabilities (rows of entries in [0, 1] summing to 1), got "
+            f"entries in [{lo.item():.4g}, {hi.item():.4g}] and rows off 1 by up to {err:.3g}: "
+            "for logits pass from_logits=True (where offered) or apply a softmax first."
+        )
+    return value
+
+
+def check_labels(name: str, value: object, n: int, n_classes: int) -> torch.Tensor:
+    """`(n,)` integer class indices in ``[0, n_classes)``.
+
+    Float labels are refused instead of truncated (``2.7`` is no class index).
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        what was passed.
+    n : int
+        the number of predictions the labels belong to.
+    n_classes : int
+        the number of classes.
+
+    Returns
+    -------
+    torch.Tensor
+        ``value`` itself.
+
+    Raises
+    ------
+    TypeError
+        if ``value`` is not an integer tensor.
+    ValueError
+        for another shape or an index out of range.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {value.dtype}.")
+    if tuple(value.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(value.shape)}.")
+    check_has_data(name, value)
+    if n and (int(value.min()) < 0 or int(value.max()) >= n_classes):
+        raise ValueError(
+            f"{name} must lie in [0, {n_classes}), got values in "
+            f"[{int(value.min())}, {int(value.max())}]."
+        )
+    return value
 
 
 def positive_number(kind: type) -> Callable[[str], int | float]:

@@ -27,5 +27,5 @@ def test_recovers_known_temperature(true_temperature):
 def test_unfitted_is_identity_and_bad_shapes_raise():
     logits = torch.randn(3, 4)
     torch.testing.assert_close(TemperatureScaling()(logits), torch.softmax(logits, -1))
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(3,\)"):
         TemperatureScaling().fit(logits, torch.zeros(2, dtype=torch.long))

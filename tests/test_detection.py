@@ -151,9 +151,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="score_neg must be real-valued"):
         fpr_at_tpr(ok, torch.tensor([True, False]))
     for level in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match="tpr must lie in"):
+        with pytest.raises(ValueError, match="tpr must be a number in"):
             fpr_at_tpr(ok, ok, level)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         mcm(torch.zeros(2, 3), 0.0)
     with pytest.raises(ValueError, match="cosine must have shape \\(N, d\\)"):
         mcm(torch.zeros(3))

@@ -173,25 +173,6 @@ def test_marglik_optimisation_improves_the_evidence_per_layer():
     assert grad.abs().max() < 1e-2 * lml.abs()
 
 
-def test_gridsearch_uses_the_validation_loader():
-    kw, a_i, a_t = make_problem(bias=False)
-    la = DualEncoderLaplace(**kw)
-    la.fit(loader(a_i, a_t))
-    la.set_classes(a_t[:6])
-    labels = torch.arange(12) % 6
-    val = DataLoader(TensorDataset(a_i[:12], labels), batch_size=6)
-    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=5)
-    nll = {}
-    for prior in torch.logspace(-4, 4, 5).tolist():  # the grid, scored independently
-        la.prior_precision = prior
-        probs = la(a_i[:12], pred_type="glm")  # what laplace's gridsearch scores by default
-        nll[prior] = -probs[torch.arange(12), labels].log().sum().item()
-    best = min(nll, key=nll.get)
-    assert max(nll.values()) - min(nll.values()) > 1e-3, nll  # the grid does decide
-    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=5)
-    assert la.prior_precision.item() == pytest.approx(best)
-
-
 def test_samples_have_the_posterior_covariance():
     kw, a_i, a_t = make_problem(bias=False)
     la = DualEncoderLaplace(**kw, prior_precision=2.0)

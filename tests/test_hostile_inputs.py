@@ -17,6 +17,20 @@ from test_dual_encoder_laplace import D_IMG, D_TXT, D, loader, make_problem
 from torch.utils.data import DataLoader, TensorDataset
 
 from laplace_vlm import DualEncoderLaplace
+from laplace_vlm.active.acquisition import acquisition_scores
+from laplace_vlm.evaluation.calibration import TemperatureScaling
+from laplace_vlm.evaluation.detection import detection_auroc, fpr_at_tpr, mcm
+from laplace_vlm.evaluation.metrics import accuracy, brier, classification_metrics, ece, nlpd
+from laplace_vlm.evaluation.selective import aurc, failure_auroc
+from laplace_vlm.posterior.marglik import maximize_marglik
+from laplace_vlm.predictive.links import laplace_bridge, sample_logits
+from laplace_vlm.predictive.uncertainty import (
+    bald_from_samples,
+    epig_from_samples,
+    predictive_entropy,
+)
+from laplace_vlm.tasks.retrieval import rank, rank_scores, recall_at_k, relevance_matrix
+from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -210,35 +224,261 @@ def test_overflowing_logit_scale_is_a_value_error_not_exit():
     raises_value_error(lambda: la.fit(loader(a_i, a_t)), "NaN or inf")
 
 
-# ----------------------------------------------------------------- predict inputs
-@pytest.mark.parametrize(
-    "call, error, match",
-    [
-        (lambda la, x: la.predictive_moments(x, pred_type="mc"), ValueError, "pred_type must be"),
-        (
-            lambda la, x: la.predictive_moments(x, pred_type="probcosine", diagonal_output=False),
-            ValueError,
-            "needs pred_type='glm'",
-        ),  # fmt: skip
-        (lambda la, x: la(x, pred_type="nn"), ValueError, "link_approx='mc'"),
-        (lambda la, x: la(x, link_approx="laplace"), ValueError, "link_approx must be"),
-        (lambda la, x: la(x, link="relu"), ValueError, "link must be"),
-        (lambda la, x: la(x, joint=True), ValueError, "joint"),
-        (lambda la, x: la.functional_samples(x, "map"), ValueError, "no samples"),
-        (lambda la, x: la.functional_samples(x, "nn", diagonal_output=True), ValueError, "glm"),
-        (lambda la, x: la(x, diagonal_output=True), ValueError, "diagonal_output"),
-        (lambda la, x: la(x, foo=1), ValueError, "foo"),
-        (lambda la, x: la({**x, "image_residual": torch.randn(2, D)}), ValueError, "rows"),
-        (lambda la, x: la({**x, "text": x["text"][:, :2]}), ValueError, r"\(N, 5\)"),
-        (lambda la, x: la({**x, "text": torch.zeros(4, D_TXT)}), ValueError, "zero-norm"),
-        (lambda la, x: la({**x, "image": x["image"] * NAN}), ValueError, "NaN or inf"),
-        (lambda la, x: la({"text": x["text"]}), ValueError, "keys"),
-    ],
-)
-def test_bad_predict_calls(call, error, match):
-    la, a_i, a_t = fitted()
-    with pytest.raises(error, match=match):
-        call(la, {"image": a_i[:3], "text": a_t[:4]})
+# ----------------------------------------------------------------- the public API, one table
+class Ctx:
+    """What the hostile calls need, built once in float64: a fitted posterior and friends."""
+
+    def __init__(self) -> None:
+        self.kw, a_i, a_t = make_problem(bias=False)
+        self.la = DualEncoderLaplace(**self.kw)
+        self.la.fit(loader(a_i, a_t))
+        self.x = {"image": a_i[:3], "text": a_t[:4]}
+        g = torch.Generator().manual_seed(0)
+        self.logits = 3 * torch.randn(6, 4, generator=g)
+        self.probs = torch.softmax(self.logits, -1)
+        self.labels = torch.tensor([0, 1, 2, 3, 0, 1])
+        self.mean, self.var = torch.randn(5, 3, generator=g), torch.rand(5, 3, generator=g)
+        self.samples = torch.randn(8, 5, 3, generator=g)
+        self.acts = a_i[:5]
+        self.classes = a_t[:4]
+        self.clf = ZeroShotClassifier(self.la, self.classes)
+        self.ranking = rank_scores(torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g))
+        self.targets = torch.tensor([0, 1, 2, 3])
+        self.scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
+        self.correct = torch.tensor([True, False, True, True])
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield Ctx()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _with(t: torch.Tensor, index, value) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _set(obj, name, value):
+    setattr(obj, name, value)
+
+
+def _dual(c, **override):
+    return DualEncoderLaplace(**{**c.kw, **override})
+
+
+def _gridsearch(c, **kw):
+    return c.la.optimize_prior_precision(method="gridsearch", **{"grid_size": 2, **kw})
+
+
+V, T = ValueError, TypeError
+# (id, call(ctx), exception type, message fragment); every public entry point with bad input
+HOSTILE_CALLS = [
+    # prediction: samplers, MC paths, chunk_size, options
+    ("mc_zero_samples", lambda c: c.la(c.x, link_approx="mc", n_samples=0), V,
+     "n_samples must be an integer >= 1, got 0"),
+    ("mc_fractional_samples", lambda c: c.la(c.x, link_approx="mc", n_samples=1.5), T,
+     "n_samples must be an integer, got float"),
+    ("bool_samples", lambda c: c.la(c.x, link_approx="mc", n_samples=True), T, "the bool"),
+    ("chunk_size_str", lambda c: c.la.predictive_moments(c.x, chunk_size="a"), T,
+     "chunk_size must be an integer, got str"),
+    ("chunk_size_zero", lambda c: c.la.predictive_moments(c.x, chunk_size=0), V,
+     "chunk_size must be an integer >= 1"),
+    ("moments_pred_type", lambda c: c.la.predictive_moments(c.x, pred_type="mc"), V,
+     "pred_type must be one of"),
+    ("class_cov_probcosine",
+     lambda c: c.la.predictive_moments(c.x, "probcosine", class_covariance=True), V,
+     "class_covariance=True needs pred_type='glm'"),
+    ("class_cov_str", lambda c: c.la.predictive_moments(c.x, class_covariance="yes"), T,
+     "class_covariance must be True or False"),
+    ("nn_without_mc", lambda c: c.la(c.x, pred_type="nn"), V, "link_approx='mc'"),
+    ("gp_pred_type", lambda c: c.la(c.x, pred_type="gp"), V, "FunctionalLaplace"),
+    ("unknown_link_approx", lambda c: c.la(c.x, link_approx="laplace"), V,
+     "link_approx must be one of"),
+    ("unknown_link", lambda c: c.la(c.x, link="relu"), V, "link must be one of"),
+    ("map_unknown_link_approx", lambda c: c.la(c.x, pred_type="map", link_approx="foo"), V,
+     "link_approx must be one of"),
+    ("joint", lambda c: c.la(c.x, joint=True), V, "joint=True is only defined for regression"),
+    ("joint_str", lambda c: c.la(c.x, joint="no"), T, "joint must be True or False"),
+    ("generator_int", lambda c: c.la(c.x, link_approx="mc", generator=0), T,
+     "generator must be a torch.Generator"),
+    ("diagonal_output_probit", lambda c: c.la(c.x, diagonal_output=True), V,
+     "diagonal_output=True needs pred_type='glm' and link_approx='mc'"),
+    ("model_kwargs", lambda c: c.la(c.x, foo=1), V, "unexpected arguments ['foo']"),
+    ("bridge_sigmoid", lambda c: c.la(c.x, link_approx="bridge", link="sigmoid"), V,
+     "softmax link"),
+    ("samples_of_map", lambda c: c.la.functional_samples(c.x, "map"), V, "no samples"),
+    ("samples_diag_nn", lambda c: c.la.functional_samples(c.x, "nn", diagonal_output=True), V,
+     "diagonal_output=True needs pred_type='glm'"),
+    ("samples_negative", lambda c: c.la.functional_samples(c.x, n_samples=-3), V,
+     "n_samples must be an integer >= 1, got -3"),
+    ("predictive_samples_link", lambda c: c.la.predictive_samples(c.x, link="tanh"), V,
+     "link must be one of"),
+    ("embedding_full_str", lambda c: c.la.embedding_moments(c.x, full="yes"), T,
+     "full must be True or False"),
+    # prediction inputs
+    ("residual_rows", lambda c: c.la({**c.x, "image_residual": torch.randn(2, D)}), V,
+     "residual must have 3 rows"),
+    ("text_width", lambda c: c.la({**c.x, "text": c.x["text"][:, :2]}), V, r"\(N, 5\)"),
+    ("zero_norm_text", lambda c: c.la({**c.x, "text": torch.zeros(4, D_TXT)}), V, "zero-norm"),
+    ("nan_image", lambda c: c.la({**c.x, "image": c.x["image"] * NAN}), V, "contains NaN or inf"),
+    ("no_image_key", lambda c: c.la({"text": c.x["text"]}), V, "keys 'image' and 'text'"),
+    ("three_tuple", lambda c: c.la((c.x["image"], c.x["text"], c.x["text"])), V,
+     "fit batch (image, text)"),
+    ("list_rows", lambda c: c.la.predictive_moments([[0.0] * D_IMG] * 2), T,
+     "x['image'] must be a torch.Tensor, got list"),
+    # laplace's keywords and attributes
+    ("dict_key_x_default", lambda c: _dual(c, dict_key_x="input_ids"), V,
+     "dict_key_x='input_ids' is not supported"),
+    ("backend_kwargs", lambda c: _dual(c, backend_kwargs={}), V, "backend_kwargs={} is not"),
+    ("dict_key_y_int", lambda c: _dual(c, dict_key_y=3), T, "dict_key_y must be a str"),
+    ("ctor_chunk_size", lambda c: _dual(c, chunk_size="a"), T, "chunk_size must be an integer"),
+    ("ctor_joint_bias", lambda c: _dual(c, joint_bias="yes"), T,
+     "joint_bias must be True or False"),
+    ("ctor_enable_backprop", lambda c: _dual(c, enable_backprop="yes"), T,
+     "enable_backprop must be True or False"),
+    ("ctor_damping", lambda c: _dual(c, damping="full"), V, "damping must be False, True or"),
+    ("ctor_regression", lambda c: DualEncoderLaplace(None, "regression", **c.kw), V,
+     "likelihood='classification'"),
+    ("set_n_outputs", lambda c: _set(c.la, "n_outputs", 7), V,
+     "n_outputs is the number of classes"),
+    ("set_prior", lambda c: _set(c.la, "prior_precision", -1.0), V,
+     "prior_precision must be positive"),
+    ("set_temperature", lambda c: _set(c.la, "temperature", 0.0), V,
+     "temperature must be positive"),
+    ("tuning_method", lambda c: c.la.optimize_prior_precision(method="adam"), V,
+     "method must be one of ('marglik', 'gridsearch')"),
+    ("gridsearch_no_loader", lambda c: c.la.optimize_prior_precision(method="gridsearch"), V,
+     "val_loader"),
+    ("n_steps_float", lambda c: c.la.optimize_prior_precision(n_steps=2.5), T,
+     "n_steps must be an integer"),
+    ("prior_structure_diag", lambda c: c.la.optimize_prior_precision(prior_structure="diag"),
+     V, "cannot be held by a Kronecker posterior"),
+    ("gridsearch_loss", lambda c: _gridsearch(c, val_loader=[(c.x, c.labels[:3])], loss=3), T,
+     "loss must be callable"),
+    ("gridsearch_dict_without_labels",
+     lambda c: _gridsearch(c, val_loader=[{"image": c.acts, "text": c.classes}]), V,
+     "dict_key_y='labels'"),
+    ("gridsearch_grid_size", lambda c: _gridsearch(c, val_loader=[(c.x, c.labels[:3])],
+                                                   grid_size=0), V, "grid_size"),  # noqa: E131
+    ("marglik_max_iter", lambda c: maximize_marglik(c.la, max_iter=0), V,
+     "max_iter must be an integer >= 1"),
+    ("marglik_budget", lambda c: maximize_marglik(c.la, budget="y"), T,
+     "budget must be True or False"),
+    # metrics
+    ("nlpd_logits", lambda c: nlpd(c.logits, c.labels), V, "probs must be probabilities"),
+    ("ece_logits", lambda c: ece(c.logits, c.labels), V, "from_logits=True"),
+    ("nlpd_nan", lambda c: nlpd(_with(c.probs, (0, 0), NAN), c.labels), V,
+     "probs contains NaN or inf"),
+    ("accuracy_empty", lambda c: accuracy(torch.ones(0, 3), torch.zeros(0, dtype=torch.long)),
+     V, "probs is empty"),
+    ("nlpd_float_labels", lambda c: nlpd(c.probs, c.labels + 0.7), T,
+     "labels must be an integer tensor"),
+    ("brier_label_range", lambda c: brier(c.probs, _with(c.labels, 0, 4)), V,
+     "labels must lie in [0, 4)"),
+    ("ece_bins", lambda c: ece(c.probs, c.labels, n_bins=0), V, "n_bins must be an integer >= 1"),
+    ("metrics_from_logits_str",
+     lambda c: classification_metrics(c.logits, c.labels, from_logits="yes"), T,
+     "from_logits must be True or False"),
+    ("nlpd_list", lambda c: nlpd(c.probs.tolist(), c.labels), T, "probs must be a torch.Tensor"),
+    ("labels_shape", lambda c: accuracy(c.probs, c.labels[:5]), V, r"labels must have shape \(6,\)"),
+    # temperature scaling
+    ("ts_empty", lambda c: TemperatureScaling().fit(torch.ones(0, 3),
+                                                    torch.zeros(0, dtype=torch.long)), V,
+     "logits is empty"),  # noqa: E131
+    ("ts_nan", lambda c: TemperatureScaling().fit(c.logits * NAN, c.labels), V,
+     "logits contains NaN or inf"),
+    ("ts_label_range", lambda c: TemperatureScaling().fit(c.logits, c.labels + 4), V,
+     "labels must lie in [0, 4)"),
+    ("ts_float_labels", lambda c: TemperatureScaling().fit(c.logits, c.labels.double()), T,
+     "labels must be an integer tensor"),
+    ("ts_max_iter", lambda c: TemperatureScaling(max_iter=0), V, "max_iter must be an integer"),
+    ("ts_call_nan", lambda c: TemperatureScaling()(c.logits * NAN), V, "logits contains NaN"),
+    # links, samplers, uncertainty
+    ("sample_logits_zero", lambda c: sample_logits(c.mean, c.var, 0), V,
+     "n_samples must be an integer >= 1"),
+    ("sample_logits_negative_var", lambda c: sample_logits(c.mean, -c.var), V,
+     "var must be non-negative"),
+    ("sample_logits_nan_mean", lambda c: sample_logits(c.mean * NAN, c.var), V,
+     "mean contains NaN"),
+    ("sample_logits_seed", lambda c: sample_logits(c.mean, c.var, 4, 1.5), T,
+     "generator (a seed) must be an integer"),
+    ("bridge_cov_shape", lambda c: laplace_bridge(c.mean, c.var), V, "cov must be (N, C, C)"),
+    ("bald_nan", lambda c: bald_from_samples(c.samples * NAN), V, "samples contains NaN"),
+    ("epig_axes", lambda c: epig_from_samples(c.samples, c.samples[:3]), V,
+     "share the sample axis"),
+    ("entropy_link", lambda c: predictive_entropy(c.mean, c.var, link_approx="bridge"), V,
+     "link_approx must be 'probit' or 'mc'"),
+    # zero-shot
+    ("zeroshot_list", lambda c: ZeroShotClassifier(c.la, c.classes.tolist()), T,
+     "class_activations must be a torch.Tensor"),
+    ("zeroshot_not_la", lambda c: ZeroShotClassifier(object(), c.classes), T,
+     "la must be a fitted DualEncoderLaplace"),
+    ("zeroshot_residual_rows",
+     lambda c: ZeroShotClassifier(c.la, c.classes, class_residual=torch.randn(5, D)), V,
+     "class_residual must have 4 rows"),
+    ("zeroshot_map_link", lambda c: c.clf.predict(c.acts, pred_type="map", link_approx="foo"),
+     V, "link_approx must be one of"),
+    ("zeroshot_samples", lambda c: c.clf.predict(c.acts, n_samples=0), V,
+     "n_samples must be an integer >= 1"),
+    ("zeroshot_nn", lambda c: c.clf.predict(c.acts, pred_type="nn"), V, "link_approx='mc'"),
+    # retrieval
+    ("recall_ks", lambda c: recall_at_k(c.ranking, c.targets, ks=(0, -1)), V,
+     "ks[0] must be an integer >= 1, got 0"),
+    ("recall_ks_float", lambda c: recall_at_k(c.ranking, c.targets, ks=(1.5,)), T,
+     "ks[0] must be an integer"),
+    ("recall_float_ranking", lambda c: recall_at_k(c.ranking.mean, c.targets), T,
+     "ranking must be a Ranking"),
+    ("rank_direction", lambda c: rank(c.la, c.acts, c.classes, direction="sideways"), V,
+     "direction must be one of"),
+    ("rank_pred_type", lambda c: rank(c.la, c.acts, c.classes, pred_type="nn"), V,
+     "pred_type must be one of"),
+    ("rank_scores_shape", lambda c: rank_scores(torch.zeros(2, 3), torch.zeros(3, 2)), V,
+     "mean and var"),
+    ("rank_scores_nan", lambda c: rank_scores(torch.full((2, 3), NAN), torch.zeros(2, 3)), V,
+     "mean contains NaN"),
+    ("relevance_float", lambda c: relevance_matrix(torch.tensor([0.5, 1.0]), 3), T,
+     "targets must be integer gallery indices"),
+    # detection, selective prediction, acquisition
+    ("fpr_tpr_str", lambda c: fpr_at_tpr(c.scores, c.scores, tpr="0.95"), V,
+     "tpr must be a number in (0, 1]"),
+    ("auroc_nan", lambda c: detection_auroc(c.scores, c.scores * NAN), V,
+     "score_neg must be finite"),
+    ("mcm_nan_temperature", lambda c: mcm(c.probs, temperature=NAN), V,
+     "temperature must be a finite number > 0"),
+    ("failure_all_correct", lambda c: failure_auroc(c.scores, torch.ones(4, dtype=torch.bool)),
+     V, "needs both correct and misclassified"),
+    ("aurc_not_binary", lambda c: aurc(c.scores, torch.tensor([0, 1, 2, 1])), V, "0/1"),
+    ("acquisition_nan_mean", lambda c: acquisition_scores("entropy", c.mean * NAN, c.var), V,
+     "mean contains NaN"),
+    ("acquisition_nan_var", lambda c: acquisition_scores("logit_variance", c.mean, c.var * NAN),
+     V, "var contains NaN"),
+    ("acquisition_nan_samples", lambda c: acquisition_scores("bald", samples=c.samples * NAN),
+     V, "samples contains NaN"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in HOSTILE_CALLS],
+                         ids=[c[0] for c in HOSTILE_CALLS])  # fmt: skip
+def test_hostile_calls_raise_a_named_error(ctx, call, error, match):
+    """Each hostile call raises exactly ``error`` (not a subclass such as a raw torch error
+    that happens to be a TypeError), with a message that names the argument."""
+    with pytest.raises(error, match=re.escape(match) if "\\" not in match else match) as info:
+        call(ctx)
+    assert type(info.value) is error, info.value
+
+
+def test_the_hostile_table_is_large_and_fits_laplace_conventions(ctx):
+    assert len(HOSTILE_CALLS) >= 40
+    assert len({c[0] for c in HOSTILE_CALLS}) == len(HOSTILE_CALLS)
+    # the table's calls left the shared posterior as it was
+    torch.testing.assert_close(ctx.la.prior_precision, torch.ones(1))
+    assert ctx.la.temperature == 1.0 and ctx.la.n_outputs == 0
 
 
 def test_predict_before_fit():

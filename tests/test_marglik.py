@@ -143,9 +143,14 @@ def test_method_maps_laplace_arguments(capsys):
     torch.testing.assert_close(la.prior_precision, maximize_marglik(la, "head")[[0, 0, 1, 1]])
     maximize_marglik(la, "layerwise")
     torch.testing.assert_close(la.prior_precision, expected)
-    with pytest.raises(ValueError, match="n_steps=2"):  # honoured as the iteration limit
-        la.optimize_prior_precision(prior_structure="layerwise", n_steps=2)
-    with pytest.raises(ValueError, match="lr"):
+    # n_steps is laplace's budget: honoured, the last iterate kept, with a warning
+    start = torch.ones(4)
+    with pytest.warns(UserWarning, match="budget of max_iter=4"):
+        la.optimize_prior_precision(prior_structure="layerwise", n_steps=4)
+    budgeted = la.prior_precision.clone()
+    assert rel_err(budgeted, expected) > 1e-3  # stopped short of the optimum ...
+    assert evidence(la, budgeted) > evidence(la, start)  # ... at its best point, above the start
+    with pytest.warns(UserWarning, match="lr=0.1 is the step size of laplace's Adam"):
         la.optimize_prior_precision(lr=0.1)
     with pytest.raises(ValueError, match="'diag'"):
         la.optimize_prior_precision(prior_structure="diag")
@@ -179,13 +184,37 @@ def test_unbounded_evidence_raises_naming_the_arguments():
     assert torch.isfinite(prior).all()
 
 
-def test_gridsearch_is_laplace_s():
+def _hand_gridsearch(la, grid, batches, **kwargs) -> float:
+    """The grid value of least mean NLL of ``la(x, **kwargs)``, scored by a plain loop."""
+    nll = {}
+    for prior in grid.tolist():
+        la.prior_precision = prior
+        total, count = 0.0, 0
+        for x, y in batches:
+            probs = la(x, **kwargs)
+            total -= probs[torch.arange(len(y)), y].log().sum().item()
+            count += len(y)
+        nll[prior] = total / count
+    assert max(nll.values()) - min(nll.values()) > 1e-3, nll  # the grid does decide
+    return min(nll, key=nll.get)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"pred_type": "glm", "link_approx": "bridge_norm"}],
+                         ids=["default_predictive", "glm_bridge"])  # fmt: skip
+def test_gridsearch_with_dict_batches_equals_a_hand_loop(kwargs):
     la = fitted(1.0)
-    la.set_classes(torch.randn(6, D_TXT))
-    val = [(torch.randn(12, D_IMG), torch.arange(12) % 6)]
-    la.optimize_prior_precision(method="gridsearch", val_loader=val, grid_size=5)
-    ours = la.prior_precision.clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        KronLaplace.optimize_prior_precision(la, method="gridsearch", val_loader=val, grid_size=5)
-    torch.testing.assert_close(ours, la.prior_precision)
+    g = torch.Generator().manual_seed(5)
+    classes = torch.randn(6, D_TXT, generator=g)
+    images = [torch.randn(7, D_IMG, generator=g) for _ in range(3)]
+    labels = [torch.randint(0, 6, (7,), generator=g) for _ in range(3)]
+    batches = [({"image": a, "text": classes}, y) for a, y in zip(images, labels)]
+    grid = torch.logspace(-2, 3, 6)
+    best = _hand_gridsearch(la, grid, batches, **kwargs)
+    args = dict(method="gridsearch", grid_size=6, log_prior_prec_min=-2, log_prior_prec_max=3)
+    # (x, y) pairs with dict x, and laplace's dict batches with the labels under dict_key_y
+    la.optimize_prior_precision(val_loader=batches, **args, **kwargs)
+    assert la.prior_precision.item() == pytest.approx(best)
+    dicts = [{"image": a, "text": classes, "labels": y} for a, y in zip(images, labels)]
+    la.prior_precision = 1.0
+    la.optimize_prior_precision(val_loader=dicts, **args, **kwargs)
+    assert la.prior_precision.item() == pytest.approx(best)

@@ -32,7 +32,7 @@ def test_glm_moments_equal_dense_jacobians(contrastive, bias, damping):
     mean, var = la.predictive_moments(x, pred_type="glm")
     torch.testing.assert_close(mean, mean_ref, **TOL)
     torch.testing.assert_close(var, cov_ref.diagonal(dim1=1, dim2=2), **TOL)
-    _, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
+    _, cov = la.predictive_moments(x, pred_type="glm", class_covariance=True)
     torch.testing.assert_close(cov, cov_ref, **TOL)
     # laplace's own hook returns the same full covariance
     torch.testing.assert_close(la._glm_predictive_distribution(x)[1], cov_ref, **TOL)
@@ -173,7 +173,7 @@ def test_joint_glm_samples_have_the_glm_covariance_with_more_classes_than_dims()
     la, a_i, a_t = fitted(bias=True, prior=2.0)
     x = {"image": a_i[:3], "text": a_t[:10]}  # C = 10 > D = 4: rank-deficient logit covariance
     f = la.functional_samples(x, "glm", 40_000, generator=torch.Generator().manual_seed(2))
-    mean, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
+    mean, cov = la.predictive_moments(x, pred_type="glm", class_covariance=True)
     emp = torch.einsum("snk,snl->nkl", f - mean, f - mean) / len(f)
     scale = cov.diagonal(dim1=1, dim2=2).max()
     assert (emp - cov).abs().max() < 0.03 * scale
@@ -250,7 +250,7 @@ def test_links():
         torch.testing.assert_close(probs, torch.sigmoid(kappa * mean))
         torch.testing.assert_close(la(x, pred_type), torch.softmax(kappa * mean, -1))
     torch.testing.assert_close(la(x), la(x, "probcosine"))  # the default
-    mean, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
+    mean, cov = la.predictive_moments(x, pred_type="glm", class_covariance=True)
     torch.testing.assert_close(la(x, "glm", link_approx="bridge"), _laplace_bridge(mean, cov))
     mean, var = la.predictive_moments(x, pred_type="probcosine")
     bridge = _laplace_bridge(mean, torch.diag_embed(var))

@@ -67,7 +67,7 @@ def test_variances_are_finite_and_non_negative(p):
             mean, var = la.predictive_moments(x, pred_type=method)
             assert torch.isfinite(mean).all() and torch.isfinite(var).all(), method
             assert (var >= 0).all(), (method, var.min())
-        _, cov = la.predictive_moments(x, pred_type="glm", diagonal_output=False)
+        _, cov = la.predictive_moments(x, pred_type="glm", class_covariance=True)
         # a covariance over classes: symmetric positive semi-definite (up to rounding)
         torch.testing.assert_close(cov, cov.transpose(1, 2))
         eig = torch.linalg.eigvalsh(cov)

@@ -8,9 +8,12 @@ Fitting (:mod:`.fitting`), prediction (:mod:`.prediction`) and persistence
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torchmetrics
+import tqdm
 from laplace import KronLaplace
 from laplace.utils.matrix import KronDecomposed
 from torch import nn
@@ -21,20 +24,29 @@ from laplace_vlm.curvature.likelihoods import check_contrastive
 from laplace_vlm.dual_encoder_laplace.fitting import FitMixin
 from laplace_vlm.dual_encoder_laplace.persistence import PersistenceMixin
 from laplace_vlm.dual_encoder_laplace.prediction import PredictionMixin
-from laplace_vlm.enums import PosteriorForm, plain, posterior_form
+from laplace_vlm.enums import (
+    PosteriorForm,
+    PredType,
+    TuningMethod,
+    parse_option,
+    plain,
+    posterior_form,
+)
 from laplace_vlm.heads import DualHead, build_heads
 from laplace_vlm.inputs import InputEncoder
 from laplace_vlm.posterior.head_posterior import HeadPosterior
 from laplace_vlm.posterior.marglik import maximize_marglik
-from laplace_vlm.validation import check_positive
+from laplace_vlm.validation import check_bool, check_int, check_optional_int, check_positive
 
-# laplace arguments that have no meaning for two projection heads fed dicts of activations
-_UNSUPPORTED_LAPLACE_ARGS = {
-    "dict_key_x": "input_ids",
-    "dict_key_y": "labels",
-    "backend_kwargs": None,
-    "asdl_fisher_kwargs": None,
-}
+# laplace arguments without a meaning for two projection heads fed {"image", "text"} inputs:
+# refused when given at all (a value equal to laplace's default would still be ignored)
+_UNSUPPORTED_LAPLACE_ARGS = ("dict_key_x", "backend_kwargs", "asdl_fisher_kwargs")
+
+
+# gridsearch's arguments and their defaults: given with marglik, they are ignored with a warning
+_GRIDSEARCH_DEFAULTS = {"loss": None, "log_prior_prec_min": -4, "log_prior_prec_max": 4,
+                        "grid_size": 100, "link_approx": "probit", "n_samples": 100,
+                        "log_prior_prec_base": 10.0}  # fmt: skip
 
 
 class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplace):
@@ -95,8 +107,21 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         - ``prior_precision``, ``prior_mean`` and ``sigma_noise`` (must stay 1 for
           classification).
 
-        ``dict_key_x``, ``dict_key_y``, ``backend_kwargs`` and ``asdl_fisher_kwargs`` have no
-        meaning here and raise.
+        - ``dict_key_y`` (str, default 'labels'): the labels' key of dict batches in
+          gridsearch's ``val_loader``, as in laplace.
+
+        ``dict_key_x``, ``backend_kwargs`` and ``asdl_fisher_kwargs`` have no meaning here
+        (inputs are always keyed ``"image"``/``"text"``; backends take no options) and raise
+        whenever given, even with laplace's default value.
+
+    Attributes
+    ----------
+    backend : laplace_vlm.curvature.backend.HeadCurvature
+        the curvature backend ``curvature`` names (not laplace's lazily built ``CurvlinopsGGN``,
+        which nothing here uses).
+    n_outputs : int
+        the logits per input: the number of classes of :meth:`set_classes`, 0 while none are
+        set (each ``x`` then brings its own ``C`` texts). Not the embedding dimension.
     """
 
     _key = ("dual_encoder", "kron")
@@ -118,13 +143,15 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         joint_bias: bool = True,
         **kwargs: Any,
     ) -> None:
-        for name, default in _UNSUPPORTED_LAPLACE_ARGS.items():
-            if name in kwargs and kwargs.pop(name) != default:
+        for name in _UNSUPPORTED_LAPLACE_ARGS:
+            if name in kwargs:
                 raise ValueError(
-                    f"{name} is not supported by DualEncoderLaplace: inputs are dicts "
-                    "{'image', 'text'} of activations or raw inputs, and the curvature backends "
-                    "take no options (choose one with curvature=...)."
+                    f"{name}={kwargs[name]!r} is not supported by DualEncoderLaplace: inputs are "
+                    "dicts {'image', 'text'} of activations or raw inputs, and the curvature "
+                    "backends take no options (choose one with curvature=...)."
                 )
+        if not isinstance(kwargs.get("dict_key_y", "labels"), str):
+            raise TypeError(f"dict_key_y must be a str, got {kwargs['dict_key_y']!r}.")
         likelihood = plain(likelihood)
         if likelihood != "classification":
             raise ValueError(
@@ -134,9 +161,7 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         self.contrastive: str = check_contrastive(contrastive)
         self.curvature: str = curvature_name(curvature, backend)
         get_curvature_backend(self.curvature)  # fail early on an unknown name
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_optional_int("chunk_size", chunk_size)
         self.adapter = None
         if model is not None:
             from laplace_vlm.adapters import get_adapter
@@ -145,8 +170,9 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
             image_projection, text_projection = self.adapter.image_head, self.adapter.text_head
             logit_scale = self.adapter.logit_scale if logit_scale is None else logit_scale
             logit_bias = self.adapter.logit_bias if logit_bias is None else logit_bias
-        if not isinstance(joint_bias, bool):
-            raise ValueError(f"joint_bias must be True or False, got {joint_bias!r}.")
+        check_bool("joint_bias", joint_bias)
+        if "enable_backprop" in kwargs:  # a truthy string or tensor is no switch
+            check_bool("enable_backprop", kwargs["enable_backprop"])
         heads = build_heads(image_projection, text_projection, logit_scale, logit_bias, joint_bias)
         self.posterior_form = posterior_form(damping)
         # laplace's KronDecomposed reads a bool; the symmetric form is damped on rescaled factors
@@ -237,9 +263,37 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         """Take the heads' current weights as the posterior mean (after fine-tuning them)."""
         self.mean = parameters_to_vector(self.params).detach()
 
+    @property
+    def backend(self) -> Any:
+        """The curvature backend that ``fit`` uses (``curvature=``), a ``HeadCurvature``.
+
+        laplace's property would build a ``CurvlinopsGGN`` of the heads, which nothing here
+        uses; this one returns what computes the curvature.
+        """
+        return get_curvature_backend(self.curvature)
+
+    @property
+    def n_outputs(self) -> int:
+        """Logits per input: the classes of :meth:`set_classes`, 0 while none are set.
+
+        Each ``x`` with texts brings its own ``C``; laplace's value (the model's output
+        width) would be the embedding dimension here, which no prediction has.
+        """
+        classes = self.heads.class_activations
+        return 0 if classes is None else len(classes)
+
+    @n_outputs.setter
+    def n_outputs(self, value: int) -> None:
+        # laplace writes 0 at construction and the saved value on load: both follow the classes
+        if value not in (0, self.n_outputs):
+            raise ValueError(
+                f"n_outputs is the number of classes of set_classes() ({self.n_outputs}); "
+                f"it cannot be set to {value!r}: call set_classes() instead."
+            )
+
     def optimize_prior_precision(
         self,
-        pred_type: Any = "glm",
+        pred_type: Any = PredType.PROBCOSINE,
         method: Any = "marglik",
         n_steps: int | None = None,
         lr: float | None = None,
@@ -258,33 +312,33 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
     ) -> None:
         """Tune the prior precision: the evidence optimum (marglik) or laplace's gridsearch.
 
-        laplace's signature and defaults. ``method='marglik'`` maximises
-        :meth:`log_marginal_likelihood` to convergence with
-        :func:`laplace_vlm.posterior.marglik.maximize_marglik` (safeguarded Newton in
-        ``log lambda``) instead of laplace's 100 Adam steps of 0.1 from ``init_prior_prec``,
-        which stop well short of optima far from it. ``method='gridsearch'`` is laplace's,
-        without its reminder about ``link_approx`` (it passes ``link_approx`` on to
-        :meth:`__call__`).
+        laplace's signature. ``method='marglik'`` maximises :meth:`log_marginal_likelihood`
+        with :func:`laplace_vlm.posterior.marglik.maximize_marglik` (safeguarded Newton in
+        ``log lambda``, about 10 evaluations) instead of laplace's 100 Adam steps of 0.1 from
+        ``init_prior_prec``, which stop well short of optima far from it. ``n_steps`` is its
+        budget, as laplace's: if it runs out first, the last iterate is kept with a warning.
+        ``method='gridsearch'`` is laplace's grid and loss, scored on ``val_loader`` by
+        :meth:`__call__` (dict, fit-batch or tensor inputs), with the loss metric reset at
+        every grid point (laplace's loop accumulates a torchmetrics loss across the grid).
 
         The gridsearch arguments (``val_loader``, ``loss``, ``log_prior_prec_min``,
-        ``log_prior_prec_max``, ``grid_size``, ``log_prior_prec_base``) are ignored with a
-        warning when given with marglik, as laplace does for ``val_loader``.
+        ``log_prior_prec_max``, ``grid_size``, ``link_approx``, ``n_samples``,
+        ``log_prior_prec_base``) are ignored with a warning under marglik, as laplace does for
+        ``val_loader``; ``lr`` and ``n_steps`` likewise under gridsearch.
 
         Parameters
         ----------
-        pred_type : {'glm', 'nn'}, default='glm'
-            the predictive that gridsearch scores (unused by marglik, as in laplace); laplace's
-            gridsearch admits only its own pred types. To choose hyperparameters for
-            ``'probcosine'`` on validation data, use
-            :func:`laplace_vlm.evaluation.pseudo_count.select_pseudo_count`.
+        pred_type : {'probcosine', 'probcosine_diag', 'glm', 'nn', 'map'}, default='probcosine'
+            the predictive that gridsearch scores (unused by marglik, as in laplace). laplace
+            has no default (its predictive default is ``'glm'``); this one is the default of
+            :meth:`__call__`, so the grid tunes the predictive ``la(x)`` gives.
         method : {'marglik', 'gridsearch'}, default='marglik'
             the evidence optimum, or laplace's gridsearch on ``val_loader``.
         n_steps : int, optional
-            marglik: the most evidence evaluations (``max_iter``, default 100; about 10 are
-            typical); gridsearch: unused, as in laplace.
+            marglik: the budget of evidence evaluations (default 100; about 10 converge).
         lr : float, optional
-            the step of laplace's Adam loop: the Newton iteration has none, so marglik refuses
-            it.
+            the step of laplace's Adam loop: the Newton iteration chooses its own steps, so
+            a given ``lr`` is ignored with a warning.
         init_prior_prec : float or torch.Tensor, default=1.0
             the start: one value (broadcast to ``prior_structure``), one per head (2 values) or
             one per tensor (``n_layers``).
@@ -292,9 +346,11 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
             laplace's 'scalar' and 'layerwise' (one per weight and bias tensor), or one value
             per head; laplace's 'diag' cannot be held by a Kronecker posterior.
         val_loader : iterable, optional
-            gridsearch: the validation batches.
+            gridsearch: batches ``(x, labels)`` (``x`` as for :meth:`__call__`) or dicts with
+            ``"image"``, ``"text"`` and the labels under ``dict_key_y``.
         loss : callable or torchmetrics.Metric, optional
-            gridsearch: the validation loss (laplace's default if None).
+            gridsearch: the validation loss of ``(probs, labels)``; laplace's running NLL if
+            None.
         log_prior_prec_min : float, default=-4
             gridsearch: the exponent of the grid's lower bound.
         log_prior_prec_max : float, default=4
@@ -302,8 +358,7 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         grid_size : int, default=100
             gridsearch: the number of grid values.
         link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
-            gridsearch: the link approximation of the scored predictive (passed on to
-            :meth:`__call__`).
+            gridsearch: the link approximation of the scored predictive.
         n_samples : int, default=100
             gridsearch: Monte Carlo samples for ``link_approx='mc'``.
         verbose : bool, default=False
@@ -315,53 +370,121 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
 
         Raises
         ------
+        TypeError
+            for a non-integer ``n_steps``, ``grid_size`` or ``n_samples``.
         ValueError
-            for another ``method``, an ``lr`` with marglik, or when marglik finds no optimum
-            (:func:`laplace_vlm.posterior.marglik.maximize_marglik`).
+            for another ``method``, gridsearch without ``val_loader``, or when the evidence
+            has no maximum (:func:`laplace_vlm.posterior.marglik.maximize_marglik`).
         """
-        method = str(getattr(method, "value", method))
-        if method == "gridsearch":
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
-                super().optimize_prior_precision(
-                    pred_type, method, 100 if n_steps is None else n_steps,
-                    1e-1 if lr is None else lr, init_prior_prec, prior_structure, val_loader,
-                    loss, log_prior_prec_min, log_prior_prec_max, grid_size, link_approx,
-                    n_samples, verbose, progress_bar, log_prior_prec_base=log_prior_prec_base,
-                )  # fmt: skip
+        method = parse_option(TuningMethod, method, "method")
+        n_steps = check_optional_int("n_steps", n_steps)
+        for name, value in (("verbose", verbose), ("progress_bar", progress_bar)):
+            check_bool(name, value)
+        if method is TuningMethod.GRIDSEARCH:
+            self._gridsearch_prior(pred_type, locals())
             return
-        if method != "marglik":
-            raise ValueError(f"method must be 'marglik' or 'gridsearch', got {method!r}.")
         if lr is not None:
-            raise ValueError(
-                f"lr={lr} is the step size of laplace's Adam loop; method='marglik' here runs a "
-                "Newton iteration in log prior precision, which has none: drop lr (n_steps "
-                "bounds the iterations)."
+            warnings.warn(
+                f"lr={lr} is the step size of laplace's Adam loop; method='marglik' runs a "
+                "Newton iteration in log prior precision, which chooses its own steps: ignored."
             )
         if val_loader is not None:
             warnings.warn(
                 "`val_loader` will be ignored when `method` == 'marglik'. "
                 "Do you mean to set `method = 'gridsearch'`?"
             )
-        ignored = [name for name, given in (
-            ("loss", loss is not None), ("log_prior_prec_min", log_prior_prec_min != -4),
-            ("log_prior_prec_max", log_prior_prec_max != 4), ("grid_size", grid_size != 100),
-            ("log_prior_prec_base", log_prior_prec_base != 10.0)) if given]  # fmt: skip
+        self._warn_ignored(locals(), _GRIDSEARCH_DEFAULTS, "gridsearch")
+        maximize_marglik(self, prior_structure, init_prior_prec,
+                         max_iter=100 if n_steps is None else n_steps, verbose=verbose,
+                         progress_bar=progress_bar, budget=True)  # fmt: skip
+
+    @staticmethod
+    def _warn_ignored(given: dict[str, Any], defaults: dict[str, Any], method: str) -> None:
+        ignored = [k for k, default in defaults.items() if _differs(given[k], default)]
         if ignored:
-            warnings.warn(f"{', '.join(ignored)} only apply to method='gridsearch': ignored.")
+            warnings.warn(f"{', '.join(ignored)} only apply to method={method!r}: ignored.")
+
+    def _gridsearch_prior(self, pred_type: Any, args: dict[str, Any]) -> None:
+        """laplace's gridsearch: its grid and default loss, our validation loop."""
+        if args["val_loader"] is None:
+            raise ValueError("gridsearch requires a validation set DataLoader (val_loader).")
+        self._warn_ignored(args, {"n_steps": None, "lr": None}, "marglik")
+        grid_size = check_int("grid_size", args["grid_size"])
+        interval = torch.logspace(args["log_prior_prec_min"], args["log_prior_prec_max"],
+                                  grid_size, base=args["log_prior_prec_base"])  # fmt: skip
+        loss = args["loss"]
+        if loss is None:
+            from laplace.utils.metrics import RunningNLLMetric
+
+            loss = RunningNLLMetric().to(self._device)
+        self.prior_precision = self._gridsearch(
+            loss, interval, args["val_loader"], pred_type, args["link_approx"],
+            args["n_samples"], args["progress_bar"],
+        )  # fmt: skip
+        if args["verbose"]:
+            print(f"Optimized prior precision is {self.prior_precision}.")
+
+    def _gridsearch(
+        self,
+        loss: Any,
+        interval: torch.Tensor,
+        val_loader: Any,
+        pred_type: Any,
+        link_approx: Any = "probit",
+        n_samples: int = 100,
+        progress_bar: bool = False,
+    ) -> torch.Tensor:
+        """laplace's hook: the grid value of least validation loss (the first on a tie)."""
+        if not (callable(loss) or isinstance(loss, torchmetrics.Metric)):
+            raise TypeError(f"loss must be callable or a torchmetrics.Metric, got {loss!r}.")
+        results, original = [], self.prior_precision.clone()
         try:
-            maximize_marglik(
-                self,
-                prior_structure,
-                init_prior_prec,
-                max_iter=100 if n_steps is None else n_steps,
-                verbose=verbose,
-                progress_bar=progress_bar,
-            )
-        except ValueError as err:
-            if n_steps is None or "max_iter" not in str(err):
-                raise
-            raise ValueError(f"optimize_prior_precision(n_steps={n_steps}): {err}") from err
+            for prior_prec in tqdm.tqdm(interval, disable=not progress_bar, desc="[Grid search]"):
+                self.prior_precision = prior_prec
+                results.append(self._validation_loss(loss, val_loader, pred_type, link_approx,
+                                                     n_samples))  # fmt: skip
+        except BaseException:  # a bad batch or loss leaves the prior as it was
+            self.prior_precision = original
+            raise
+        return interval[int(torch.tensor(results).argmin())]
+
+    def _validation_loss(self, loss, val_loader, pred_type, link_approx, n_samples) -> float:
+        """``loss`` of ``self(x)`` over ``val_loader`` (laplace's ``validate`` with dict inputs)."""
+        metric = isinstance(loss, torchmetrics.Metric)
+        if metric:
+            loss.reset()
+        probs, labels = [], []
+        with torch.no_grad():
+            for batch in val_loader:
+                x, y = self._split_validation_batch(batch)
+                p = self(x, pred_type=pred_type, link_approx=link_approx, n_samples=n_samples)
+                y = y.to(p.device)
+                if metric:
+                    loss.update(p, y)
+                else:
+                    probs.append(p)
+                    labels.append(y)
+        if metric:
+            return float(loss.compute())
+        if not probs:
+            raise ValueError("val_loader yielded no batches.")
+        return float(loss(torch.cat(probs), torch.cat(labels)))
+
+    def _split_validation_batch(self, batch: Any) -> tuple[Any, torch.Tensor]:
+        if isinstance(batch, Mapping):
+            if self.dict_key_y not in batch:
+                raise ValueError(
+                    f"a dict batch of val_loader needs its labels under dict_key_y="
+                    f"{self.dict_key_y!r}, got keys {sorted(batch)}."
+                )
+            x = {k: v for k, v in batch.items() if k != self.dict_key_y}
+            return x, batch[self.dict_key_y]
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        raise ValueError(
+            "a val_loader batch must be (x, labels) or a dict with 'image', 'text' and the "
+            f"labels under {self.dict_key_y!r}."
+        )
 
     def set_classes(self, text: Any, residual: torch.Tensor | None = None) -> None:
         """Fix the class texts (activations, or tokens in model mode) so ``la(images)`` works.
@@ -376,4 +499,11 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
         """
         with torch.set_grad_enabled(self.enable_backprop):
             a_t, r_t = self.inputs.features("text", text, residual)
-        self.heads.set_classes(a_t, r_t)
+        self.heads.set_classes(a_t, r_t)  # n_outputs follows
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether an argument was given: not its default (objects compare by identity only)."""
+    if default is None or value is None:
+        return value is not default
+    return not (isinstance(value, (str, int, float)) and value == default)

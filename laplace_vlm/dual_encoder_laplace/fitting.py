@@ -145,6 +145,5 @@ class FitMixin:
         self.H_facs = sums.to_kron(*self._has_bias)
         self.loss = sums.loss.detach()
         self.n_data = int(sums.n)
-        self.n_outputs = self._dims[0]
         self.refresh_mean()
         self.H = self.H_facs.decompose(damping=self.damping)

@@ -68,7 +68,8 @@ class PersistenceMixin:
         """
         check_state(state_dict)
         self._check_compatible(state_dict)
-        super().load_state_dict(state_dict)
+        # n_outputs follows set_classes (the classes are not saved): laplace's saved value goes
+        super().load_state_dict({**state_dict, "n_outputs": self.n_outputs})
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         if state.get("cls_name") != type(self).__name__:

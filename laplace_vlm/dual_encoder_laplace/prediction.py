@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from laplace import KronLaplace
 
 from laplace_vlm.docstrings import fill_doc
-from laplace_vlm.enums import MOMENT_PRED_TYPES, LinkApprox, PredType, parse_option
+from laplace_vlm.enums import MOMENT_PRED_TYPES, Link, LinkApprox, PredType, parse_option
 from laplace_vlm.predictive.chunks import (
     glm_covariance_chunks,
     logit_sample_chunks,
     moment_chunks,
 )
-from laplace_vlm.predictive.links import link_function, probit_link, sample_logits
+from laplace_vlm.predictive.links import laplace_bridge, link_function, probit_link, sample_logits
+from laplace_vlm.validation import check_bool, check_generator, check_int, check_optional_int
 
 # Monte Carlo predictive without chunk_size: images per chunk keep S x chunk x C below this
 _MC_MAX_ELEMENTS = 2**22
@@ -33,12 +33,16 @@ _fill_doc = fill_doc.extend(
             ``nn``: weights sampled from the posterior of both heads (one draw shared by all
             inputs) through the exact normalisation, the faithful joint samples; ``glm``: the
             same draws through the linearisation; the ProbCosine types: independent Gaussian
-            samples of their logit moments.
+            samples of their logit moments. The default differs from laplace's ``'glm'``:
+            laplace defaults to the linearisation because pushing weight samples through a
+            whole network is expensive and off the GGN's model; here the weights are two
+            linear heads, a sample costs one GEMM per head, and ``nn`` is exact for the
+            normalised cosine the linearisation only approximates.
         n_samples : int, default=100
-            ``S``, the number of samples.
+            ``S >= 1``, the number of samples.
         diagonal_output : bool, default=False
-            ``glm`` only: independent samples of the diagonal of its logit covariance, as in
-            laplace.
+            laplace's meaning: sample from the diagonal of the logit covariance only
+            (independent classes); ``glm`` only.
         generator : torch.Generator, optional
             randomness of the draws.
         """,
@@ -69,6 +73,7 @@ class PredictionMixin:
         moments : dict
             ``{"image": (mean (N, D), var (N, D) or cov (N, D, D)), "text": (mean (C, D), ...)}``
         """
+        check_bool("full", full)
         with torch.set_grad_enabled(self.enable_backprop):
             (a_i, r_i, a_t, r_t), (post_i, post_t) = self._predict_inputs(x)
             z, t = self.heads.embed_image(a_i, r_i), self.heads.embed_text(a_t, r_t)
@@ -79,20 +84,23 @@ class PredictionMixin:
         self,
         x: Any,
         pred_type: str | PredType = PredType.PROBCOSINE,
-        diagonal_output: bool = True,
+        class_covariance: bool = False,
         chunk_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of the similarity logits, `(N, C)` each.
 
         Parameters
         ----------
-        x : dict or torch.Tensor
-            ``{"image": (N, ...), "text": (C, ...)}`` or images scored against ``set_classes``.
+        x : dict or tuple or torch.Tensor
+            ``{"image": (N, ...), "text": (C, ...)}``, a fit batch ``(image, text)``, or images
+            scored against ``set_classes``.
         pred_type : {'probcosine', 'probcosine_diag', 'glm', 'map'}, default='probcosine'
             moment matching of the cosine with full or diagonal embedding covariances,
             laplace's linearised predictive, or the deterministic logits (variance 0).
-        diagonal_output : bool, default=True
-            ``False`` returns the `(N, C, C)` covariance over classes (``glm`` only).
+        class_covariance : bool, default=False
+            return the `(N, C, C)` covariance over the classes instead of its diagonal
+            (``glm`` only; what laplace's ``_glm_predictive_distribution`` gives with
+            ``diagonal_output=False``).
         chunk_size : int, optional
             images per chunk (defaults to the constructor's); peak memory independent of N.
 
@@ -101,26 +109,37 @@ class PredictionMixin:
         mean : torch.Tensor
             `(N, C)`.
         var : torch.Tensor
-            `(N, C)`, or `(N, C, C)` with ``diagonal_output=False``.
+            `(N, C)`, or `(N, C, C)` with ``class_covariance=True``.
+
+        Raises
+        ------
+        TypeError
+            for a non-bool ``class_covariance`` or a non-integer ``chunk_size``.
+        ValueError
+            for another ``pred_type``, ``class_covariance`` without ``glm``, ``chunk_size < 1``
+            or bad inputs (:class:`~laplace_vlm.inputs.InputEncoder`).
         """
         pred_type = parse_option(PredType, pred_type, "pred_type")
-        if pred_type is PredType.MAP and diagonal_output:  # the deterministic logits
+        check_bool("class_covariance", class_covariance)
+        chunk_size = check_optional_int("chunk_size", chunk_size)
+        if pred_type not in (*MOMENT_PRED_TYPES, PredType.MAP):
+            options = tuple(p.value for p in (*MOMENT_PRED_TYPES, PredType.MAP))
+            raise ValueError(f"pred_type must be one of {options} for moments, got {pred_type!r}.")
+        if class_covariance and pred_type is not PredType.GLM:
+            raise ValueError(
+                f"class_covariance=True needs pred_type='glm', got {pred_type.value!r}: the other "
+                "moments are per logit."
+            )
+        if pred_type is PredType.MAP:  # the deterministic logits
             with torch.set_grad_enabled(self.enable_backprop):
                 a_i, r_i, a_t, r_t = self.inputs.predict(x)
                 logits = self.heads({"image": a_i, "text": a_t, "image_residual": r_i,
                                      "text_residual": r_t})  # fmt: skip
             return logits, torch.zeros_like(logits)
-        if pred_type not in MOMENT_PRED_TYPES:
-            options = tuple(p.value for p in (*MOMENT_PRED_TYPES, PredType.MAP))
-            raise ValueError(f"pred_type must be one of {options} for moments, got {pred_type!r}.")
-        if not diagonal_output and pred_type is not PredType.GLM:
-            raise ValueError("diagonal_output=False (class covariances) needs pred_type='glm'.")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
         with torch.set_grad_enabled(self.enable_backprop):
             inputs, posteriors = self._predict_inputs(x)
             step = chunk_size or self.chunk_size or len(inputs[0])
-            if not diagonal_output:
+            if class_covariance:
                 return glm_covariance_chunks(self.heads, posteriors, inputs, step)
             if self.enable_backprop:  # new tensors per chunk keep the graph
                 chunks = list(moment_chunks(self.heads, posteriors, inputs, pred_type, step))
@@ -154,16 +173,14 @@ class PredictionMixin:
 
         Raises
         ------
+        TypeError
+            for a non-integer ``n_samples``, a non-bool ``diagonal_output`` or a ``generator``
+            that is not a ``torch.Generator``.
         ValueError
-            for ``pred_type='map'``, ``diagonal_output`` without ``glm``, or ``n_samples < 1``.
+            for ``pred_type='map'`` or ``'gp'``, ``diagonal_output`` without ``glm``, or
+            ``n_samples < 1``.
         """
-        pred_type = parse_option(PredType, pred_type, "pred_type")
-        if pred_type is PredType.MAP:
-            raise ValueError("pred_type='map' has no samples: it is the deterministic model.")
-        if diagonal_output and pred_type is not PredType.GLM:
-            raise ValueError("diagonal_output=True needs pred_type='glm'.")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples}.")
+        pred_type = _sampled_pred_type(pred_type, n_samples, diagonal_output, generator)
         if pred_type is not PredType.NN and (diagonal_output or pred_type is not PredType.GLM):
             mean, var = self.predictive_moments(x, pred_type)
             return sample_logits(mean, var, n_samples, generator)
@@ -210,9 +227,16 @@ class PredictionMixin:
         -------
         samples : torch.Tensor
             `(S, N, C)` probabilities.
+
+        Raises
+        ------
+        TypeError, ValueError
+            as :meth:`functional_samples`; ``ValueError`` for another ``link``.
         """
-        f = self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
-        return link_function(link)(f)
+        apply_link = link_function(link)
+        return apply_link(
+            self.functional_samples(x, pred_type, n_samples, diagonal_output, generator)
+        )
 
     def __call__(
         self,
@@ -231,10 +255,10 @@ class PredictionMixin:
 
         Parameters
         ----------
-        x : dict or torch.Tensor
+        x : dict or tuple or torch.Tensor
             ``{"image": (N, ...), "text": (C, ...)}`` (activations, or images and tokens in
-            model mode, optionally with ``"image_residual"``/``"text_residual"``), or images
-            scored against the classes of :meth:`set_classes`.
+            model mode, optionally with ``"image_residual"``/``"text_residual"``), a fit batch
+            ``(image, text)``, or images scored against the classes of :meth:`set_classes`.
         pred_type : {'probcosine', 'probcosine_diag', 'glm', 'nn', 'map'}, default='probcosine'
             the logit moments (see :meth:`predictive_moments`), weight sampling through the
             exact normalisation (``nn``, needs ``link_approx='mc'``), or the MAP model.
@@ -245,10 +269,11 @@ class PredictionMixin:
             :meth:`functional_samples`), or laplace's Laplace bridge (full class covariance for
             ``glm``, diagonal for the ProbCosine types).
         n_samples : int, default=100
-            Monte Carlo samples for ``link_approx='mc'``.
+            Monte Carlo samples for ``link_approx='mc'`` (``>= 1``).
         diagonal_output : bool, default=False
-            with ``pred_type='glm', link_approx='mc'``: sample the diagonal of the class
-            covariance only, as in laplace.
+            laplace's meaning: with ``pred_type='glm', link_approx='mc'``, sample from the
+            diagonal of the class covariance only. The other predictives have no class
+            covariance to drop, so ``True`` raises for them.
         generator : torch.Generator, optional
             randomness for ``link_approx='mc'``.
         fitting : bool, default=False
@@ -263,9 +288,26 @@ class PredictionMixin:
         -------
         probs : torch.Tensor
             `(N, C)`.
+
+        Raises
+        ------
+        TypeError
+            for a non-bool switch, a non-integer ``n_samples`` or a ``generator`` that is not a
+            ``torch.Generator``.
+        ValueError
+            for an unknown option, a combination laplace does not define (``joint=True``,
+            ``pred_type='nn'`` without ``'mc'``, ``diagonal_output`` outside glm + mc, the
+            bridge with ``link='sigmoid'``), ``n_samples < 1``, model keyword arguments, or
+            bad inputs.
         """
-        pred_type = parse_option(PredType, pred_type, "pred_type")
+        pred_type = _pred_type(pred_type)
         link_approx = parse_option(LinkApprox, link_approx, "link_approx")
+        link = parse_option(Link, link, "link")
+        for name, value in (("joint", joint), ("diagonal_output", diagonal_output),
+                            ("fitting", fitting)):  # fmt: skip
+            check_bool(name, value)
+        n_samples = check_int("n_samples", n_samples)
+        check_generator("generator", generator)
         if joint:
             raise ValueError("joint=True is only defined for regression in laplace.")
         if model_kwargs:
@@ -284,22 +326,48 @@ class PredictionMixin:
             return self._mc_probabilities(x, pred_type, n_samples, generator, apply_link)
         if link_approx is LinkApprox.PROBIT:
             return probit_link(link)(*self.predictive_moments(x, pred_type))
-        if link != "softmax":
+        if link is not Link.SOFTMAX:
             raise ValueError("the Laplace bridge is a softmax link: use link='softmax'.")
-        self._bridge_pred_type = pred_type
-        try:  # laplace's bridge code, reading our moments through its hook
-            return KronLaplace._glm_forward_call(self, x, "classification", link_approx=link_approx)
-        finally:
-            del self._bridge_pred_type
+        # the bridge reads a class covariance: glm's full one, the ProbCosine diagonal ones
+        mean, var = self.predictive_moments(
+            x, pred_type, class_covariance=pred_type is PredType.GLM
+        )
+        cov = var if var.ndim == 3 else torch.diag_embed(var)
+        return laplace_bridge(mean, cov, normalized=link_approx is LinkApprox.BRIDGE_NORM)
 
-    def _glm_predictive_distribution(self, X: Any, joint: bool = False, diagonal_output=False):
-        """laplace's hook: the logit mean `(N, C)` and covariance `(N, C, C)`.
+    def _glm_predictive_distribution(
+        self, X: Any, joint: bool = False, diagonal_output: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """laplace's hook: the linearised logit mean `(N, C)` and covariance `(N, C, C)`.
 
-        The linearised (``glm``) class covariance; for a ProbCosine bridge (set by
-        :meth:`__call__`) the diagonal covariance of its moments.
+        ``diagonal_output=True`` gives the `(N, C)` variances instead, as in laplace.
         """
-        pred_type = getattr(self, "_bridge_pred_type", PredType.GLM)
-        if pred_type is PredType.GLM:
-            return self.predictive_moments(X, PredType.GLM, diagonal_output=False)
-        mean, var = self.predictive_moments(X, pred_type)
-        return mean, torch.diag_embed(var)
+        check_bool("joint", joint)
+        if joint:
+            raise ValueError("joint=True is only defined for regression in laplace.")
+        return self.predictive_moments(X, PredType.GLM, class_covariance=not diagonal_output)
+
+
+def _pred_type(value: Any) -> PredType:
+    """``pred_type`` parsed; laplace's ``'gp'`` is a member but has no Kronecker predictive."""
+    pred_type = parse_option(PredType, value, "pred_type")
+    if pred_type is PredType.GP:
+        raise ValueError(
+            "pred_type='gp' is laplace's function-space (GP) predictive of FunctionalLaplace; "
+            "DualEncoderLaplace is a Kronecker weight-space posterior: use 'probcosine', "
+            "'probcosine_diag', 'glm', 'nn' or 'map'."
+        )
+    return pred_type
+
+
+def _sampled_pred_type(pred_type: Any, n_samples: Any, diagonal_output: Any, generator: Any):
+    """The checked arguments of :meth:`PredictionMixin.functional_samples`: its pred type."""
+    pred_type = _pred_type(pred_type)
+    check_int("n_samples", n_samples)
+    check_bool("diagonal_output", diagonal_output)
+    check_generator("generator", generator)
+    if pred_type is PredType.MAP:
+        raise ValueError("pred_type='map' has no samples: it is the deterministic model.")
+    if diagonal_output and pred_type is not PredType.GLM:
+        raise ValueError("diagonal_output=True needs pred_type='glm'.")
+    return pred_type

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.validation import check_int, check_labels, check_matrix
 
 
 class TemperatureScaling:
@@ -17,7 +18,7 @@ class TemperatureScaling:
 
     Parameters
     ----------
-    max_iter : int
+    max_iter : int, default=100
         L-BFGS iterations (the problem is one-dimensional and convex in ``1/T``).
 
     Attributes
@@ -27,7 +28,7 @@ class TemperatureScaling:
     """
 
     def __init__(self, max_iter: int = 100) -> None:
-        self.max_iter = max_iter
+        self.max_iter = check_int("max_iter", max_iter)
         self.temperature = 1.0
 
     @fill_doc
@@ -44,13 +45,18 @@ class TemperatureScaling:
         -------
         TemperatureScaling
             ``self``, with ``temperature`` fitted.
+
+        Raises
+        ------
+        TypeError
+            for non-float ``logits`` or non-integer ``labels``.
+        ValueError
+            for empty or non-finite ``logits``, labels of another shape or out of range, or
+            a fit that ends at a non-finite or non-positive temperature.
         """
-        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-            raise ValueError(
-                f"logits must be (N, C) and labels (N,), got {tuple(logits.shape)} and "
-                f"{tuple(labels.shape)}."
-            )
-        logits, labels = logits.detach().double(), labels.detach().long()
+        check_matrix("logits", logits)
+        check_labels("labels", labels, len(logits), logits.shape[1])
+        logits, labels = logits.detach().double(), labels.detach().long().to(logits.device)
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS(
             [log_t], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe"
@@ -63,7 +69,14 @@ class TemperatureScaling:
             return loss
 
         optimizer.step(closure)
-        self.temperature = log_t.exp().item()
+        temperature = log_t.detach().exp()
+        # separable validation data drive T to 0: an answer, but no usable temperature
+        if not (torch.isfinite(temperature) and temperature > 0):
+            raise ValueError(
+                f"temperature scaling diverged to T = {temperature.item():.3g} (the validation "
+                "logits separate the labels perfectly?): use more or harder validation data."
+            )
+        self.temperature = temperature.item()
         return self
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -78,5 +91,11 @@ class TemperatureScaling:
         -------
         torch.Tensor
             `(N, C)` calibrated probabilities, each row summing to 1.
+
+        Raises
+        ------
+        TypeError, ValueError
+            for ``logits`` that are not a finite, non-empty float `(N, C)` tensor.
         """
+        check_matrix("logits", logits)
         return torch.softmax(logits / self.temperature, dim=-1)

@@ -18,7 +18,7 @@ Conventions
 from __future__ import annotations
 
 import torch
-from torchmetrics.classification import BinaryAUROC, BinaryROC
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.validation import check_matrix
@@ -44,22 +44,16 @@ def _check_scores(score: torch.Tensor, name: str) -> torch.Tensor:
     return score
 
 
-def _binary_inputs(
-    score_pos: torch.Tensor, score_neg: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranked predictions in ``[0, 1]`` and 0/1 targets for torchmetrics.
+def _binary_inputs(score_pos: torch.Tensor, score_neg: torch.Tensor) -> tuple:
+    """float64 numpy scores and 0/1 targets for scikit-learn (positives first).
 
-    torchmetrics applies a sigmoid to predictions outside ``[0, 1]``; in floating point that
-    saturates large scores into ties and changes the answer. Dense ranks scaled to ``[0, 1]``
-    keep the order and the ties exactly, and ROC metrics depend on nothing else.
+    scikit-learn ranks the raw scores, so ties and large magnitudes are kept exactly (no
+    sigmoid squashing scores into ties, as torchmetrics does outside ``[0, 1]``).
     """
-    pos = _check_scores(score_pos, "score_pos")
-    neg = _check_scores(score_neg, "score_neg").to(pos.device)
-    scores = torch.cat([pos, neg])
-    _, rank = torch.unique(scores, sorted=True, return_inverse=True)
-    preds = rank.double() / max(int(rank.max()), 1)
-    target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).long()
-    return preds, target
+    pos = _check_scores(score_pos, "score_pos").cpu()
+    neg = _check_scores(score_neg, "score_neg").cpu()
+    target = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).long()
+    return torch.cat([pos, neg]).numpy(), target.numpy()
 
 
 _fill_doc = fill_doc.extend(
@@ -90,9 +84,8 @@ def detection_auroc(score_pos: torch.Tensor, score_neg: torch.Tensor) -> float:
     float
         AUROC in ``[0, 1]``; 0.5 is chance, 1 perfect separation.
     """
-    preds, target = _binary_inputs(score_pos, score_neg)
-    metric = BinaryAUROC(thresholds=None).to(preds.device)
-    return float(metric(preds, target))
+    scores, target = _binary_inputs(score_pos, score_neg)
+    return float(roc_auc_score(target, scores))
 
 
 @_fill_doc
@@ -114,17 +107,13 @@ def fpr_at_tpr(score_pos: torch.Tensor, score_neg: torch.Tensor, tpr: float = 0.
     float
         FPR in ``[0, 1]``; lower is better.
     """
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must lie in (0, 1], got {tpr}.")
-    preds, target = _binary_inputs(score_pos, score_neg)
-    fpr_curve, tpr_curve, _ = BinaryROC(thresholds=None).to(preds.device)(preds, target)
-    # torchmetrics returns float32 rates; recover the integer counts and compare in float64
-    # so that e.g. 19/20 >= 0.95 is decided exactly as in float64 arithmetic.
-    n_pos, n_neg = int(target.sum()), int((1 - target).sum())
-    tps = (tpr_curve.double() * n_pos).round()
-    fps = (fpr_curve.double() * n_neg).round()
-    reached = tps / n_pos >= tpr
-    return float((fps[reached] / n_neg).min())
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be a number in (0, 1], got {tpr!r}.")
+    scores, target = _binary_inputs(score_pos, score_neg)
+    # every threshold (no intermediate point dropped); float64 rates tps / P, so e.g. 19/20
+    # reaches 0.95 exactly as in float64 arithmetic
+    fpr_curve, tpr_curve, _ = roc_curve(target, scores, drop_intermediate=False)
+    return float(fpr_curve[tpr_curve >= tpr].min())
 
 
 def msp(probs: torch.Tensor) -> torch.Tensor:
@@ -163,8 +152,12 @@ def mcm(cosine: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     torch.Tensor
         `(N,)` float64 in ``[1/C, 1]``; higher = more in-distribution.
     """
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (0.0 < temperature < float("inf"))
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
     cosine = check_matrix("cosine", cosine).detach().double()
     return torch.softmax(cosine / temperature, dim=1).amax(dim=1)
 

@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from laplace_vlm.docstrings import fill_doc
-from laplace_vlm.evaluation.metrics import ECE_BINS, ece
+from laplace_vlm.evaluation.metrics import ECE_BINS, ece, reliability_bins
 from laplace_vlm.evaluation.tables import Row, select
 
 _fill_doc = fill_doc.extend(
@@ -34,32 +34,6 @@ _fill_doc = fill_doc.extend(
             ``path`` as a ``pathlib.Path``, the PNG written.
         """,
 )
-
-
-@fill_doc
-def reliability_bins(
-    probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-label confidence and accuracy per equal-width bin, as the ECE sees them.
-
-    %(classification_parameters)s
-    n_bins : int
-        number of equal-width bins on ``[0, 1]``.
-
-    Returns
-    -------
-    confidence, accuracy, count : torch.Tensor
-        `(n_bins,)` each; empty bins have confidence and accuracy 0.
-    """
-    confidence, prediction = probs.detach().double().max(-1)
-    correct = (prediction == labels).double()
-    # bin b holds (b/n, (b+1)/n], as torchmetrics bins
-    index = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(correct))
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, confidence)
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, index, correct)
-    safe = count.clamp_min(1)
-    return conf_sum / safe, acc_sum / safe, count
 
 
 @_fill_doc
@@ -87,6 +61,7 @@ def reliability_diagram(
     fig, axes = _row_of_panels(probs_by_method, "probs_by_method", (3.0, 3.4))
     centers = (torch.arange(n_bins, dtype=torch.float64) + 0.5) / n_bins
     for ax, (method, probs) in zip(axes, probs_by_method.items()):
+        # the ECE's own bins (metrics.reliability_bins): the bars are what the title's ECE sums
         _, acc, count = reliability_bins(probs, labels, n_bins)
         filled = count > 0
         ax.bar(

@@ -29,10 +29,13 @@ prior parameters; an optimum anywhere in ``1e-2 .. 1e5`` from ``lambda = 1`` tak
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 import tqdm
+
+from laplace_vlm.validation import check_bool, check_int
 
 STRUCTURES = ("scalar", "head", "layerwise", "diag")
 
@@ -46,6 +49,7 @@ def maximize_marglik(
     max_step: float = 8.0,
     verbose: bool = False,
     progress_bar: bool = False,
+    budget: bool = False,
 ) -> torch.Tensor:
     """Set ``la.prior_precision`` to the maximiser of ``la.log_marginal_likelihood``.
 
@@ -75,6 +79,11 @@ def maximize_marglik(
         print the optimised precision, as laplace does.
     progress_bar : bool, default=False
         a tqdm bar over the iterations.
+    budget : bool, default=False
+        ``max_iter`` is a budget, as laplace's ``n_steps``: when it runs out before
+        convergence the evaluated precision of highest evidence is kept with a ``UserWarning`` (laplace's Adam loop also
+        stops where its steps end) instead of a ``ValueError``. An evidence without a
+        maximum raises either way.
 
     Returns
     -------
@@ -84,16 +93,19 @@ def maximize_marglik(
 
     Raises
     ------
+    TypeError
+        for a non-integer ``max_iter`` or a non-bool ``budget``.
     ValueError
-        for an unknown or infeasible structure, a bad ``init_prior_prec``, ``max_iter`` or
-        ``rtol``, or when the optimum is not reached within ``max_iter`` evaluations (the
+        for an unknown or infeasible structure, a bad ``init_prior_prec``, ``max_iter < 1`` or
+        ``rtol``, or (without ``budget``) when the optimum is not reached within ``max_iter``
+        evaluations, and always when it has none (the
         evidence keeps increasing towards ``lambda = 0`` or infinity, e.g. for a layer whose
         weights are all zero).
     """
     if getattr(la, "H", None) is None or getattr(la, "H_facs", None) is None:
         raise ValueError("la is not fitted: call la.fit(...) before maximize_marglik.")
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}.")
+    max_iter = check_int("max_iter", max_iter)
+    check_bool("budget", budget)
     if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise ValueError(f"rtol must be a float in (0, 1), got {rtol!r}.")
     if not (isinstance(max_step, (int, float)) and max_step > 0):
@@ -117,9 +129,12 @@ def maximize_marglik(
     t_good = t.clone()  # the last point with a finite gradient, per coordinate
     grad = torch.zeros_like(t)
     diverging = torch.zeros_like(done)
+    best = (-math.inf, t.clone())
     pbar = tqdm.trange(max_iter, disable=not progress_bar, desc="[Maximising marglik]")
     for _ in pbar:
-        grad, curv = _gradient_and_curvature(la, t)
+        grad, curv, lml = _gradient_and_curvature(la, t)
+        if math.isfinite(lml) and lml > best[0]:  # the budget's answer if it runs out
+            best = (lml, t.clone())
         ok = torch.isfinite(grad) & torch.isfinite(curv) & ~done
         # a vanishing gradient with no curvature is not an optimum but a flat evidence: lambda
         # has run so far that it no longer changes anything in la's dtype
@@ -165,6 +180,16 @@ def maximize_marglik(
             pbar.set_description(f"[Maximising marglik | lambda {_short(t.exp())}]")
         if bool(done.all()) or bool(diverging.any()):
             break
+    if not bool(done.all()) and budget and not bool(diverging.any()):
+        prior = best[1].exp().to(dtype=la._dtype)
+        la.prior_precision = prior
+        warnings.warn(
+            f"maximize_marglik used its budget of max_iter={max_iter} evidence evaluations "
+            f"before converging (rtol={rtol}): the best evaluated prior precision {_short(prior)} "
+            f"kept (last log-space gradient {_short(grad)}); about 10 evaluations converge "
+            "from lambda = 1."
+        )
+        return prior
     if not bool(done.all()):
         la.prior_precision = original
         where = (
@@ -190,8 +215,8 @@ def maximize_marglik(
     return prior
 
 
-def _gradient_and_curvature(la: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient and Hessian diagonal of the evidence in ``t = log lambda``.
+def _gradient_and_curvature(la: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Gradient and Hessian diagonal of the evidence in ``t = log lambda``, and the evidence.
 
     The evidence is a sum of terms each depending on one coordinate (see the module
     docstring), so the derivative of the summed gradient is the Hessian's diagonal.
@@ -202,7 +227,7 @@ def _gradient_and_curvature(la: Any, t: torch.Tensor) -> tuple[torch.Tensor, tor
         (grad,) = torch.autograd.grad(lml, t, create_graph=True)
         (curv,) = torch.autograd.grad(grad.sum(), t)
     la.prior_precision = t.detach().exp()  # no graph left behind in la
-    return grad.detach(), curv.detach()
+    return grad.detach(), curv.detach(), float(lml.detach())
 
 
 def _initial_precision(

@@ -1,4 +1,4 @@
-"""From logit distributions to probabilities: the probit links and the Gaussian logit sampler."""
+"""From logit distributions to probabilities: probit links, the Laplace bridge, the sampler."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.enums import Link, parse_option
+from laplace_vlm.validation import check_finite, check_int
 
 _fill_doc = fill_doc.extend(
     link_parameters="""
@@ -41,30 +42,47 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     """
     if isinstance(generator, torch.Generator):
         return generator
-    seed = 0 if generator is None else int(generator)
+    seed = 0 if generator is None else check_int("generator (a seed)", generator, minimum=0)
     return torch.Generator().manual_seed(seed)
 
 
-def check_moments(mean: torch.Tensor, var: torch.Tensor | None = None) -> None:
+def check_moments(
+    mean: torch.Tensor, var: torch.Tensor | None = None, names: tuple[str, str] = ("mean", "var")
+) -> None:
     """Raise a ``ValueError`` unless ``mean`` is `(N, C)` and ``var`` matches it, non-negative.
 
     Parameters
     ----------
     mean : torch.Tensor
-        `(N, C)` logit means.
+        `(N, C)` finite logit means.
     var : torch.Tensor, optional
-        `(N, C)` logit variances; not checked if None.
+        `(N, C)` finite logit variances; not checked if None.
+    names : tuple of str, default=('mean', 'var')
+        the arguments' names, for the messages.
+
+    Raises
+    ------
+    TypeError
+        if ``mean`` or ``var`` is not a tensor.
+    ValueError
+        for other shapes, NaN or inf, or a negative variance.
     """
+    m_name, v_name = names
+    for name, value in ((m_name, mean), (v_name, var)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
     if mean.dim() != 2:
-        raise ValueError(f"mean must be (N, C), got shape {tuple(mean.shape)}.")
+        raise ValueError(f"{m_name} must be (N, C), got shape {tuple(mean.shape)}.")
+    check_finite(m_name, mean)
     if var is None:
         return
     if var.shape != mean.shape:
         raise ValueError(
-            f"var must have the shape of mean {tuple(mean.shape)}, got {tuple(var.shape)}."
+            f"{v_name} must have the shape of {m_name} {tuple(mean.shape)}, got {tuple(var.shape)}."
         )
+    check_finite(v_name, var)
     if (var < 0).any():
-        raise ValueError("var must be non-negative.")
+        raise ValueError(f"{v_name} must be non-negative.")
 
 
 def probit_scale(var: torch.Tensor) -> torch.Tensor:
@@ -163,11 +181,52 @@ def sample_logits(
 
     Raises
     ------
+    TypeError
+        for a non-integer ``n_samples`` or seed.
     ValueError
-        for moments of the wrong shapes, negative variances or ``n_samples < 1``.
+        for moments of the wrong shapes, non-finite or negative, or ``n_samples < 1``.
     """
     check_moments(mean, var)
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+    n_samples = check_int("n_samples", n_samples)
     eps = torch.randn((n_samples, *mean.shape), generator=as_generator(generator), dtype=mean.dtype)
     return mean + var.sqrt() * eps.to(mean.device)
+
+
+def laplace_bridge(mean: torch.Tensor, cov: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """The Laplace bridge (Hobbhahn et al., 2022) from Gaussian logits to a Dirichlet's mean.
+
+    laplace-torch's ``link_approx='bridge'`` / ``'bridge_norm'`` as a function of the moments:
+    the zero-mean correction of the logits, then ``alpha_c = (1 - 2/C + e^{m_c} sum_k
+    e^{-m_k} / C^2) / v_c`` and ``alpha / sum alpha`` (NaN entries become 1, as in laplace). ``normalized`` rescales the moments by the mean variance over ``sqrt(C / 2)``
+    first (laplace's ``bridge_norm``, which it prefers).
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        `(N, C)` logit means.
+    cov : torch.Tensor
+        `(N, C, C)` logit covariances (a ``diag_embed`` of variances for independent logits).
+    normalized : bool, default=False
+        laplace's ``bridge_norm``.
+
+    Returns
+    -------
+    probs : torch.Tensor
+        `(N, C)` class probabilities, each row summing to 1.
+    """
+    check_moments(mean)
+    if cov.shape != (*mean.shape, mean.shape[1]):
+        raise ValueError(
+            f"cov must be (N, C, C) for mean {tuple(mean.shape)}, got {tuple(cov.shape)}."
+        )
+    total = cov.sum((1, 2))[:, None]
+    row = cov.sum(-1)
+    mean = mean - row * mean.sum(-1, keepdim=True) / total
+    var = cov.diagonal(dim1=1, dim2=2) - row * cov.sum(-2) / total
+    C = mean.shape[-1]
+    if normalized:
+        scale = var.mean(1, keepdim=True) / math.sqrt(C / 2)
+        mean, var = mean / scale.sqrt(), var / scale
+    sum_exp = torch.exp(-mean).sum(1, keepdim=True)
+    alpha = (1 - 2 / C + mean.exp() / C**2 * sum_exp) / var
+    return torch.nan_to_num(alpha / alpha.sum(1, keepdim=True), nan=1.0)

@@ -14,10 +14,11 @@ import torch
 
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.predictive.links import check_moments, probit_softmax, sample_logits
+from laplace_vlm.validation import check_finite, check_int
 
 
 def check_samples(samples: torch.Tensor, name: str = "samples") -> None:
-    """Raise a ``ValueError`` unless ``samples`` is `(S, N, C)`.
+    """Raise unless ``samples`` is a finite, non-empty `(S, N, C)` tensor.
 
     Parameters
     ----------
@@ -25,9 +26,19 @@ def check_samples(samples: torch.Tensor, name: str = "samples") -> None:
         the tensor to check.
     name : str, default='samples'
         its name, for the message.
+
+    Raises
+    ------
+    TypeError
+        if ``samples`` is not a tensor.
+    ValueError
+        for another shape, no samples, or NaN or inf.
     """
-    if samples.dim() != 3:
-        raise ValueError(f"{name} must be (S, N, C), got shape {tuple(samples.shape)}.")
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(samples).__name__}.")
+    if samples.dim() != 3 or samples.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (S, N, C), got shape {tuple(samples.shape)}.")
+    check_finite(name, samples)
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -61,7 +72,7 @@ def map_entropy(logits: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         `(N,)`, nats.
     """
-    check_moments(logits)
+    check_moments(logits, names=("logits", "var"))
     return entropy(torch.softmax(logits, dim=-1))
 
 
@@ -112,7 +123,7 @@ def logit_variance(var: torch.Tensor) -> torch.Tensor:
     torch.Tensor
         `(N,)`.
     """
-    check_moments(var, var)
+    check_moments(var, var, names=("var", "var"))
     return var.mean(-1)
 
 
@@ -186,6 +197,7 @@ def epig_from_samples(
     """
     check_samples(pool_samples, "pool_samples")
     check_samples(target_samples, "target_samples")
+    check_int("max_elements", max_elements)
     if pool_samples.shape[0] != target_samples.shape[0]:
         raise ValueError(
             "pool_samples and target_samples must share the sample axis, got "

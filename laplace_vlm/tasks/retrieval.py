@@ -13,7 +13,10 @@ from typing import Sequence
 
 import torch
 
-DIRECTIONS: tuple[str, ...] = ("image_to_text", "text_to_image")
+from laplace_vlm.enums import Direction, parse_option
+from laplace_vlm.validation import check_finite, check_int
+
+DIRECTIONS: tuple[str, ...] = tuple(d.value for d in Direction)
 
 
 @dataclass
@@ -83,10 +86,11 @@ def rank(
     ValueError
         for another ``direction``.
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
+    direction = parse_option(Direction, direction, "direction")
+    if not callable(getattr(la, "predictive_moments", None)):
+        raise TypeError(f"la must be a fitted DualEncoderLaplace, got {type(la).__name__}.")
     mean, var = la.predictive_moments({"image": image, "text": text}, pred_type=pred_type)
-    if direction == "text_to_image":
+    if direction is Direction.TEXT_TO_IMAGE:
         mean, var = mean.T, var.T
     return rank_scores(mean, var)
 
@@ -108,9 +112,15 @@ def rank_scores(mean: torch.Tensor, var: torch.Tensor) -> Ranking:
 
     Raises
     ------
+    TypeError
+        if ``mean`` or ``var`` is not a tensor.
     ValueError
-        if ``mean`` is not 2-D or ``var`` has another shape.
+        if ``mean`` is not 2-D, ``var`` has another shape, or either is not finite.
     """
+    for name, value in (("mean", mean), ("var", var)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
+        check_finite(name, value)
     if mean.ndim != 2 or var.shape != mean.shape:
         raise ValueError(
             f"mean and var must be (Q, G) of one shape, got {tuple(mean.shape)} and "
@@ -140,10 +150,15 @@ def relevance_matrix(
 
     Raises
     ------
+    TypeError
+        for a non-integer ``n_gallery`` or float target indices.
     ValueError
         for a bool matrix of the wrong shape, indices that are not `(Q,)`, or an empty or
         out-of-range list of targets.
     """
+    n_gallery = check_int("n_gallery", n_gallery)
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point():
+        raise TypeError(f"targets must be integer gallery indices or bool, got {targets.dtype}.")
     if isinstance(targets, torch.Tensor) and targets.dtype == torch.bool:
         if targets.ndim != 2 or targets.shape[1] != n_gallery:
             raise ValueError(f"targets as a bool matrix must be (Q, {n_gallery}).")
@@ -154,6 +169,7 @@ def relevance_matrix(
         targets = targets[:, None].tolist()
     relevant = torch.zeros(len(targets), n_gallery, dtype=torch.bool)
     for q, items in enumerate(targets):
+        items = [check_int(f"targets[{q}] entries", item, minimum=0) for item in items]
         if len(items) == 0 or min(items) < 0 or max(items) >= n_gallery:
             raise ValueError(f"targets of query {q} must be non-empty indices in [0, {n_gallery}).")
         relevant[q, list(items)] = True
@@ -180,8 +196,24 @@ def recall_at_k(
     -------
     recall : dict
         ``{k: recall@k}``.
+
+    Raises
+    ------
+    TypeError
+        for a ``ranking`` that is neither a Ranking nor an integer tensor, or a cut-off that
+        is not an integer.
+    ValueError
+        for no cut-offs, a cut-off below 1, or targets of another number of queries.
     """
     indices = ranking.indices if isinstance(ranking, Ranking) else ranking
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.ndim != 2:
+        raise TypeError(
+            "ranking must be a Ranking or its (Q, G) integer indices, got "
+            f"{getattr(indices, 'dtype', type(indices).__name__)}."
+        )
+    ks = [check_int(f"ks[{i}]", k) for i, k in enumerate(ks)]
+    if not ks:
+        raise ValueError("ks must hold at least one cut-off.")
     relevant = relevance_matrix(targets, indices.shape[1])
     if len(relevant) != len(indices):
         raise ValueError(
@@ -189,4 +221,4 @@ def recall_at_k(
         )
     hits = relevant.gather(1, indices)  # (Q, G): relevance in ranked order
     first_hit = torch.where(hits.any(1), hits.double().argmax(1), indices.shape[1])
-    return {int(k): (first_hit < k).double().mean().item() for k in ks}
+    return {k: (first_hit < k).double().mean().item() for k in ks}

@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from laplace_vlm.docstrings import fill_doc
-from laplace_vlm.enums import PredType, parse_option
+from laplace_vlm.enums import LinkApprox, PredType, parse_option
 from laplace_vlm.predictive.links import sample_logits
 from laplace_vlm.predictive.uncertainty import bald_from_samples, entropy
+from laplace_vlm.validation import check_generator, check_int, check_matrix
 
 Template = str | Callable[[str], str]
 
@@ -152,6 +153,15 @@ class ZeroShotClassifier:
         C names, kept for reports.
     class_residual : torch.Tensor, optional
         `(C, D)` residual offsets of the text embeddings.
+
+    Raises
+    ------
+    TypeError
+        if ``la`` has no ``predictive_moments`` (not a fitted posterior) or the class tensors
+        are not float tensors.
+    ValueError
+        for class tensors that are not finite non-empty matrices, a residual of another row
+        count, or one name per class missing.
     """
 
     def __init__(
@@ -161,10 +171,16 @@ class ZeroShotClassifier:
         classnames: Sequence[str] | None = None,
         class_residual: torch.Tensor | None = None,
     ) -> None:
-        if class_activations.ndim != 2:
-            raise ValueError(
-                f"class_activations must be (C, d_txt), got {tuple(class_activations.shape)}."
-            )
+        if not callable(getattr(la, "predictive_moments", None)):
+            raise TypeError(f"la must be a fitted DualEncoderLaplace, got {type(la).__name__}.")
+        check_matrix("class_activations", class_activations)
+        if class_residual is not None:
+            check_matrix("class_residual", class_residual)
+            if len(class_residual) != len(class_activations):
+                raise ValueError(
+                    f"class_residual must have {len(class_activations)} rows (one per class), "
+                    f"got {len(class_residual)}."
+                )
         if classnames is not None and len(classnames) != len(class_activations):
             raise ValueError(
                 f"classnames has {len(classnames)} names for {len(class_activations)} classes."
@@ -273,11 +289,18 @@ class ZeroShotClassifier:
 
         Raises
         ------
+        TypeError
+            for a non-integer ``n_samples`` or a ``generator`` that is not a
+            ``torch.Generator``.
         ValueError
-            for ``pred_type='nn'`` without ``link_approx='mc'``.
+            for an unknown option, ``pred_type='nn'`` without ``link_approx='mc'``, or
+            ``n_samples < 1``.
         """
         pred_type = parse_option(PredType, pred_type, "pred_type")
-        if pred_type is PredType.NN and link_approx != "mc":
+        link_approx = parse_option(LinkApprox, link_approx, "link_approx")
+        n_samples = check_int("n_samples", n_samples)
+        check_generator("generator", generator)
+        if pred_type is PredType.NN and link_approx is not LinkApprox.MC:
             raise ValueError("pred_type='nn' needs link_approx='mc'.")
         generator = torch.Generator().manual_seed(0) if generator is None else generator
         x = self.inputs(image_activations, image_residual)
@@ -293,7 +316,7 @@ class ZeroShotClassifier:
                 return ZeroShotPrediction(probs, f.mean(0), f.var(0), entropy(probs),
                                           bald_from_samples(f))  # fmt: skip
             mean, var = self.la.predictive_moments(x, pred_type=pred_type)
-            if link_approx == "mc":
+            if link_approx is LinkApprox.MC:
                 samples = self._logit_samples(x, pred_type, mean, var, n_samples, generator)
                 probs, mi = torch.softmax(samples, -1).mean(0), bald_from_samples(samples)
             else:
