@@ -28,6 +28,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="in-distribution data")
     p.add_argument("--json", type=Path, help='write {"settings", "rows"} as JSON here')
+    p.add_argument(
+        "--format",
+        choices=("rows", "clip_benchmark"),
+        default="rows",
+        help="what --json holds: the benchmark's rows (default) or CLIP_benchmark's result "
+        "objects, one per condition and method, calibration metrics added",
+    )
     p.add_argument("--out", type=Path, help="folder for the PNG figures (none if omitted)")
     p.add_argument(
         "--data-dir",
@@ -63,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.alpha < 1:
         raise CliError(f"--alpha must lie in (0, 1), got {args.alpha}")
+    if args.format != "rows" and args.json is None:
+        raise CliError(f"--format {args.format} needs --json PATH (the file it writes)")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise CliError(f"--data-dir: no such folder {args.data_dir}")
     start = time.perf_counter()
@@ -84,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         paths = write_plots(result, args.out)
         print(f"figures: {len(paths)} PNG files in {args.out.resolve()}")
-    if args.json is not None:
+    if args.json is not None and args.format == "clip_benchmark":
+        from laplace_vlm.evaluation.clip_benchmark import write_clip_benchmark
+
+        model = f"laplace-vlm stand-in CLIP ({args.dataset})"
+        print(f"CLIP_benchmark results: {write_clip_benchmark(args.json, result.rows, model)}")
+    elif args.json is not None:
         print(f"rows: {write_json(args.json, result.settings, result.rows)}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
