@@ -343,3 +343,31 @@ def test_mini_benchmark_bayesvlm_is_the_papers_method_written_out(mini):
     probs = torch.softmax(mean / (1 + torch.pi / 8 * var).sqrt(), -1)
     torch.testing.assert_close(preds["bayesvlm"].probs.double(), probs, rtol=1e-4, atol=1e-6)
     assert exp.settings["bayesvlm"].setting.pseudo_count == n
+
+
+def test_mini_benchmark_target_recalibrated_conformal_is_split_conformal_on_50_images(mini):
+    """``lac_target50`` on the clean condition: LAC calibrated on the 50 drawn validation
+    images alone, evaluated on the test split; and ``empty_rate`` counted by a loop."""
+    from laplace_vlm.experiments.benchmark import TARGET_LABELS, target_sample
+
+    exp = mini.experiment
+    val_x, val_y = exp.splits["val"]
+    target = target_sample(val_y, exp.seed)
+    assert len(target) == TARGET_LABELS == 50
+    few = exp.predict(exp.encode(val_x[target]))["map"].probs
+    predictor = SplitConformal("lac", 0.1).fit(few, val_y[target])
+    # LAC by hand: threshold = the ceil(51 * 0.9)-th smallest of 1 - p_y on the 50 images
+    scores = (1 - few[torch.arange(50), val_y[target]]).sort().values
+    threshold = scores[math.ceil(51 * 0.9) - 1]
+    test_probs = mini.kept[("clean", 0.0)][1]["map"].probs
+    sets = 1 - test_probs <= threshold
+    torch.testing.assert_close(predictor.predict(test_probs), sets)
+    get = {r["metric"]: r["value"] for r in mini.rows
+           if r["task"] == "conformal" and r["condition"] == "clean" and r["method"] == "map"
+           and r["score"] == "lac_target50"}  # fmt: skip
+    labels = mini.labels
+    assert get["coverage"] == pytest.approx(
+        sets[torch.arange(len(labels)), labels].double().mean().item()
+    )
+    empty = sum(1 for row in sets.tolist() if not any(row)) / len(sets)
+    assert get["empty_rate"] == pytest.approx(empty)

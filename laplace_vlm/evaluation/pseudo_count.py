@@ -16,12 +16,12 @@ import torch
 
 from laplace_vlm.evaluation.metrics import nlpd
 
-PSEUDO_COUNTS: tuple[float, ...] = tuple(
-    float(f"{m}e{e}") for e in range(-2, 6) for m in (1, 3)
-) + (1e6,)
-"""The default grid, half-decades from 0.01 to 10^6 (wide enough that the chosen ``n`` of
-the paper's form lies inside it on both stand-ins; :meth:`PseudoCountChoice.at_edge` says
-when it does not)."""
+PSEUDO_COUNTS: tuple[float, ...] = (
+    (1e-4, 1e-3) + tuple(float(f"{m}e{e}") for e in range(-2, 6) for m in (1, 3)) + (1e6,)
+)
+"""The default grid: decades from 10^-4 to 0.01, then half-decades to 10^6. Wide enough that
+the pseudo-count chosen for the paper's form lies inside it on both stand-ins;
+:attr:`PseudoCountChoice.at_edge` says when a choice does not."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ functions, so all of them see the same data, the same model and the same posteri
 
 >>> splits = load_splits("digits")
 >>> model, tokenizer = load_clip("digits")
->>> la = fit_zero_shot_posterior(model, tokenizer, *splits["train"], seed=0, dataset="digits")
+>>> la = fit_zero_shot_posterior(model, tokenizer, *splits["curvature"], seed=0, dataset="digits")
 >>> x = {"image": encode_images(model, splits["test"][0]),
 ...      "text": class_text_activations(model, tokenizer, "digits")}
 >>> probs = la(x)
