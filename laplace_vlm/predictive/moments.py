@@ -145,26 +145,36 @@ def class_operands(
     s2 = s.square()
     if pred_type is PredType.PROBCOSINE_DIAG:
         var_t = post_t.variance(a_t)
-        tt = t.square().sum(-1) + var_t.sum(-1)
-        return dict(
-            mean_r=t * (s * tt.rsqrt())[:, None],
-            var_r=torch.cat([var_t, t.square()], dim=1) * (s2 / tt)[:, None],
-            var_op=post_i.inv_eig.T
-            @ post_i.out_basis.square().T,  # diag Cov[z] = (a Q2)^2 @ var_op
-        )
+        w = s2 / (_sq_norm(t) + var_t.sum(-1))
+        var_op = post_i.inv_eig.T @ post_i.out_basis.square().T  # diag Cov[z] = (a Q2)^2 var_op
+        Y = (var_t + t.square()) * w[:, None]  # v_z pairs with v_t + t^2
+        cols, image_bias = [var_t * w[:, None], Y @ var_op.T], None
+        if post_i.bias_basis is not None:  # a constant v_z part: a column of ones on the left
+            image_bias = post_i.bias_basis.square() @ post_i.bias_inv_eig
+            cols.append((Y @ image_bias)[:, None])
+            image_bias = image_bias.sum()
+        return dict(mean_r=t * w.sqrt()[:, None], var_r=torch.cat(cols, dim=1),
+                    var_sum=var_op.sum(1), image_bias=image_bias)  # fmt: skip
     terms_t = post_t.terms(a_t)
     if pred_type is PredType.PROBCOSINE:
-        tt = t.square().sum(-1) + sum(e.sum(-1) for _, e in terms_t)
+        w = s2 / (_sq_norm(t) + sum(e.sum(-1) for _, e in terms_t))
         cols = [e for _, e in terms_t]  # with (mu_z R)^2: mu_z^T C_t mu_z
-        for Q in _bases(post_i):  # with c: mu_t^T C_z mu_t + tr(C_z C_t)
-            X = (t @ Q).square()
+        X = []  # with c: mu_t^T C_z mu_t + tr(C_z C_t), per image basis
+        for Q in _bases(post_i):
+            X.append((t @ Q).square())
             for R, e in terms_t:
-                X = X + e @ (Q.T @ R).square().T
-            cols.append(X)
+                X[-1] = X[-1] + e @ (Q.T @ R).square().T
+        cols.append(X[0] @ post_i.inv_eig)  # c @ X^T = (a Q2)^2 (X inv_eig)^T: K = d, not D
+        image_bias = None
+        if post_i.bias_basis is not None:  # c_b is the same for every image: a column of ones
+            cols.append((X[1] @ post_i.bias_inv_eig)[:, None])
+            image_bias = post_i.bias_inv_eig.sum()
         return dict(
-            mean_r=t * (s * tt.rsqrt())[:, None],
-            var_r=torch.cat(cols, dim=1) * (s2 / tt)[:, None],
+            mean_r=t * w.sqrt()[:, None],
+            var_r=torch.cat(cols, dim=1) * w[:, None],
             text_bases=[R for R, _ in terms_t],
+            var_sum=post_i.inv_eig.sum(0),
+            image_bias=image_bias,
         )
     nt = t.norm(dim=-1)
     V = t / nt[:, None]
@@ -186,6 +196,21 @@ def class_operands(
 def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``a @ b``, into ``out`` when given (the preallocated, no-autograd fast path)."""
     return a @ b if out is None else torch.mm(a, b, out=out)
+
+
+def _square(x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``x ** 2``; in place when ``inplace`` (``x`` is a temporary outside autograd)."""
+    return x.square_() if inplace else x.square()
+
+
+def _scale_rows(x: torch.Tensor, scale: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``x * scale[:, None]``; in place when ``inplace`` (``x`` is a temporary)."""
+    return x.mul_(scale[:, None]) if inplace else x * scale[:, None]
+
+
+def _sq_norm(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``|x|^2`` in one pass (no squared copy of ``x``)."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
 
 
 def chunk_moments(
@@ -222,20 +247,23 @@ def chunk_moments(
         `(n, C)` each; the tensors of ``out`` when given.
     """
     mean_out, var_out = (None, None) if out is None else out
-    if pred_type is PredType.PROBCOSINE_DIAG:
-        var_z = (a @ post_i.in_basis).square() @ ops["var_op"]
-        if post_i.bias_basis is not None:
-            var_z = var_z + post_i.bias_basis.square() @ post_i.bias_inv_eig
-        inv = 1.0 / (z.square().sum(-1) + var_z.sum(-1))
-        mean = _mm(z * inv.sqrt()[:, None], ops["mean_r"].T, mean_out)
-        left = torch.cat([z.square() + var_z, var_z], dim=1) * inv[:, None]
-        return mean, _mm(left, ops["var_r"].T, var_out)
-    if pred_type is PredType.PROBCOSINE:
-        terms_z = post_i.terms(a)
-        inv = 1.0 / (z.square().sum(-1) + sum(c.sum(-1) for _, c in terms_z))
-        mean = _mm(z * inv.sqrt()[:, None], ops["mean_r"].T, mean_out)
-        cols = [(z @ R).square() for R in ops["text_bases"]] + [c for _, c in terms_z]
-        return mean, _mm(torch.cat(cols, 1) * inv[:, None], ops["var_r"].T, var_out)
+    fast = out is not None  # no autograd: in-place squares and scalings, no extra copies
+    if pred_type in (PredType.PROBCOSINE_DIAG, PredType.PROBCOSINE):
+        # the image head's rotated inputs (a Q2)^2 give both sum_d Var[z_d] (a GEMV) and, with
+        # the class operands, the variance terms: c = (a Q2)^2 inv_eig^T is never formed
+        rot2 = _square(a @ post_i.in_basis, fast)
+        total = rot2 @ ops["var_sum"]
+        if ops["image_bias"] is not None:
+            total = total + ops["image_bias"]
+        inv = 1.0 / (_sq_norm(z) + total)
+        mean = _mm(_scale_rows(z, inv.sqrt(), False), ops["mean_r"].T, mean_out)
+        if pred_type is PredType.PROBCOSINE_DIAG:
+            cols = [z.square(), rot2]
+        else:
+            cols = [_square(z @ R, fast) for R in ops["text_bases"]] + [rot2]
+        if ops["image_bias"] is not None:
+            cols.append(z.new_ones(len(z), 1))
+        return mean, _mm(_scale_rows(torch.cat(cols, 1), inv, fast), ops["var_r"].T, var_out)
     nz = z.norm(dim=-1)
     U = z / nz[:, None]
     inv2 = (1.0 / nz.square())[:, None]

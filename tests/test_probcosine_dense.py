@@ -1,0 +1,72 @@
+"""ProbCosine (full and diagonal) against dense `(D, D)` embedding covariances, with and
+without head biases (laplace's separate bias blocks and the joint form), chunked or not,
+on the preallocated fast path and on the differentiable one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_dual_encoder_laplace import loader, make_problem
+
+from laplace_vlm import DualEncoderLaplace
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+BIAS = {"no bias": dict(bias=False), "bias blocks": dict(bias=True),
+        "joint bias": dict(bias=True, joint_bias=True)}  # fmt: skip
+
+
+def fitted(case: str, contrastive: str):
+    kw, a_i, a_t = make_problem(**BIAS[case], seed=4, contrastive=contrastive)
+    la = DualEncoderLaplace(**kw, prior_precision=0.8, temperature=0.5)
+    la.fit(loader(a_i, a_t))
+    return la, {"image": a_i[:7], "text": a_t[:5]}
+
+
+def dense_embedding_moments(la, x):
+    """Means `(n, D)` and full covariances `(n, D, D)` of both towers' embeddings.
+
+    ``embedding_moments(full=True)`` sums dense ``Q diag(c) Q^T`` terms; it equals
+    ``J Sigma J^T`` of the dense posterior (``test_predictive``, ``test_joint_bias``).
+    """
+    m = la.embedding_moments(x, full=True)
+    return m["image"], m["text"]
+
+
+def reference(la, x, diagonal: bool):
+    (z, cz), (t, ct) = dense_embedding_moments(la, x)
+    if diagonal:  # the paper's ProbCosine: independent coordinates
+        cz, ct = (
+            torch.diag_embed(cz.diagonal(dim1=1, dim2=2)),
+            torch.diag_embed(ct.diagonal(dim1=1, dim2=2)),
+        )
+    Ez = z.square().sum(-1) + cz.diagonal(dim1=1, dim2=2).sum(-1)
+    Et = t.square().sum(-1) + ct.diagonal(dim1=1, dim2=2).sum(-1)
+    norm = Ez[:, None] * Et[None]
+    var_dot = (torch.einsum("nd,cde,ne->nc", z, ct, z) + torch.einsum("cd,nde,ce->nc", t, cz, t)
+               + torch.einsum("nde,ced->nc", cz, ct))  # fmt: skip
+    s, b = la.heads.scale, la.heads.logit_bias
+    mean = s * (z @ t.T) / norm.sqrt() + (0.0 if b is None else b)
+    return mean.detach(), (s.square() * var_dot / norm).detach()
+
+
+@pytest.mark.parametrize("case", list(BIAS))
+@pytest.mark.parametrize("contrastive", ["clip", "siglip"])
+@pytest.mark.parametrize("pred_type", ["probcosine", "probcosine_diag"])
+def test_probcosine_equals_dense_covariances(case, contrastive, pred_type):
+    la, x = fitted(case, contrastive)
+    want = reference(la, x, diagonal=pred_type == "probcosine_diag")
+    for chunk_size in (None, 3):  # one chunk, and chunks that do not divide N = 7
+        with torch.no_grad():  # the preallocated in-place path
+            got = la.predictive_moments(x, pred_type=pred_type, chunk_size=chunk_size)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **TOL)
+    with torch.enable_grad():  # the differentiable path gives the same and a gradient
+        a = x["image"].clone().requires_grad_(True)
+        mean, var = la.predictive_moments({**x, "image": a}, pred_type=pred_type, chunk_size=3)
+        if mean.requires_grad:
+            (mean.sum() + var.sum()).backward()
+            assert a.grad is not None and a.grad.abs().sum() > 0
+    torch.testing.assert_close(mean.detach(), want[0], **TOL)
+    torch.testing.assert_close(var.detach(), want[1], **TOL)
