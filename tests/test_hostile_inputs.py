@@ -21,6 +21,7 @@ from laplace_vlm.active.acquisition import acquisition_scores
 from laplace_vlm.evaluation.calibration import TemperatureScaling
 from laplace_vlm.evaluation.detection import detection_auroc, fpr_at_tpr, mcm
 from laplace_vlm.evaluation.metrics import accuracy, brier, classification_metrics, ece, nlpd
+from laplace_vlm.evaluation.pseudo_count import select_pseudo_count
 from laplace_vlm.evaluation.selective import aurc, failure_auroc
 from laplace_vlm.posterior.marglik import maximize_marglik
 from laplace_vlm.predictive.links import laplace_bridge, sample_logits
@@ -370,6 +371,12 @@ HOSTILE_CALLS = [
      "max_iter must be an integer >= 1"),
     ("marglik_budget", lambda c: maximize_marglik(c.la, budget="y"), T,
      "budget must be True or False"),
+    ("pseudo_count_grid",
+     lambda c: select_pseudo_count(c.la, c.x, c.labels[:3], {"pc": {}}, (0.0, 1.0)), V,
+     "pseudo_counts must be positive numbers"),
+    ("pseudo_count_no_predictives",
+     lambda c: select_pseudo_count(c.la, c.x, c.labels[:3], {}, (1.0,)), V,
+     "predictives must name at least one"),
     # metrics
     ("nlpd_logits", lambda c: nlpd(c.logits, c.labels), V, "probs must be probabilities"),
     ("ece_logits", lambda c: ece(c.logits, c.labels), V, "from_logits=True"),

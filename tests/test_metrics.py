@@ -14,6 +14,7 @@ from laplace_vlm.evaluation.metrics import (
     classification_metrics,
     ece,
     nlpd,
+    reliability_bins,
 )
 
 PROBS = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.45, 0.05], [0.2, 0.2, 0.6]])
@@ -96,14 +97,40 @@ def test_bad_input_names_the_argument(probs, labels, match):
         nlpd(probs, labels)
 
 
-def test_reliability_bins_reproduce_the_ece():
-    from laplace_vlm.evaluation.plots import reliability_bins
+@pytest.mark.parametrize("n_bins", [5, 15, 20])
+def test_ece_and_its_bins_match_torchmetrics(n_bins):
+    """One binning for the metric and the plot, checked against another library: the ECE
+    of our bins equals torchmetrics' ``MulticlassCalibrationError``, and the bin counts equal
+    a numpy histogram of the confidences on the same edges."""
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    from laplace_vlm.evaluation.plots import reliability_bins as plotted_bins
 
     gen = torch.Generator().manual_seed(2)
     probs = torch.softmax(2 * torch.randn(300, 4, generator=gen, dtype=torch.float64), -1)
     labels = torch.randint(0, 4, (300,), generator=gen)
-    conf, acc, count = reliability_bins(probs, labels)
-    assert count.sum() == 300
-    assert (count / 300 * (acc - conf).abs()).sum().item() == pytest.approx(
-        ece(probs, labels), abs=1e-6
+    metric = MulticlassCalibrationError(num_classes=4, n_bins=n_bins, norm="l1")
+    assert ece(probs, labels, n_bins) == pytest.approx(metric(probs, labels).item(), abs=1e-6)
+    conf, acc, count = reliability_bins(probs, labels, n_bins)
+    assert plotted_bins is reliability_bins  # the plot reads the metric's bins
+    confidence = probs.max(-1).values.numpy()
+    hist, _ = np.histogram(confidence, bins=np.linspace(0, 1, n_bins + 1))
+    np.testing.assert_array_equal(count.numpy(), hist)
+    filled = count > 0
+    for b in filled.nonzero().flatten().tolist():
+        inside = (confidence > b / n_bins) & (confidence <= (b + 1) / n_bins)
+        assert conf[b].item() == pytest.approx(confidence[inside].mean())
+        right = probs.argmax(-1).numpy()[inside] == labels.numpy()[inside]
+        assert acc[b].item() == pytest.approx(right.mean())
+
+
+def test_from_logits_scores_the_softmax():
+    gen = torch.Generator().manual_seed(3)
+    logits = 4 * torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 6, (200,), generator=gen)
+    assert nlpd(logits, labels, from_logits=True) == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels).item()
     )
+    probs = torch.softmax(logits, -1)
+    ours = classification_metrics(logits, labels, from_logits=True)
+    assert ours == pytest.approx(classification_metrics(probs, labels))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_properties import reference_moments
 
 from laplace_vlm import DualEncoderLaplace
 from laplace_vlm.tasks.retrieval import Ranking, rank, rank_scores, recall_at_k
@@ -76,13 +77,22 @@ def test_collapsed_posterior_ranks_by_map_cosine(la_and_data):
     assert ranking.var.max() < 1e-8
 
 
-def test_posterior_ranking_mostly_keeps_map_top1_and_has_variance(la_and_data):
-    la, W_img, W_txt, images, texts = la_and_data
-    ranking = rank(la, images, texts)
-    cos = F.normalize(images @ W_img.T, dim=-1) @ F.normalize(texts @ W_txt.T, dim=-1).T
-    top1_map = cos.argmax(1)
-    assert (ranking.indices[:, 0] == top1_map).float().mean() >= 0.5
-    assert torch.all(ranking.var > 0)
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("pred_type", ["probcosine", "probcosine_diag", "glm"])
+def test_ranking_scores_are_the_dense_posterior_moments(la_and_data, pred_type):
+    """Mean and variance of every (image, text) score against the dense-posterior reference,
+    and the order against a brute-force sort of that reference mean."""
+    la, _, _, images, texts = la_and_data
+    mean, cov = reference_moments(la, {"image": images, "text": texts}, pred_type)
+    var = cov.diagonal(dim1=1, dim2=2)
+    ranking = rank(la, images, texts, pred_type=pred_type)
+    torch.testing.assert_close(ranking.mean, mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(ranking.var, var, rtol=1e-8, atol=1e-10)
+    assert var.min() > 1e-3 * var.max()  # a posterior with spread, not the MAP
+    for q in range(len(images)):
+        assert ranking.indices[q].tolist() == brute_force_order(mean[q].tolist())
+    t2i = rank(la, images, texts, "text_to_image", pred_type=pred_type)
+    torch.testing.assert_close(t2i.var, var.T, rtol=1e-8, atol=1e-10)
 
 
 def brute_force_recall(indices: torch.Tensor, relevant: list[set[int]], k: int) -> float:

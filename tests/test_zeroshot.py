@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from brute_force import dense_glm_moments
 from conftest import tiny_clip
+from test_dual_encoder_laplace import loader, make_problem
+from test_properties import MC_ATOL, MC_SAMPLES, _gaussian_draws, weight_logit_samples
 
 from laplace_vlm import DualEncoderLaplace
 from laplace_vlm.adapters import get_adapter
@@ -126,22 +129,57 @@ def test_uncertainty_shrinks_with_more_pseudo_data(setup):
     assert torch.all(collapsed.mutual_information < 1e-8)
 
 
-def test_mc_link_uses_joint_weight_samples(setup):
-    _, _, la, clf, _, acts = setup
-    pred = clf.predict(
-        acts,
-        pred_type="glm",
-        link_approx="mc",
-        n_samples=50,
-        generator=torch.Generator().manual_seed(1),
-    )
-    x = {"image": acts, "text": clf.class_activations}
-    samples = la.functional_samples(x, "glm", 50, generator=torch.Generator().manual_seed(1))
-    p = torch.softmax(samples, -1)
-    torch.testing.assert_close(pred.probs, p.mean(0))
-    entropy = lambda q: -(q * q.log()).sum(-1)  # noqa: E731
-    torch.testing.assert_close(pred.mutual_information, entropy(p.mean(0)) - entropy(p).mean(0))
-    assert torch.all(pred.mutual_information <= pred.entropy + 1e-12)
+def _bald(logits: torch.Tensor) -> torch.Tensor:
+    """numpy BALD ``H[E p] - E H[p]`` of `(S, N, C)` logit samples."""
+    p = torch.softmax(logits, -1).numpy()
+    h = lambda q: -(q * np.log(q)).sum(-1)  # noqa: E731
+    return torch.from_numpy(h(p.mean(0)) - h(p).mean(0))
+
+
+@pytest.fixture
+def small():
+    """A feature-mode posterior small enough for the dense (P, P) references, float64."""
+    kw, a_i, a_t = make_problem(bias=True, seed=4, contrastive="clip")
+    la = DualEncoderLaplace(**kw, prior_precision=0.5, temperature=2.0)
+    la.fit(loader(a_i, a_t))
+    return la, ZeroShotClassifier(la, a_t[:5]), a_i[:6]
+
+
+@pytest.mark.usefixtures("float64")
+def test_mc_glm_prediction_matches_dense_monte_carlo(small):
+    """``glm`` + ``mc``: probabilities and mutual information of Gaussian draws of the dense
+    linearised moments (autodiff Jacobians, dense covariance), with other random draws."""
+    la, clf, acts = small
+    S = MC_SAMPLES
+    pred = clf.predict(acts, pred_type="glm", link_approx="mc", n_samples=S,
+                       generator=torch.Generator().manual_seed(1))  # fmt: skip
+    mean, cov = dense_glm_moments(la, clf.inputs(acts))
+    f = mean + _gaussian_draws(cov, S, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(pred.logit_mean, mean, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pred.logit_var, cov.diagonal(dim1=1, dim2=2), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pred.probs, torch.softmax(f, -1).mean(0), rtol=0, atol=MC_ATOL)
+    torch.testing.assert_close(pred.mutual_information, _bald(f), rtol=0.15, atol=5e-3)
+    assert (pred.mutual_information > 1e-3).all()  # the check is not trivially about zeros
+
+
+@pytest.mark.usefixtures("float64")
+def test_exact_monte_carlo_prediction_matches_dense_weight_samples(small):
+    """``pred_type='nn'``: probabilities, logit moments and mutual information against
+    weights drawn here from the dense posterior and pushed through the normalised cosine."""
+    la, clf, acts = small
+    S = MC_SAMPLES
+    pred = clf.predict(acts, pred_type="nn", link_approx="mc", n_samples=S,
+                       generator=torch.Generator().manual_seed(3))  # fmt: skip
+    f = weight_logit_samples(la, clf.inputs(acts), S, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(pred.probs, torch.softmax(f, -1).mean(0), rtol=0, atol=MC_ATOL)
+    scale = f.std(0).max().item()  # MC error of the mean ~ std / sqrt(S)
+    torch.testing.assert_close(pred.logit_mean, f.mean(0), rtol=0, atol=10 * scale / S**0.5)
+    torch.testing.assert_close(pred.logit_var, f.var(0), rtol=0.15, atol=1e-3)
+    torch.testing.assert_close(pred.mutual_information, _bald(f), rtol=0.15, atol=5e-3)
+    # la(x) with the same seed is the same estimator as the classifier's
+    same = la(clf.inputs(acts), "nn", link_approx="mc", n_samples=S,
+              generator=torch.Generator().manual_seed(3))  # fmt: skip
+    torch.testing.assert_close(pred.probs, same)
 
 
 def test_bad_input_names_the_argument(setup):
@@ -152,28 +190,3 @@ def test_bad_input_names_the_argument(setup):
         ZeroShotClassifier(la, clf.class_activations, classnames=["a"])
     with pytest.raises(ValueError, match="pred_type"):
         clf.predict(acts, pred_type="bayes")
-
-
-def test_exact_monte_carlo_prediction_is_the_joint_samples():
-    """``pred_type='nn'``: probabilities, moments and mutual information of the same draws."""
-    from laplace_vlm.predictive.uncertainty import bald_from_samples
-
-    g = torch.Generator().manual_seed(0)
-    W_img, W_txt = torch.randn(6, 10, generator=g), torch.randn(6, 8, generator=g)
-    la = DualEncoderLaplace(None, image_projection=W_img, text_projection=W_txt, logit_scale=2.0)
-    la.fit([(torch.randn(12, 10, generator=g), torch.randn(12, 8, generator=g))])
-    clf = ZeroShotClassifier(la, torch.randn(4, 8, generator=g))
-    acts = torch.randn(5, 10, generator=g)
-    pred = clf.predict(acts, pred_type="nn", link_approx="mc", n_samples=300,
-                       generator=torch.Generator().manual_seed(3))  # fmt: skip
-    f = la.functional_samples(
-        clf.inputs(acts), "nn", 300, generator=torch.Generator().manual_seed(3)
-    )
-    torch.testing.assert_close(pred.probs, torch.softmax(f, -1).mean(0))
-    torch.testing.assert_close(pred.probs, la(clf.inputs(acts), "nn", link_approx="mc",
-                                              n_samples=300,
-                                              generator=torch.Generator().manual_seed(3)))  # fmt: skip
-    torch.testing.assert_close(pred.logit_var, f.var(0))
-    torch.testing.assert_close(pred.mutual_information, bald_from_samples(f))
-    with pytest.raises(ValueError, match="link_approx='mc'"):
-        clf.predict(acts, pred_type="nn")

@@ -51,8 +51,7 @@ class TemperatureScaling:
         TypeError
             for non-float ``logits`` or non-integer ``labels``.
         ValueError
-            for empty or non-finite ``logits``, labels of another shape or out of range, or
-            a fit that ends at a non-finite or non-positive temperature.
+            for empty or non-finite ``logits``, or labels of another shape or out of range.
         """
         check_matrix("logits", logits)
         check_labels("labels", labels, len(logits), logits.shape[1])
@@ -70,12 +69,6 @@ class TemperatureScaling:
 
         optimizer.step(closure)
         temperature = log_t.detach().exp()
-        # separable validation data drive T to 0: an answer, but no usable temperature
-        if not (torch.isfinite(temperature) and temperature > 0):
-            raise ValueError(
-                f"temperature scaling diverged to T = {temperature.item():.3g} (the validation "
-                "logits separate the labels perfectly?): use more or harder validation data."
-            )
         self.temperature = temperature.item()
         return self
 
