@@ -5,7 +5,7 @@ from __future__ import annotations
 import laplace
 import pytest
 import torch
-from brute_force import per_sample_ggn
+from brute_force import dense_glm_moments, per_sample_ggn
 from laplace import KronLaplace, KronLLLaplace
 from torch import nn
 from torch.nn import functional as F
@@ -243,3 +243,61 @@ def test_half_precision_heads_get_an_fp32_posterior():
     a_i, a_t = torch.randn(8, D_IMG).half(), torch.randn(8, D_TXT).half()
     la.fit([(a_i, a_t)])
     assert all(F_.dtype == torch.float32 for block in la.H_facs.kfacs for F_ in block)
+
+
+def test_laplace_conventions_hold():
+    """backend, n_outputs, a fit batch as x, laplace's enum members and every enum exported."""
+    import enum
+
+    import laplace_vlm
+    from laplace_vlm import enums
+    from laplace_vlm.curvature import get_curvature_backend
+
+    kw, a_i, a_t = make_problem(bias=False)
+    la = DualEncoderLaplace(**kw)
+    la.fit([(a_i[:8], a_t[:8])])
+    # backend: what computed the curvature, not laplace's lazily built CurvlinopsGGN
+    assert la.backend is get_curvature_backend(la.curvature)
+    h = la.heads
+    v = F.normalize(h.embed_text(a_t[:8]), dim=-1).detach()
+    B, A = la.backend(h.image_projection.weight, None, a_i[:8], None, v, h.scale, None, "clip")
+    torch.testing.assert_close(B, la.H_facs.kfacs[0][0], **TOL)
+    torch.testing.assert_close(A / 8, la.H_facs.kfacs[0][1], **TOL)
+    # n_outputs: the columns of a prediction against the stored classes
+    assert la.n_outputs == 0
+    la.set_classes(a_t[:5])
+    assert la.n_outputs == 5 == la(a_i[:3]).shape[1]
+    # a fit batch (image, text) is an x: its texts are the classes
+    pair = (a_i[:3], a_t[:4])
+    mean, cov = dense_glm_moments(la, {"image": pair[0], "text": pair[1]})
+    kappa = 1 / torch.sqrt(1 + torch.pi / 8 * cov.diagonal(dim1=1, dim2=2))
+    torch.testing.assert_close(la(pair, pred_type="glm"), torch.softmax(kappa * mean, -1), **TOL)
+    # laplace's members are ours: its enum values select the same predictive
+    for ours, theirs in ((enums.PredType, laplace.PredType), (enums.LinkApprox, laplace.LinkApprox),
+                         (enums.PriorStructure, laplace.utils.enums.PriorStructure),
+                         (enums.TuningMethod, laplace.utils.enums.TuningMethod)):  # fmt: skip
+        assert {m.value for m in theirs} <= {m.value for m in ours}, ours
+    x = {"image": a_i[:3], "text": a_t[:4]}
+    torch.testing.assert_close(la(x, laplace.PredType.GLM, link_approx=laplace.LinkApprox.PROBIT),
+                               la(x, "glm"))  # fmt: skip
+    options = [v for v in vars(enums).values()
+               if isinstance(v, type) and issubclass(v, enum.Enum) and v.__module__ == enums.__name__]  # fmt: skip
+    assert options and all(e.__name__ in laplace_vlm.__all__ for e in options)
+
+
+def test_released_factors_refuse_heads_with_a_folded_bias(tmp_path):
+    """from_bayesvlm's bias check also sees a bias folded into the weight (the default)."""
+    import json
+
+    for name, dim in {"A_img": D_IMG, "B_img": D, "A_txt": D_TXT, "B_txt": D}.items():
+        torch.save(torch.eye(dim), tmp_path / f"{name}_analytic.pt")
+    (tmp_path / "prior_precision_analytic.json").write_text(
+        json.dumps({"lambda_img": 2.0, "lambda_txt": 3.0})
+    )
+    kw, _, _ = make_problem(bias=True)
+    kw.pop("joint_bias")
+    with pytest.raises(ValueError, match="for heads without bias"):
+        DualEncoderLaplace.from_bayesvlm(tmp_path, **kw)  # joint_bias=True by default
+    kw, _, _ = make_problem(bias=False)
+    la = DualEncoderLaplace.from_bayesvlm(tmp_path, **kw)
+    torch.testing.assert_close(la.prior_precision, torch.tensor([2.0, 3.0]))

@@ -11,6 +11,7 @@ of the model, so a layout that drifted in a new library release fails loudly, no
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,7 +231,7 @@ def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.norm(x - ref) / torch.linalg.norm(ref).clamp_min(1e-30))
 
 
-class DualEncoderAdapter:
+class DualEncoderAdapter(abc.ABC):
     """Pre-projection features and projection heads of one dual-encoder family.
 
     Subclasses locate the two heads in ``__init__`` and pass them on as :class:`Tower` objects;
@@ -285,6 +286,7 @@ class DualEncoderAdapter:
         self._verified: set[str] = set()
 
     @classmethod
+    @abc.abstractmethod
     @fill_doc
     def supports(cls, model: Any) -> bool:
         """Whether this adapter can handle ``model``.
@@ -299,7 +301,6 @@ class DualEncoderAdapter:
             whether ``cls(model)`` can be built; :func:`~laplace_vlm.adapters.get_adapter`
             takes the first registered class that says so.
         """
-        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:

@@ -7,6 +7,7 @@ Every backend is a :class:`HeadCurvature` whose subclasses differ in one thing, 
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ class HeadBatch:
     step: int
 
 
-class HeadCurvature:
+class HeadCurvature(abc.ABC):
     """Base class of the curvature backends; an instance is the backend's ``head_factors``.
 
     A backend overrides :meth:`factors`; calling the instance checks the arguments, gathers
@@ -121,6 +122,7 @@ class HeadCurvature:
         B, A = self.factors(batch)
         return 0.5 * (B + B.T), A
 
+    @abc.abstractmethod
     def factors(self, batch: HeadBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The backend's own computation of ``(B, A)``, before ``B`` is symmetrised.
 
@@ -136,4 +138,3 @@ class HeadCurvature:
         A : torch.Tensor
             `(d, d)` ``sum_i a_i a_i^T`` over the rows of ``batch.activations``.
         """
-        raise NotImplementedError

@@ -209,7 +209,9 @@ class PersistenceMixin:
             prior_precision = read_bayesvlm_prior(directory)
         la = cls(model, temperature=1.0 / pseudo_count, prior_precision=prior_precision,
                  damping=damping, **kwargs)  # fmt: skip
-        if any(la._has_bias):
+        # a bias folded into the weight (joint_bias=True, the default) is a bias too: without
+        # the joint flag this check could never fire and such heads met the dims check below
+        if any(la._has_bias) or any(la.heads.joint.values()):
             raise ValueError("the released CLIP factors are for heads without bias.")
         D_i, d_i, D_t, d_t = la._dims
         for name, dim in {"A_img": d_i, "B_img": D_i, "A_txt": d_t, "B_txt": D_t}.items():

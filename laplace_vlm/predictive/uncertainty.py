@@ -208,7 +208,7 @@ def epig_from_samples(
     p_targ = torch.softmax(target_samples, -1).transpose(0, 1)  # (N*, S, C*)
     marg_targ = p_targ.mean(1)  # (N*, C*)
     per_pool = p_targ.shape[0] * p_pool.shape[-1] * p_targ.shape[-1]
-    chunk = max(1, max_elements // max(per_pool, 1))
+    chunk = max(1, max_elements // per_pool)  # per_pool >= 1: check_samples refuses empty
     scores = []
     for start in range(0, p_pool.shape[0], chunk):
         pp = p_pool[start : start + chunk]

@@ -170,7 +170,7 @@ def relevance_matrix(
     relevant = torch.zeros(len(targets), n_gallery, dtype=torch.bool)
     for q, items in enumerate(targets):
         items = [check_int(f"targets[{q}] entries", item, minimum=0) for item in items]
-        if len(items) == 0 or min(items) < 0 or max(items) >= n_gallery:
+        if len(items) == 0 or max(items) >= n_gallery:  # check_int refused negatives
             raise ValueError(f"targets of query {q} must be non-empty indices in [0, {n_gallery}).")
         relevant[q, list(items)] = True
     return relevant
