@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from laplace_vlm.validation import check_finite
+from laplace_vlm.validation import as_real_tensor, check_finite
 
 POSTERIOR_DTYPES = (torch.float32, torch.float64)
 
@@ -386,11 +386,11 @@ def build_heads(
             "image_projection and text_projection must map to the same embedding dim, got "
             f"{image.out_features} and {text.out_features}."
         )
-    scale = check_finite("logit_scale", torch.as_tensor(logit_scale, dtype=dtype))
+    scale = check_finite("logit_scale", as_real_tensor("logit_scale", logit_scale, dtype))
     if scale.numel() != 1:
         raise ValueError(f"logit_scale must be a scalar, got shape {tuple(scale.shape)}.")
     if logit_bias is not None:
-        check_finite("logit_bias", torch.as_tensor(logit_bias, dtype=dtype))
+        check_finite("logit_bias", as_real_tensor("logit_bias", logit_bias, dtype))
     joint = (joint_bias and image.bias is not None, joint_bias and text.bias is not None)
     image, text = (fold_bias(h) if j else h for h, j in zip((image, text), joint))
     return DualHead(image, text, scale, logit_bias, joint)

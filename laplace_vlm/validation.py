@@ -105,6 +105,43 @@ def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def as_real_tensor(name: str, value: object, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.as_tensor(value)`` of a real number or tensor, or a ``TypeError`` naming ``name``.
+
+    Parameters
+    ----------
+    name : str
+        the argument's name, for the error messages.
+    value : object
+        a number, a sequence of numbers or a tensor.
+    dtype : torch.dtype, optional
+        the dtype of the result.
+
+    Returns
+    -------
+    torch.Tensor
+        the tensor.
+
+    Raises
+    ------
+    TypeError
+        for strings, bools, complex numbers and anything torch cannot read as real numbers.
+    """
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(
+            f"{name} must be a real number or tensor, got {type(value).__name__} {value!r}."
+        )
+    try:
+        tensor = torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"{name} must be a real number or tensor, got {type(value).__name__}."
+        ) from None
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be real-valued, got {tensor.dtype}.")
+    return tensor
+
+
 def check_positive(name: str, value: float | torch.Tensor) -> torch.Tensor:
     """A finite tensor with every entry > 0 (prior precision, temperature, pseudo-counts).
 
@@ -122,10 +159,12 @@ def check_positive(name: str, value: float | torch.Tensor) -> torch.Tensor:
 
     Raises
     ------
+    TypeError
+        if it is not a real number or tensor.
     ValueError
         if it is empty, not finite, or has an entry <= 0.
     """
-    tensor = torch.as_tensor(value)
+    tensor = as_real_tensor(name, value)
     check_finite(name, tensor)
     if tensor.numel() == 0 or not bool((tensor > 0).all()):
         raise ValueError(f"{name} must be positive and finite, got {_short(tensor)}.")

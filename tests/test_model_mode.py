@@ -55,12 +55,27 @@ def test_model_mode_equals_feature_mode_on_the_same_pairs(tokenizer):
 
 
 def test_classes_from_tokens_make_a_classifier(tokenizer):
+    """``set_classes(tokens)`` then ``la(images)``: the MAP is open_clip's own zero-shot
+    classifier, the posterior predictive that of feature mode on the adapter's activations."""
     model = tiny_clip()
     images, tokens = pairs(tokenizer)
     la = DualEncoderLaplace(model)
     la.fit([(images, tokens)])
     la.set_classes(tokens[:3])
-    probs = la(images[:5], pred_type="probcosine")
-    torch.testing.assert_close(
-        probs, la({"image": images[:5], "text": tokens[:3]}, pred_type="probcosine")
+    with torch.no_grad():
+        zi = model.encode_image(images[:5], normalize=True)
+        zt = model.encode_text(tokens[:3], normalize=True)
+        expected = torch.softmax(model.logit_scale.exp() * zi @ zt.T, -1)
+    torch.testing.assert_close(la(images[:5], pred_type="map"), expected, rtol=1e-4, atol=1e-6)
+    adapter = get_adapter(model)
+    ref = DualEncoderLaplace(
+        image_projection=model.visual.proj.detach().T,
+        text_projection=model.text_projection.detach().T,
+        logit_scale=model.logit_scale.detach(),
     )
+    ref.fit([(adapter.encode_image(images).activations, adapter.encode_text(tokens).activations)])
+    x_feat = {"image": adapter.encode_image(images[:5]).activations,
+              "text": adapter.encode_text(tokens[:3]).activations}  # fmt: skip
+    probs = la(images[:5], pred_type="probcosine")
+    torch.testing.assert_close(probs, ref(x_feat, pred_type="probcosine"), rtol=1e-4, atol=1e-6)
+    assert (probs - expected).abs().max() > 1e-4  # the posterior moves the prediction

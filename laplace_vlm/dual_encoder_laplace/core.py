@@ -36,7 +36,14 @@ from laplace_vlm.heads import DualHead, build_heads
 from laplace_vlm.inputs import InputEncoder
 from laplace_vlm.posterior.head_posterior import HeadPosterior
 from laplace_vlm.posterior.marglik import maximize_marglik
-from laplace_vlm.validation import check_bool, check_int, check_optional_int, check_positive
+from laplace_vlm.validation import (
+    as_real_tensor,
+    check_bool,
+    check_finite,
+    check_int,
+    check_optional_int,
+    check_positive,
+)
 
 # laplace arguments without a meaning for two projection heads fed {"image", "text"} inputs:
 # refused when given at all (a value equal to laplace's default would still be ignored)
@@ -216,6 +223,17 @@ class DualEncoderLaplace(FitMixin, PredictionMixin, PersistenceMixin, KronLaplac
                 prior_precision = torch.stack([img] * repeats[0] + [txt] * repeats[1])
         check_positive("prior_precision", prior_precision)
         KronLaplace.prior_precision.fset(self, prior_precision)
+
+    @property
+    def prior_mean(self) -> torch.Tensor:
+        """laplace's prior mean: one value or one per parameter, finite."""
+        return KronLaplace.prior_mean.fget(self)
+
+    @prior_mean.setter
+    def prior_mean(self, prior_mean: float | torch.Tensor) -> None:
+        # a NaN mean would make every evidence NaN, silently
+        check_finite("prior_mean", as_real_tensor("prior_mean", prior_mean))
+        KronLaplace.prior_mean.fset(self, prior_mean)
 
     @property
     def temperature(self) -> float:

@@ -183,6 +183,9 @@ class PredictionMixin:
         pred_type = _sampled_pred_type(pred_type, n_samples, diagonal_output, generator)
         if pred_type is not PredType.NN and (diagonal_output or pred_type is not PredType.GLM):
             mean, var = self.predictive_moments(x, pred_type)
+            # None is torch's global generator here too, as for the weight samples (not
+            # sample_logits' fixed seed 0)
+            generator = torch.default_generator if generator is None else generator
             return sample_logits(mean, var, n_samples, generator)
         with torch.set_grad_enabled(self.enable_backprop):
             inputs, posteriors = self._predict_inputs(x)
@@ -261,7 +264,10 @@ class PredictionMixin:
             ``(image, text)``, or images scored against the classes of :meth:`set_classes`.
         pred_type : {'probcosine', 'probcosine_diag', 'glm', 'nn', 'map'}, default='probcosine'
             the logit moments (see :meth:`predictive_moments`), weight sampling through the
-            exact normalisation (``nn``, needs ``link_approx='mc'``), or the MAP model.
+            exact normalisation (``nn``, needs ``link_approx='mc'``), or the MAP model. The
+            default differs from laplace's ``'glm'``: the paper's predictive is ProbCosine,
+            and the linearisation of the normalised cosine misses the spread of wide
+            posteriors (``tests/test_predictive.py`` measures both against exact Monte Carlo).
         joint : bool, default=False
             laplace's joint regression predictive; must be False (classification).
         link_approx : {'probit', 'mc', 'bridge', 'bridge_norm'}, default='probit'
