@@ -148,13 +148,10 @@ def class_operands(
         w = s2 / (_sq_norm(t) + var_t.sum(-1))
         var_op = post_i.inv_eig.T @ post_i.out_basis.square().T  # diag Cov[z] = (a Q2)^2 var_op
         Y = (var_t + t.square()) * w[:, None]  # v_z pairs with v_t + t^2
-        cols, image_bias = [var_t * w[:, None], Y @ var_op.T], None
+        cols = [var_t * w[:, None], Y @ var_op.T]
         if post_i.bias_basis is not None:  # a constant v_z part: a column of ones on the left
-            image_bias = post_i.bias_basis.square() @ post_i.bias_inv_eig
-            cols.append((Y @ image_bias)[:, None])
-            image_bias = image_bias.sum()
-        return dict(mean_r=t * w.sqrt()[:, None], var_r=torch.cat(cols, dim=1),
-                    var_sum=var_op.sum(1), image_bias=image_bias)  # fmt: skip
+            cols.append((Y @ (post_i.bias_basis.square() @ post_i.bias_inv_eig))[:, None])
+        return dict(mean_r=t * w.sqrt()[:, None], var_r=torch.cat(cols, dim=1))
     terms_t = post_t.terms(a_t)
     if pred_type is PredType.PROBCOSINE:
         w = s2 / (_sq_norm(t) + sum(e.sum(-1) for _, e in terms_t))
@@ -165,16 +162,12 @@ def class_operands(
             for R, e in terms_t:
                 X[-1] = X[-1] + e @ (Q.T @ R).square().T
         cols.append(X[0] @ post_i.inv_eig)  # c @ X^T = (a Q2)^2 (X inv_eig)^T: K = d, not D
-        image_bias = None
         if post_i.bias_basis is not None:  # c_b is the same for every image: a column of ones
             cols.append((X[1] @ post_i.bias_inv_eig)[:, None])
-            image_bias = post_i.bias_inv_eig.sum()
         return dict(
             mean_r=t * w.sqrt()[:, None],
             var_r=torch.cat(cols, dim=1) * w[:, None],
             text_bases=[R for R, _ in terms_t],
-            var_sum=post_i.inv_eig.sum(0),
-            image_bias=image_bias,
         )
     nt = t.norm(dim=-1)
     V = t / nt[:, None]
@@ -213,6 +206,113 @@ def _sq_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1).square()
 
 
+def expected_sq_norm(
+    x: torch.Tensor, a: torch.Tensor, post: HeadPosterior, inplace: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E|x|^2 = |x|^2 + tr Cov[x]`` of one head's embeddings, and their rotated inputs.
+
+    ``tr Cov[x] = (a Q2)^2 @ inv_eig.sum(0)`` (+ the bias block's trace): the output basis is
+    orthonormal, so the trace needs no `(N, D)` coefficients.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        `(n, D)` mean embeddings.
+    a : torch.Tensor
+        `(n, d [+ 1])` their design inputs of the head.
+    post : HeadPosterior
+        the head's posterior.
+    inplace : bool, default=False
+        square the rotated inputs in place (outside autograd).
+
+    Returns
+    -------
+    sq_norm : torch.Tensor
+        `(n,)` expected squared norms.
+    rotated_sq : torch.Tensor
+        `(n, d [+ 1])` ``(a Q2)^2``.
+    """
+    rot2 = _square(a @ post.in_basis, inplace)
+    sq_norm = _sq_norm(x) + rot2 @ post.inv_eig.sum(0)
+    if post.bias_inv_eig is not None:
+        sq_norm = sq_norm + post.bias_inv_eig.sum()
+    return sq_norm, rot2
+
+
+def image_operands(
+    pred_type: PredType,
+    z: torch.Tensor,
+    a: torch.Tensor,
+    post_i: HeadPosterior,
+    ops: dict,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-hand GEMM operands of ProbCosine for images, against :func:`class_operands`.
+
+    ``mean = scaled @ ops["mean_r"].T`` and ``var = left @ ops["var_r"].T``; the rows of
+    ``scaled`` are ``z / sqrt(E|z|^2)``. The image head's rotated inputs ``(a Q2)^2`` give the
+    variance terms with the class operands: ``c = (a Q2)^2 inv_eig^T`` is never formed.
+
+    Parameters
+    ----------
+    pred_type : PredType
+        ``PROBCOSINE`` or ``PROBCOSINE_DIAG``.
+    z : torch.Tensor
+        `(n, D)` un-normalised image embeddings.
+    a : torch.Tensor
+        `(n, d_img [+ 1])` their design inputs of the image head.
+    post_i : HeadPosterior
+        the image head's posterior.
+    ops : dict
+        :func:`class_operands` of the classes (``text_bases`` for ``PROBCOSINE``).
+    inplace : bool, default=False
+        reuse temporaries in place (outside autograd).
+
+    Returns
+    -------
+    scaled : torch.Tensor
+        `(n, D)` ``z / sqrt(E|z|^2)``.
+    left : torch.Tensor
+        `(n, K)` the variance operand.
+    """
+    sq_norm, rot2 = expected_sq_norm(z, a, post_i, inplace)
+    inv = 1.0 / sq_norm
+    scaled = _scale_rows(z, inv.sqrt(), False)
+    if pred_type is PredType.PROBCOSINE_DIAG:
+        cols = [z.square(), rot2]
+    else:
+        cols = [_square(z @ R, inplace) for R in ops["text_bases"]] + [rot2]
+    if post_i.bias_basis is not None:
+        cols.append(z.new_ones(len(z), 1))
+    return scaled, _scale_rows(torch.cat(cols, 1), inv, inplace)
+
+
+def pair_moments(
+    scaled: torch.Tensor, left: torch.Tensor, ops: dict, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ProbCosine mean (without logit bias) and variance of chosen (image, class) pairs.
+
+    The same contraction as :func:`chunk_moments`, one row of the grid per pair (retrieval
+    hits) instead of the whole `(n, C)` grid.
+
+    Parameters
+    ----------
+    scaled, left : torch.Tensor
+        :func:`image_operands` of the images, `(n, D)` and `(n, K)`.
+    ops : dict
+        :func:`class_operands` of the classes.
+    rows, cols : torch.Tensor
+        `(P,)` long indices of each pair's image and class.
+
+    Returns
+    -------
+    mean, var : torch.Tensor
+        `(P,)` each.
+    """
+    mean = (scaled[rows] * ops["mean_r"][cols]).sum(-1)
+    return mean, (left[rows] * ops["var_r"][cols]).sum(-1)
+
+
 def chunk_moments(
     pred_type: PredType,
     z: torch.Tensor,
@@ -249,21 +349,8 @@ def chunk_moments(
     mean_out, var_out = (None, None) if out is None else out
     fast = out is not None  # no autograd: in-place squares and scalings, no extra copies
     if pred_type in (PredType.PROBCOSINE_DIAG, PredType.PROBCOSINE):
-        # the image head's rotated inputs (a Q2)^2 give both sum_d Var[z_d] (a GEMV) and, with
-        # the class operands, the variance terms: c = (a Q2)^2 inv_eig^T is never formed
-        rot2 = _square(a @ post_i.in_basis, fast)
-        total = rot2 @ ops["var_sum"]
-        if ops["image_bias"] is not None:
-            total = total + ops["image_bias"]
-        inv = 1.0 / (_sq_norm(z) + total)
-        mean = _mm(_scale_rows(z, inv.sqrt(), False), ops["mean_r"].T, mean_out)
-        if pred_type is PredType.PROBCOSINE_DIAG:
-            cols = [z.square(), rot2]
-        else:
-            cols = [_square(z @ R, fast) for R in ops["text_bases"]] + [rot2]
-        if ops["image_bias"] is not None:
-            cols.append(z.new_ones(len(z), 1))
-        return mean, _mm(_scale_rows(torch.cat(cols, 1), inv, fast), ops["var_r"].T, var_out)
+        scaled, left = image_operands(pred_type, z, a, post_i, ops, fast)
+        return _mm(scaled, ops["mean_r"].T, mean_out), _mm(left, ops["var_r"].T, var_out)
     nz = z.norm(dim=-1)
     U = z / nz[:, None]
     inv2 = (1.0 / nz.square())[:, None]
