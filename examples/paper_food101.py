@@ -1,4 +1,10 @@
-"""The paper's zero-shot set-up: CLIP ViT-B/32 (laion2b_s34b_b79k) on the Food-101 test split.
+"""
+The paper's set-up: CLIP ViT-B/32 on Food-101 (not run here)
+=============================================================
+
+The paper's zero-shot set-up: CLIP ViT-B/32 (laion2b_s34b_b79k) on the Food-101 test split.
+This page is not executed when the documentation is built: it needs downloaded weights and
+data.
 
 As in the reference implementation: the curvature released with BayesVLM (10 class batches of
 32,768 LAION-400M pairs), pseudo-count n = 10 with the prior precisions the reference uses at
