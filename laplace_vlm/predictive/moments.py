@@ -288,7 +288,11 @@ def image_operands(
 
 
 def pair_moments(
-    scaled: torch.Tensor, left: torch.Tensor, ops: dict, rows: torch.Tensor, cols: torch.Tensor
+    scaled: torch.Tensor,
+    left: torch.Tensor,
+    ops: dict,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ProbCosine mean (without logit bias) and variance of chosen (image, class) pairs.
 
@@ -301,16 +305,21 @@ def pair_moments(
         :func:`image_operands` of the images, `(n, D)` and `(n, K)`.
     ops : dict
         :func:`class_operands` of the classes.
-    rows, cols : torch.Tensor
-        `(P,)` long indices of each pair's image and class.
+    rows, cols : torch.Tensor, optional
+        `(P,)` long indices of each pair's image and class; None: all images (classes) in
+        order, one per pair.
 
     Returns
     -------
     mean, var : torch.Tensor
         `(P,)` each.
     """
-    mean = (scaled[rows] * ops["mean_r"][cols]).sum(-1)
-    return mean, (left[rows] * ops["var_r"][cols]).sum(-1)
+
+    def pick(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return x if idx is None else x[idx]
+
+    mean = (pick(scaled, rows) * pick(ops["mean_r"], cols)).sum(-1)
+    return mean, (pick(left, rows) * pick(ops["var_r"], cols)).sum(-1)
 
 
 def chunk_moments(

@@ -235,17 +235,17 @@ def _hit_moments(la, queries, gallery, hits: torch.Tensor, direction: Direction,
     items = gallery[hits.flatten()]
     if direction is Direction.TEXT_TO_IMAGE:
         images, texts = items, queries
-        rows, cols = torch.arange(n_q * k), torch.arange(n_q).repeat_interleave(k)
+        rows, cols = None, torch.arange(n_q).repeat_interleave(k)
     else:
         images, texts = queries, items
-        rows, cols = torch.arange(n_q).repeat_interleave(k), torch.arange(n_q * k)
+        rows, cols = torch.arange(n_q).repeat_interleave(k), None
     a_i, r_i, a_t, r_t = la.inputs.predict({"image": images, "text": texts})
     post_i, post_t = la.head_posteriors()
     z, t = la.heads.embed_image(a_i, r_i), la.heads.embed_text(a_t, r_t)
     ops = class_operands(pred_type, post_i, post_t, a_t, t, la.heads.scale)
     scaled, left = image_operands(pred_type, z, a_i, post_i, ops)
-    device = scaled.device
-    mean, var = pair_moments(scaled, left, ops, rows.to(device), cols.to(device))
+    rows, cols = (None if i is None else i.to(scaled.device) for i in (rows, cols))
+    mean, var = pair_moments(scaled, left, ops, rows, cols)
     if la.heads.logit_bias is not None:
         mean = mean + la.heads.logit_bias
     return mean.reshape(n_q, k), var.reshape(n_q, k)
