@@ -144,7 +144,8 @@ def one_process(checkpoint, shards, tmp_path_factory):
 
 def test_two_ranks_with_loader_workers_equal_one_process(checkpoint, shards, one_process, tmp_path):
     out = tmp_path / "posterior.safetensors"
-    ctx = _launch(_argv(checkpoint, shards, out, "--num-workers", "2"), tmp_path)
+    pattern = str(shards / f"{{000000..{N_SHARDS - 1:06d}}}.tar")  # webdataset's brace notation
+    ctx = _launch(_argv(checkpoint, pattern, out, "--num-workers", "2"), tmp_path)
     results = _join(ctx, tmp_path)
     assert [code for code, _ in results] == [0, 0], results
     _assert_same(_factors(out), one_process)

@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
         "--data",
         nargs="+",
         required=True,
-        help="a folder of images with a captions CSV, or webdataset .tar shards (or a folder of them)",
+        help="a folder of images with a captions CSV, or webdataset .tar shards: paths, folders "
+        "or a brace pattern such as 'shards/{000000..000059}.tar'",
     )
     p.add_argument(
         "--captions",

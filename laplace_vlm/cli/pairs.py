@@ -49,7 +49,8 @@ def pair_source(
     Parameters
     ----------
     data : Sequence of str
-        one folder of images (without ``.tar`` files), or tar shards and folders of them.
+        one folder of images (without ``.tar`` files), or tar shards (also as a brace pattern,
+        ``shards/{000000..000059}.tar``) and folders of them.
     captions : Path or None
         CSV with columns ``filename,caption`` for a folder; None: ``captions.csv`` in it.
 
@@ -58,7 +59,7 @@ def pair_source(
     list of Path or tuple
         the sorted shards; for a folder, ``(folder, [(filename, caption), ...])``.
     """
-    paths = [Path(d) for d in data]
+    paths = [Path(p) for d in data for p in _expand_braces(d)]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise CliError(f"--data: no such file or folder: {', '.join(missing)}")
@@ -74,6 +75,19 @@ def pair_source(
     if not_tar:
         raise CliError(f"--data: not a tar file: {', '.join(not_tar)}")
     return shards
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``shards/{000000..000059}.tar`` as webdataset writes it, one path per shard."""
+    if "{" not in pattern:
+        return [pattern]
+    try:
+        from braceexpand import braceexpand  # webdataset's own dependency
+    except ImportError:
+        raise CliError(
+            "--data: shard patterns need webdataset: pip install 'laplace-vlm[webdataset]'"
+        ) from None
+    return list(braceexpand(pattern))
 
 
 def _read_captions(path: Path) -> list[tuple[str, str]]:
