@@ -31,7 +31,7 @@ from laplace_vlm.predictive.uncertainty import (
     predictive_entropy,
 )
 from laplace_vlm.tasks.retrieval import rank, rank_scores, recall_at_k, relevance_matrix
-from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
+from laplace_vlm.tasks.zeroshot import ZeroShotClassifier, class_text_activations
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -355,6 +355,17 @@ HOSTILE_CALLS = [
      "logit_bias must be a real number or tensor"),
     ("ctor_sigma_noise", lambda c: _dual(c, sigma_noise=2.0), V,
      "Sigma noise != 1 only available for regression"),
+    ("fit_override_str", lambda c: c.la.fit([], override="no"), T,
+     "override must be True or False"),
+    ("fit_checkpoint_every", lambda c: c.la.fit([], checkpoint_every=0), V,
+     "checkpoint_every must be an integer >= 1"),
+    ("save_overwrite_str", lambda c: c.la.save("unused.safetensors", overwrite="yes"), T,
+     "overwrite must be True or False"),
+    ("bayesvlm_pseudo_count", lambda c: DualEncoderLaplace.from_bayesvlm(".", pseudo_count=0),
+     V, "pseudo_count must be positive"),
+    ("zeroshot_batch_size",
+     lambda c: class_text_activations(None, None, ["cat"], ["a {}"], batch_size=0), V,
+     "batch_size must be an integer >= 1"),
     ("set_n_outputs", lambda c: _set(c.la, "n_outputs", 7), V,
      "n_outputs is the number of classes"),
     ("set_prior", lambda c: _set(c.la, "prior_precision", -1.0), V,

@@ -14,7 +14,7 @@ from laplace_vlm.curvature.factor_sums import FactorSums
 from laplace_vlm.curvature.likelihoods import pair_loss
 from laplace_vlm.io.fit_checkpoint import FitCheckpoint, checkpoint_key
 from laplace_vlm.io.posterior_file import heads_fingerprint
-from laplace_vlm.validation import check_finite, check_nonzero_norm
+from laplace_vlm.validation import check_bool, check_finite, check_int, check_nonzero_norm
 
 
 class FitMixin:
@@ -51,15 +51,20 @@ class FitMixin:
 
         Raises
         ------
+        TypeError
+            for a non-bool switch or a non-integer ``checkpoint_every``.
         ValueError
-            if the loader yields no pairs or non-finite curvature, or a checkpoint belongs to
-            another fit or loader.
+            if the loader yields no pairs or non-finite curvature, ``checkpoint_every < 1``,
+            or a checkpoint belongs to another fit or loader.
 
         Notes
         -----
         Inside an initialised ``torch.distributed`` process group every rank fits its own
         shard and the sums are all-reduced once: all ranks end with the factors of the union.
         """
+        check_bool("override", override)
+        check_bool("progress_bar", progress_bar)
+        check_int("checkpoint_every", checkpoint_every)
         previous = None
         if not override and self.H_facs is not None:
             previous = self.factor_sums()

@@ -18,6 +18,7 @@ from laplace_vlm.enums import damping_argument, plain, posterior_form
 from laplace_vlm.heads import unfold_bias
 from laplace_vlm.io.bayesvlm import REFERENCE_N_DATA, read_bayesvlm_factors, read_bayesvlm_prior
 from laplace_vlm.io.posterior_file import check_state, heads_fingerprint, read_state, save_state
+from laplace_vlm.validation import check_bool, check_int, check_positive
 
 if TYPE_CHECKING:
     from laplace_vlm.dual_encoder_laplace.core import DualEncoderLaplace
@@ -104,7 +105,7 @@ class PersistenceMixin:
         overwrite : bool, default=False
             replace an existing file; otherwise a ``FileExistsError``.
         """
-        save_state(path, self.state_dict(), overwrite=overwrite)
+        save_state(path, self.state_dict(), overwrite=check_bool("overwrite", overwrite))
 
     @classmethod
     def load(
@@ -196,10 +197,15 @@ class PersistenceMixin:
         ------
         FileNotFoundError
             if a released file is missing.
+        TypeError
+            for a non-number ``pseudo_count`` or a non-integer ``n_data``.
         ValueError
-            if the heads have a bias, a factor does not fit the heads' dims, or
-            ``prior_precision`` is another string.
+            if the heads have a bias, a factor does not fit the heads' dims,
+            ``prior_precision`` is another string, or ``pseudo_count`` / ``n_data`` is not
+            positive.
         """
+        pseudo_count = float(check_positive("pseudo_count", pseudo_count))
+        n_data = check_int("n_data", n_data)
         factors = read_bayesvlm_factors(directory)
         if isinstance(prior_precision, str):
             if prior_precision != "released":

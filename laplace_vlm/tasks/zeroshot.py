@@ -99,6 +99,7 @@ def class_text_activations(
     residual : torch.Tensor or None
         `(C, D)` mean residual offset (SigLIP-like heads), None where the head has none.
     """
+    batch_size = check_int("batch_size", batch_size)
     prompts = format_prompts(classnames, templates)
     acts, residuals = [], []
     starts = range(0, len(prompts), batch_size)
