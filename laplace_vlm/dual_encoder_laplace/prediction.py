@@ -124,7 +124,9 @@ class PredictionMixin:
         chunk_size = check_optional_int("chunk_size", chunk_size)
         if pred_type not in (*MOMENT_PRED_TYPES, PredType.MAP):
             options = tuple(p.value for p in (*MOMENT_PRED_TYPES, PredType.MAP))
-            raise ValueError(f"pred_type must be one of {options} for moments, got {pred_type.value!r}.")
+            raise ValueError(
+                f"pred_type must be one of {options} for moments, got {pred_type.value!r}."
+            )
         if class_covariance and pred_type is not PredType.GLM:
             raise ValueError(
                 f"class_covariance=True needs pred_type='glm', got {pred_type.value!r}: the other "
