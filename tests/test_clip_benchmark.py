@@ -74,6 +74,12 @@ def test_cli_format_clip_benchmark(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiment, "ExperimentConfig", lambda *a, **k: None)
     monkeypatch.setattr(benchmark, "run_benchmark", lambda config, alpha: result)
     monkeypatch.setattr(cli_benchmark, "summary", lambda result: "")
+    try:  # runs over several training seeds, where the benchmark has them
+        import laplace_vlm.experiments.seeds as seeds
+
+        monkeypatch.setattr(seeds, "run_over_seeds", lambda config, k, run, **kw: [result])
+    except ImportError:
+        pass
     path = tmp_path / "clip_benchmark.json"
     assert main(["benchmark", "--json", str(path), "--format", "clip_benchmark"]) == 0
     assert json.loads(path.read_text()) == json.loads(
