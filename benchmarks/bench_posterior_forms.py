@@ -17,7 +17,8 @@ import torch
 from laplace_vlm.evaluation.metrics import classification_metrics
 from laplace_vlm.evaluation.pseudo_count import tune_prior_at
 from laplace_vlm.evaluation.regime import REFERENCE_RELATIVE_VARIANCE, relative_variance
-from laplace_vlm.experiments.experiment import FORMS, ExperimentConfig, prepare
+from laplace_vlm.experiments.experiment import ExperimentConfig, prepare
+from laplace_vlm.experiments.methods import FORMS
 
 
 def main() -> None:

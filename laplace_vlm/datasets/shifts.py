@@ -7,6 +7,7 @@ and normalises again, so it applies to every stand-in data set alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from typing import Callable
 
 import torch
@@ -157,3 +158,30 @@ SHIFTS: dict[str, Shift] = {
     "blur": blur,
     "contrast": contrast,
 }
+
+
+def conditions(
+    images: torch.Tensor, seed: int, severities: Sequence[float] = SEVERITIES
+) -> Iterator[tuple[str, float, torch.Tensor]]:
+    """``(condition, severity, images)``: clean first, then every shift at every severity.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        `(N, 3, 32, 32)` clean images.
+    seed : int
+        seed of the shifts' randomness (one generator per shift).
+    severities : sequence of float
+        in ``(0, 1]``.
+
+    Yields
+    ------
+    tuple
+        ``(condition, severity, images)``: ``"clean"`` or a shift of ``SHIFTS``, its severity
+        (0 for clean) and the `(N, 3, 32, 32)` images under it.
+    """
+    yield "clean", 0.0, images
+    for index, (shift, transform) in enumerate(SHIFTS.items()):
+        generator = torch.Generator().manual_seed(seed * 1000 + index)
+        for severity in severities:
+            yield shift, float(severity), transform(images, severity, generator)

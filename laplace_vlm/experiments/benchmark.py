@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from laplace_vlm.datasets.images import stratified_subset
+from laplace_vlm.datasets.shifts import conditions
 from laplace_vlm.evaluation.conformal import SplitConformal
 from laplace_vlm.evaluation.detection import expected_logit_variance, mcm, msp
 from laplace_vlm.evaluation.metrics import classification_metrics
-from laplace_vlm.evaluation.regime import posterior_card, reference_card
 from laplace_vlm.evaluation.tables import (
     TASKS,
     Row,
@@ -48,28 +48,21 @@ from laplace_vlm.evaluation.tables import (
     selective_values,
 )
 from laplace_vlm.experiments.experiment import (
-    PAPER_METHOD,
     Experiment,
     ExperimentConfig,
     Prediction,
-    conditions,
-    laplace_method,
     prepare,
 )
 from laplace_vlm.experiments.recipe import (
     SEVERITIES,
-    SHIFTS,
     ood_images,
     torch_threads,
 )
+from laplace_vlm.experiments.run_settings import settings
 
 ALPHA = 0.1
 CONFORMAL_SCORES: tuple[str, ...] = ("lac", "aps")
 TARGET_LABELS = 50
-# the released ViT-B/32 factors beside a checkout (the project's shared folder)
-REFERENCE_DIR = os.environ.get(
-    "LAPLACE_VLM_REFERENCE", os.path.join("..", "shared", "reference", "bayesvlm-clip-vit-b-32")
-)
 # the validation images are shifted with their own seeds, never the test images' draws
 _VAL_SHIFT_SEED = 7_919
 
@@ -331,7 +324,7 @@ def run_benchmark(
             if condition == "clean" or severity == max(severities):
                 result.kept[(condition, severity)] = (acts, predictions)
         skipped = _add_ood(result, config.data_dir) if "ood" in tasks else []
-    result.settings = settings(exp, alpha, severities, config.pseudo_counts, skipped)
+    result.settings = settings(exp, alpha, severities, config.pseudo_counts, skipped, TARGET_LABELS)
     check_rows(result.rows)
     return result
 
@@ -347,95 +340,3 @@ def _add_ood(result: BenchmarkResult, data_dir: str | os.PathLike | None) -> lis
         result.rows += ood_rows(exp.dataset, ood_set, scores_in, scores_out)
         result.ood_scores[ood_set] = {k: (scores_in[k][0], v[0]) for k, v in scores_out.items()}
     return skipped
-
-
-def settings(
-    exp: Experiment,
-    alpha: float,
-    severities: Sequence[float],
-    pseudo_counts: Sequence[float],
-    skipped: list[str],
-    reference_dir: str | os.PathLike | None = REFERENCE_DIR,
-) -> dict:
-    """The JSON ``settings`` of a run: everything needed to read and reproduce its rows.
-
-    Parameters
-    ----------
-    exp : Experiment
-        the fitted experiment.
-    alpha : float
-        conformal miscoverage level.
-    severities : sequence of float
-        the shift severities.
-    pseudo_counts : sequence of float
-        the validation grid.
-    skipped : list of str
-        parts left out, with the reason.
-    reference_dir : path, optional
-        the released ViT-B/32 factors for the regime card (stored figures where absent).
-
-    Returns
-    -------
-    dict
-        JSON-safe: data set, seed, alpha, split sizes, shifts and severities, methods and
-        their predictive, form, pseudo-count and prior precision, temperature, the grid, the
-        chosen pseudo-counts at an edge of it, validation NLPD per pseudo-count, the regime
-        card of the stand-in and of ViT-B/32, and ``skipped``.
-    """
-    return {
-        "dataset": exp.dataset,
-        "seed": exp.seed,
-        "alpha": alpha,
-        "target_labels": TARGET_LABELS,
-        "sizes": {name: len(labels) for name, (_, labels) in exp.splits.items()},
-        "shifts": list(SHIFTS),
-        "severities": [float(s) for s in severities],
-        "methods": list(exp.methods),
-        "laplace_methods": {
-            name: {"pred_type": m.pred_type, "link_approx": m.link_approx, "form": m.form}
-            for name, m in exp.settings.items()
-        },
-        "mc_samples": exp.mc_samples,
-        "temperature": exp.scaler.temperature,
-        "pseudo_count_grid": [float(n) for n in pseudo_counts],
-        "pseudo_counts": {m: s.setting.pseudo_count for m, s in exp.settings.items()},
-        "pseudo_count_at_grid_edge": {m: c.at_edge for m, c in exp.choices.items()},
-        "prior_precision": {m: s.setting.prior_precision.tolist() for m, s in exp.settings.items()},
-        "validation_nlpd_by_pseudo_count": {
-            m: {f"{n:g}": v for n, v in c.nlpd_by_pseudo_count.items()}
-            for m, c in exp.choices.items()
-        },
-        "regime": regime(exp, reference_dir),
-        "skipped": skipped,
-    }
-
-
-def regime(exp: Experiment, reference_dir: str | os.PathLike | None = REFERENCE_DIR) -> dict:
-    """The regime card of the stand-in's posterior beside the released ViT-B/32 factors'.
-
-    Parameters
-    ----------
-    exp : Experiment
-        the fitted experiment; its symmetric posterior is left at the chosen setting.
-    reference_dir : path, optional
-        the released factors' folder.
-
-    Returns
-    -------
-    dict
-        ``{"stand_in": ..., "vit_b_32": ..., "map_temperature": T}``: the stand-in's card at
-        the paper's and the chosen ``n`` in the paper's form (relative variance on the clean
-        test images), ViT-B/32's, and the temperature scaling's ``T`` on clean validation.
-    """
-    name = laplace_method("probcosine")
-    chosen = {"paper": exp.settings[PAPER_METHOD].setting, "chosen": exp.settings[name].setting}
-    batches = exp.splits[exp.curvature_pairs][1].bincount().max().item()
-    card = posterior_card(
-        exp.la, exp.encode(exp.splits["test"][0]), chosen, exp.la.n_data / batches
-    )
-    card["pseudo_count"] = {k: s.pseudo_count for k, s in chosen.items()}
-    return {
-        "stand_in": card,
-        "vit_b_32": reference_card(reference_dir),
-        "map_temperature": exp.scaler.temperature,
-    }

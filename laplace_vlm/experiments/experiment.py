@@ -20,7 +20,7 @@ Methods:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +30,24 @@ from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
 from laplace_vlm.evaluation.calibration import TemperatureScaling
 from laplace_vlm.evaluation.pseudo_count import (
     PSEUDO_COUNTS,
-    PosteriorSetting,
     PseudoCountChoice,
     select_pseudo_count,
     tune_prior_at,
 )
+from laplace_vlm.experiments.methods import (
+    EXACT_METHOD,
+    FORMS,
+    LAPLACE_PREDICTIVES,
+    MC_SAMPLES,
+    PAPER_METHOD,
+    PAPER_PSEUDO_COUNT,
+    LaplaceMethod,
+    laplace_method,
+    predictive_kwargs,
+)
 from laplace_vlm.experiments.recipe import (
     MAX_EVAL,
     MAX_TRAIN,
-    SEVERITIES,
-    SHIFTS,
     class_text_activations,
     encode_images,
     fit_zero_shot_posterior,
@@ -49,15 +57,6 @@ from laplace_vlm.experiments.recipe import (
 )
 from laplace_vlm.predictive.uncertainty import entropy
 from laplace_vlm.tasks.zeroshot import ZeroShotClassifier
-
-# pred_type -> link of each Laplace predictive: the default, the linearised one, exact MC
-LAPLACE_PREDICTIVES: dict[str, str] = {"probcosine": "probit", "glm": "probit", "nn": "mc"}
-PAPER_PSEUDO_COUNT = 10.0
-PAPER_METHOD = "bayesvlm"
-# the posterior forms compared: the paper's (the class default) and laplace's exact prior
-FORMS: dict[str, bool | str] = {"symmetric": "symmetric", "exact": False}
-EXACT_METHOD = "laplace_probcosine_exact"
-MC_SAMPLES = 200
 
 # what every method predicts from
 _fill_doc = fill_doc.extend(
@@ -95,48 +94,6 @@ class Prediction:
     logit_var: torch.Tensor | None
     entropy: torch.Tensor
     mutual_information: torch.Tensor | None
-
-
-def laplace_method(pred_type: str, pseudo_count: float | None = None) -> str:
-    """``"laplace_<pred_type>"``, or ``"laplace_<pred_type>_n<n>"`` at a fixed pseudo-count.
-
-    Parameters
-    ----------
-    pred_type : str
-        a key of ``LAPLACE_PREDICTIVES``.
-    pseudo_count : float, optional
-        a fixed pseudo-count; None for the one chosen on validation.
-
-    Returns
-    -------
-    str
-        the method's name, e.g. ``"laplace_glm"`` or ``"laplace_probcosine_n10"``.
-    """
-    return f"laplace_{pred_type}" + ("" if pseudo_count is None else f"_n{pseudo_count:g}")
-
-
-@dataclass
-class LaplaceMethod:
-    """One Laplace method: a predictive, a posterior form and its setting.
-
-    Attributes
-    ----------
-    pred_type : str
-        a key of ``LAPLACE_PREDICTIVES``.
-    form : str
-        a key of ``FORMS``.
-    setting : PosteriorSetting
-        pseudo-count and prior precision.
-    """
-
-    pred_type: str
-    form: str
-    setting: PosteriorSetting
-
-    @property
-    def link_approx(self) -> str:
-        """The link of :attr:`pred_type` (``LAPLACE_PREDICTIVES``)."""
-        return LAPLACE_PREDICTIVES[self.pred_type]
 
 
 @dataclass
@@ -269,32 +226,6 @@ class Experiment:
         return Prediction(p.probs, p.logit_mean, p.logit_var, p.entropy, p.mutual_information)
 
 
-def predictive_kwargs(seed: int, mc_samples: int = MC_SAMPLES) -> dict[str, dict]:
-    """``la(x, **kwargs)`` of every Laplace predictive, named by method.
-
-    Parameters
-    ----------
-    seed : int
-        seed of the one generator all Monte Carlo predictives draw from.
-    mc_samples : int
-        samples of the Monte Carlo predictive.
-
-    Returns
-    -------
-    dict of str to dict
-        :func:`laplace_method` -> ``pred_type``, ``link_approx`` and, for Monte Carlo,
-        ``n_samples`` and the shared ``generator``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for pred_type, link in LAPLACE_PREDICTIVES.items():
-        kwargs = {"pred_type": pred_type, "link_approx": link}
-        if link == "mc":
-            kwargs.update(n_samples=mc_samples, generator=generator)
-        out[laplace_method(pred_type)] = kwargs
-    return out
-
-
 @dataclass
 @fill_doc
 class ExperimentConfig:
@@ -323,6 +254,8 @@ class ExperimentConfig:
         subset sizes (see ``recipe.load_splits``).
     mc_samples : int
         Monte Carlo samples.
+    retrain : bool
+        train the stand-in here even where it is shipped or cached (see ``recipe.load_clip``).
     """
 
     dataset: str
@@ -336,6 +269,7 @@ class ExperimentConfig:
     max_train: int | None = MAX_TRAIN
     max_eval: int | None = MAX_EVAL
     mc_samples: int = MC_SAMPLES
+    retrain: bool = False
 
 
 def prepare(config: ExperimentConfig) -> Experiment:
@@ -358,7 +292,14 @@ def prepare(config: ExperimentConfig) -> Experiment:
         )
     splits = load_splits(c.dataset, c.seed, c.data_dir, c.max_train, c.max_eval)
     model, tokenizer = load_clip(
-        c.dataset, c.cache_dir, c.progress_bar, c.seed, c.train_config, c.data_dir, c.max_train
+        c.dataset,
+        c.cache_dir,
+        c.progress_bar,
+        c.seed,
+        c.train_config,
+        c.data_dir,
+        c.max_train,
+        retrain=c.retrain,
     )
     la = fit_zero_shot_posterior(
         model, tokenizer, *splits[c.curvature_pairs], seed=c.seed, dataset=c.dataset
@@ -414,30 +355,3 @@ def _laplace_methods(
     choices.update(exact_choice)
     methods[EXACT_METHOD] = LaplaceMethod("probcosine", "exact", exact_choice[EXACT_METHOD].setting)
     return methods, choices
-
-
-def conditions(
-    images: torch.Tensor, seed: int, severities: Sequence[float] = SEVERITIES
-) -> Iterator[tuple[str, float, torch.Tensor]]:
-    """``(condition, severity, images)``: clean first, then every shift at every severity.
-
-    Parameters
-    ----------
-    images : torch.Tensor
-        `(N, 3, 32, 32)` clean images.
-    seed : int
-        seed of the shifts' randomness (one generator per shift).
-    severities : sequence of float
-        in ``(0, 1]``.
-
-    Yields
-    ------
-    tuple
-        ``(condition, severity, images)``: ``"clean"`` or a shift of ``SHIFTS``, its severity
-        (0 for clean) and the `(N, 3, 32, 32)` images under it.
-    """
-    yield "clean", 0.0, images
-    for index, (shift, transform) in enumerate(SHIFTS.items()):
-        generator = torch.Generator().manual_seed(seed * 1000 + index)
-        for severity in severities:
-            yield shift, float(severity), transform(images, severity, generator)

@@ -26,7 +26,7 @@ from laplace_vlm.evaluation.pseudo_count import PSEUDO_COUNTS, tune_prior_at
 from laplace_vlm.evaluation.selective import risk_coverage_curve
 from laplace_vlm.evaluation.tables import condition_label, select
 from laplace_vlm.experiments.benchmark import BenchmarkResult
-from laplace_vlm.experiments.experiment import (
+from laplace_vlm.experiments.methods import (
     LAPLACE_PREDICTIVES,
     PAPER_METHOD,
     laplace_method,
