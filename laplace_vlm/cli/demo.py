@@ -29,6 +29,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-plots", action="store_true", help="write no figures")
     p.add_argument("--cache-dir", type=Path, help="cache of the trained digits CLIP")
     p.add_argument("--seed", type=int, default=0, help="data split / caption / shift seed")
+    p.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the digits stand-in here into the cache instead of loading the shipped one",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -43,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = None if args.no_plots else args.out
-    result = run_demo(args.seed, args.cache_dir, out, args.json, not args.no_progress)
+    if args.retrain:
+        print("--retrain: training the digits stand-in here into the cache (not the shipped one)")
+    result = run_demo(
+        args.seed, args.cache_dir, out, args.json, not args.no_progress, retrain=args.retrain
+    )
     print(format_report(result))
     chosen = ", ".join(f"{m} n={n:g}" for m, n in result.settings["pseudo_counts"].items())
     print(f"\npseudo-counts chosen on validation NLPD: {chosen}")

@@ -31,6 +31,7 @@ def run_demo(
     train_config: dict | None = None,
     severities: tuple[float, ...] = SEVERITIES,
     pseudo_counts: tuple[float, ...] = PSEUDO_COUNTS,
+    retrain: bool = False,
 ) -> BenchmarkResult:
     """Run the demo (prints nothing but progress bars).
 
@@ -54,6 +55,8 @@ def run_demo(
         shift severities to evaluate, in ``(0, 1]``.
     pseudo_counts : tuple of float
         the validation grid of the pseudo-count ``n``.
+    retrain : bool
+        train the digits stand-in here into the cache instead of loading the shipped one.
 
     Returns
     -------
@@ -67,6 +70,7 @@ def run_demo(
         progress_bar=progress_bar,
         train_config=train_config,
         pseudo_counts=pseudo_counts,
+        retrain=retrain,
     )
     result = run_benchmark(config, tasks=DEMO_TASKS, severities=severities)
     if out_dir is not None:

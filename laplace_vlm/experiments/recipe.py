@@ -31,7 +31,7 @@ from laplace_vlm.datasets.prompts import PROMPTS, Prompts
 from laplace_vlm.datasets.shifts import SEVERITIES, SHIFTS
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
-from laplace_vlm.standins import cache, training
+from laplace_vlm.standins import cache, shipped, training
 from laplace_vlm.standins.training import class_distinct_batches, torch_threads
 from laplace_vlm.tasks import zeroshot
 
@@ -49,6 +49,7 @@ __all__ = [
     "fit_zero_shot_posterior",
     "load_clip",
     "load_splits",
+    "standin_key",
     "ood_images",
     "templates",
     "torch_threads",
@@ -215,12 +216,14 @@ def load_clip(
     train_config: dict | None = None,
     data_dir: str | os.PathLike | None = None,
     max_train: int | None = MAX_TRAIN,
+    retrain: bool = False,
 ):
-    """The small CLIP of ``dataset``: loaded from the cache, or trained and cached.
+    """The small CLIP of ``dataset``: the shipped one, else the cache's, else trained and cached.
 
     Trained on the ``"train"`` split of ``load_splits(dataset, seed, data_dir, max_train)``
     with caption pairs, so evaluation on that split's ``"val"`` / ``"test"`` images is
-    zero-shot on unseen images.
+    zero-shot on unseen images. At the defaults the package ships the trained model
+    (:mod:`laplace_vlm.standins.shipped`): every machine evaluates the same weights.
 
     Parameters
     ----------
@@ -232,13 +235,17 @@ def load_clip(
     seed : int
         seed of the split and of the training (initialisation, batches, captions).
     train_config : dict, optional
-        overrides of ``training.TRAIN_CONFIGS[dataset]`` (epochs, lr, weight_decay); part of the
-        cache key, as are the architecture, the seed and the caption templates.
+        overrides of ``training.TRAIN_CONFIGS[dataset]`` (epochs, lr, weight_decay, and
+        ``seed``: another training draw on the same split); part of the cache key, as are the
+        architecture, the training seed and the caption templates.
     data_dir : path, optional
         Fashion-MNIST's folder (see :func:`load_splits`); not part of the cache key.
     max_train : int or None
         training subset size (see :func:`load_splits`); the training images and labels are
         part of the cache key (a SHA-256 of their bytes).
+    retrain : bool
+        train here even where a shipped or cached model exists, and replace the cache's file
+        (never the shipped one); later calls without ``retrain`` load the shipped model again.
 
     Returns
     -------
@@ -247,20 +254,68 @@ def load_clip(
     tokenizer : callable
         list of str -> `(n, 16)` token ids.
     """
-    prompts = _prompts(dataset)
-    cfg = {**training.TRAIN_CONFIGS[dataset], **(train_config or {}), "seed": seed}
-    images, labels = load_splits(dataset, seed, data_dir, max_train)["train"]
-    # the training data are part of the key: a changed split never loads a stale model
-    key = {"train": cfg, "data": cache.digest(images, labels), "prompts": asdict(prompts)}
+    images, labels, key = _training_data(dataset, seed, train_config, data_dir, max_train)
     path = cache.cache_path(cache_dir, dataset, key)
-    if path.is_file():
-        return cache.load_cached(path), training.clip_tokenizer()
+    if not retrain:
+        # the shipped file is the model this key trains, so it wins over a cached retrain
+        model = shipped.load_shipped(dataset, key)
+        if model is None and path.is_file():
+            model = cache.load_cached(path)
+        if model is not None:
+            return model, training.clip_tokenizer()
     # the toy model's GEMMs are too small to gain from threads, and on a busy machine extra
     # threads stall: one thread trained 2-5x faster than two on 2 shared cores
     with torch_threads(1):
-        model = training.train_clip(images, labels, prompts, cfg, progress_bar)
+        model = training.train_clip(images, labels, _prompts(dataset), key["train"], progress_bar)
     cache.save(model, path)
     return model, training.clip_tokenizer()
+
+
+def _training_data(
+    dataset: str,
+    seed: int,
+    train_config: dict | None,
+    data_dir: str | os.PathLike | None,
+    max_train: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The training images, labels and the cache key of a stand-in (see :func:`load_clip`)."""
+    prompts = _prompts(dataset)
+    # a "seed" in train_config trains another draw of the stand-in on the same split
+    cfg = {**training.TRAIN_CONFIGS[dataset], "seed": seed, **(train_config or {})}
+    images, labels = load_splits(dataset, seed, data_dir, max_train)["train"]
+    # the training data are part of the key: a changed split never loads a stale model
+    key = {"train": cfg, "data": cache.digest(images, labels), "prompts": asdict(prompts)}
+    return images, labels, key
+
+
+@fill_doc
+def standin_key(
+    dataset: str,
+    seed: int = 0,
+    train_config: dict | None = None,
+    data_dir: str | os.PathLike | None = None,
+    max_train: int | None = MAX_TRAIN,
+) -> dict:
+    """The cache key :func:`load_clip` trains ``dataset``'s stand-in under (same arguments).
+
+    Parameters
+    ----------
+    %(demo_dataset)s
+    seed : int
+        seed of the split and of the training.
+    train_config : dict, optional
+        overrides of the training set-up.
+    data_dir : path, optional
+        Fashion-MNIST's folder.
+    max_train : int or None
+        training subset size.
+
+    Returns
+    -------
+    dict
+        ``{"train": ..., "data": ..., "prompts": ...}`` (JSON-serialisable).
+    """
+    return _training_data(dataset, seed, train_config, data_dir, max_train)[2]
 
 
 def encode_images(model, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

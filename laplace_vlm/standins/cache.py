@@ -66,9 +66,25 @@ def cache_path(cache_dir: str | os.PathLike | None, dataset: str, key: dict) -> 
     Path
         ``<cache_dir>/<dataset>-clip-<digest>.safetensors``; it may not exist yet.
     """
+    name = f"{dataset}-clip-{key_digest(key)[:12]}.safetensors"
+    return Path(cache_dir or default_cache_dir()) / name
+
+
+def key_digest(key: dict) -> str:
+    """SHA-256 of a model's cache key with the architecture: what names a trained stand-in.
+
+    Parameters
+    ----------
+    key : dict
+        JSON-serialisable description of the training data and set-up (see :func:`cache_path`).
+
+    Returns
+    -------
+    str
+        64 hex digits; the cache file name holds the first 12, a shipped file all of them.
+    """
     blob = json.dumps({"model": CLIP_CONFIG, **key}, sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return Path(cache_dir or default_cache_dir()) / f"{dataset}-clip-{digest}.safetensors"
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def load_cached(path: Path) -> open_clip.model.CLIP:
