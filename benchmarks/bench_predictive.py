@@ -6,8 +6,9 @@
 2. Model mode: ``la(x)`` (probit link over ``probcosine``) on images and tokens through a
    random ViT-B/32, against the deterministic zero-shot pass (``encode_image``,
    ``encode_text``, cosine logits, softmax). Goal: within 1.05x.
-3. Peak memory of ``predictive_moments`` at C = 32,768 classes with ``chunk_size``: the
-   working set beyond the two `(N, C)` outputs is bounded by the chunk, not by N.
+3. Peak memory of ``predictive_moments`` at C = 32,768 classes with ``chunk_size``: beyond the
+   two `(N, C)` outputs, the class-side tensors every chunk reads (computed in class chunks)
+   and one chunk's temporaries; independent of N and of ``chunk_size``.
 4. ``glm`` against upstream laplace's generic path on the same posterior: Jacobians of the
    logits w.r.t. all head parameters by ``torch.func.jacrev`` `(N, C, P)`, then
    ``KronLaplace.functional_variance`` `(N, C, C)`. Target >= 100x.
@@ -114,6 +115,9 @@ def class_memory(la, n: int = 1024, c: int = 32_768, chunk: int = 128) -> None:
     g = torch.Generator().manual_seed(3)
     x = {"image": torch.randn(n, D_IMG, generator=g), "text": torch.randn(c, D_TXT, generator=g)}
     outputs = 2 * 4 * n * c
+    # what any chunking keeps for all C classes: inputs a_t, embeddings t, the mean operand
+    # (D) and ProbCosine's variance operand (D + d_img): the class-side floor of the memory
+    classes = 4 * c * (D_TXT + D + D + D + D_IMG)
     print(f"3. memory: N = {n} x C = {c:,} classes, chunk_size = {chunk}; the two outputs take "
           f"{fmt_bytes(outputs)}, one chunk's (chunk, C) block {fmt_bytes(4 * chunk * c)}")  # fmt: skip
     for method in METHODS:
@@ -123,7 +127,8 @@ def class_memory(la, n: int = 1024, c: int = 32_768, chunk: int = 128) -> None:
                     x, pred_type=m, chunk_size=s))  # fmt: skip
             work = peak - outputs
             print(f"   {method:16s} chunk {step:4d}: peak {fmt_bytes(peak)}, beyond the outputs "
-                  f"{fmt_bytes(work)} = {work / (4 * step * c):4.1f} (chunk, C) blocks")  # fmt: skip
+                  f"{fmt_bytes(work)} = {work / classes:4.2f}x the class-side tensors "
+                  f"({fmt_bytes(classes)})")  # fmt: skip
 
 
 def generic_glm_covariance(la, x):

@@ -70,3 +70,21 @@ def test_probcosine_equals_dense_covariances(case, contrastive, pred_type):
             assert a.grad is not None and a.grad.abs().sum() > 0
     torch.testing.assert_close(mean.detach(), want[0], **TOL)
     torch.testing.assert_close(var.detach(), want[1], **TOL)
+
+
+@pytest.mark.parametrize("pred_type", ["probcosine", "probcosine_diag", "glm"])
+def test_class_operands_in_class_chunks_equal_one_call(monkeypatch, pred_type):
+    from laplace_vlm.predictive import chunks
+
+    la, x = fitted("bias blocks", "siglip")
+    with torch.no_grad():
+        want = la.predictive_moments(x, pred_type=pred_type)
+    monkeypatch.setattr(chunks, "CLASS_CHUNK", 2)  # C = 5 classes: chunks of 2, 2 and 1
+    with torch.no_grad():  # preallocated operands
+        got = la.predictive_moments(x, pred_type=pred_type, chunk_size=3)
+    with torch.enable_grad():  # concatenated operands
+        a = x["text"].clone().requires_grad_(True)
+        graded = la.predictive_moments({**x, "text": a}, pred_type=pred_type, chunk_size=3)
+    for g, h, w in zip(got, graded, want):
+        torch.testing.assert_close(g, w, **TOL)
+        torch.testing.assert_close(h.detach(), w, **TOL)

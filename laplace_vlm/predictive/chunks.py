@@ -65,6 +65,68 @@ def _image_chunks(
         yield rows, check_nonzero_norm("image embeddings", z) if checked else z
 
 
+CLASS_CHUNK = 4096  # classes per class_operands call: bounds its temporaries at large C
+
+
+def class_operands_in_chunks(
+    pred_type: PredType,
+    post_i: HeadPosterior,
+    post_t: HeadPosterior,
+    a_t: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    preallocated: bool,
+) -> dict:
+    """:func:`class_operands` of all classes, computed ``CLASS_CHUNK`` classes at a time.
+
+    The operands are per class (rows) except the head bases; computing them in class chunks
+    keeps the temporaries of one chunk, so that at C = 32,768 classes the working memory is
+    the operands themselves. ``preallocated`` writes the rows into one tensor per operand
+    (no autograd); otherwise the chunks are concatenated.
+
+    Parameters
+    ----------
+    pred_type : PredType
+        ``PROBCOSINE``, ``PROBCOSINE_DIAG`` or ``GLM``.
+    post_i, post_t : HeadPosterior
+        the posteriors of the image head and of the text head.
+    a_t : torch.Tensor
+        `(C, d_txt [+ 1])` class design inputs.
+    t : torch.Tensor
+        `(C, D)` class text embeddings.
+    s : torch.Tensor
+        the linear logit scale.
+    preallocated : bool
+        write into preallocated operands (outside autograd).
+
+    Returns
+    -------
+    dict
+        the operands, as :func:`class_operands` returns them for all C classes.
+    """
+    n = len(t)
+    if n <= CLASS_CHUNK:
+        return class_operands(pred_type, post_i, post_t, a_t, t, s)
+    ops, parts = {}, []
+    for start in range(0, n, CLASS_CHUNK):
+        rows = slice(start, start + CLASS_CHUNK)
+        part = class_operands(pred_type, post_i, post_t, a_t[rows], t[rows], s)
+        if not preallocated:
+            parts.append(part)
+            continue
+        for key, value in part.items():  # tensors are per class; lists (bases) are shared
+            if not isinstance(value, torch.Tensor):
+                ops[key] = value
+                continue
+            if key not in ops:
+                ops[key] = value.new_empty(n, *value.shape[1:])
+            ops[key][rows] = value
+    if preallocated:
+        return ops
+    return {key: torch.cat([p[key] for p in parts]) if isinstance(value, torch.Tensor) else value
+            for key, value in parts[0].items()}  # fmt: skip
+
+
 @_fill_doc
 def moment_chunks(
     heads: DualHead,
@@ -97,7 +159,8 @@ def moment_chunks(
     a_i, a_t = inputs[0], inputs[2]
     post_i, post_t = posteriors
     s = heads.scale
-    ops = class_operands(pred_type, post_i, post_t, a_t, _text_embeddings(heads, inputs), s)
+    t = _text_embeddings(heads, inputs)
+    ops = class_operands_in_chunks(pred_type, post_i, post_t, a_t, t, s, out is not None)
     for rows, z in _image_chunks(heads, inputs, step):
         mean, var = chunk_moments(pred_type, z, a_i[rows], post_i, ops, s,
                                   out=None if out is None else (out[0][rows], out[1][rows]))  # fmt: skip
