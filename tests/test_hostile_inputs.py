@@ -21,7 +21,7 @@ from laplace_vlm.active.acquisition import acquisition_scores
 from laplace_vlm.evaluation.calibration import TemperatureScaling
 from laplace_vlm.evaluation.detection import detection_auroc, fpr_at_tpr, mcm
 from laplace_vlm.evaluation.metrics import accuracy, brier, classification_metrics, ece, nlpd
-from laplace_vlm.evaluation.pseudo_count import select_pseudo_count
+from laplace_vlm.evaluation.pseudo_count import select_pseudo_count, tune_prior_at
 from laplace_vlm.evaluation.selective import aurc, failure_auroc
 from laplace_vlm.posterior.marglik import maximize_marglik
 from laplace_vlm.predictive.links import laplace_bridge, sample_logits
@@ -394,6 +394,10 @@ HOSTILE_CALLS = [
     ("pseudo_count_grid",
      lambda c: select_pseudo_count(c.la, c.x, c.labels[:3], {"pc": {}}, (0.0, 1.0)), V,
      "pseudo_counts must be positive numbers"),
+    ("tune_prior_pseudo_count_text", lambda c: tune_prior_at(c.la, "ten"), T,
+     "pseudo_count must be a real number"),
+    ("tune_prior_pseudo_count_zero", lambda c: tune_prior_at(c.la, 0.0), V,
+     "pseudo_count must be positive"),
     ("pseudo_count_no_predictives",
      lambda c: select_pseudo_count(c.la, c.x, c.labels[:3], {}, (1.0,)), V,
      "predictives must name at least one"),

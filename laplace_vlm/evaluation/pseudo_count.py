@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from laplace_vlm.evaluation.metrics import nlpd
+from laplace_vlm.validation import check_positive
 
 PSEUDO_COUNTS: tuple[float, ...] = (
     (1e-4, 1e-3) + tuple(float(f"{m}e{e}") for e in range(-2, 6) for m in (1, 3)) + (1e6,)
@@ -92,8 +93,7 @@ def tune_prior_at(la: Any, pseudo_count: float, prior_structure: str = "layerwis
     PosteriorSetting
         what ``la`` now holds.
     """
-    if not pseudo_count > 0:
-        raise ValueError(f"pseudo_count must be positive, got {pseudo_count}.")
+    pseudo_count = float(check_positive("pseudo_count", pseudo_count))
     la.temperature, la.prior_precision = 1.0 / pseudo_count, 1.0
     la.optimize_prior_precision(method="marglik", prior_structure=prior_structure)
     return PosteriorSetting(float(pseudo_count), la.prior_precision.detach().clone())
