@@ -93,7 +93,8 @@ def tune_prior_at(la: Any, pseudo_count: float, prior_structure: str = "layerwis
     PosteriorSetting
         what ``la`` now holds.
     """
-    pseudo_count = float(check_positive("pseudo_count", pseudo_count))
+    check_positive("pseudo_count", pseudo_count)
+    pseudo_count = float(pseudo_count)  # not the float32 tensor the check returns
     la.temperature, la.prior_precision = 1.0 / pseudo_count, 1.0
     la.optimize_prior_precision(method="marglik", prior_structure=prior_structure)
     return PosteriorSetting(float(pseudo_count), la.prior_precision.detach().clone())
