@@ -55,3 +55,13 @@ def test_select_pseudo_count_is_the_argmin_of_an_independent_loop():
         assert choice[name].setting.pseudo_count == best
         torch.testing.assert_close(choice[name].setting.prior_precision, priors[best], rtol=1e-5,
                                    atol=0)  # fmt: skip
+
+
+def test_tune_prior_at_keeps_the_pseudo_count_exactly():
+    from laplace_vlm.evaluation.pseudo_count import tune_prior_at
+
+    kw, a_i, a_t = make_problem(False, seed=1)
+    la = DualEncoderLaplace(**kw)
+    la.fit(loader(a_i, a_t))
+    setting = tune_prior_at(la, 0.03)  # not representable in float32
+    assert setting.pseudo_count == 0.03 and la.temperature == 1 / 0.03
