@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -284,6 +284,9 @@ class DualEncoderAdapter(abc.ABC):
         self.logit_scale = _scalar(logit_scale)
         self.logit_bias = None if logit_bias is None else _scalar(logit_bias)
         self._verified: set[str] = set()
+        # None, or torch.bfloat16 / torch.float16: the towers run under torch.autocast (mixed
+        # precision); the features come out in float32 all the same
+        self.autocast: torch.dtype | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -345,7 +348,9 @@ class DualEncoderAdapter(abc.ABC):
 
     def _encode(self, tower: Tower, inputs: Any, grad: bool = False) -> Features:
         inputs = cast_floating(inputs, tower.param.dtype)
-        with torch.set_grad_enabled(grad), _eval_mode(self.model):
+        autocast = (nullcontext() if self.autocast is None
+                    else torch.autocast(tower.param.device.type, dtype=self.autocast))  # fmt: skip
+        with torch.set_grad_enabled(grad), _eval_mode(self.model), autocast:
             pre, emb, res = tower.capture(lambda: unwrap(tower.encode(inputs)))
             if tower.name not in self._verified:
                 self._verify(tower, pre, emb, res, unwrap(tower.encode(inputs)))
@@ -363,7 +368,7 @@ class DualEncoderAdapter(abc.ABC):
         reference: torch.Tensor,
     ) -> None:
         """Raise if the head copy or the capture does not reproduce the model's embedding."""
-        rtol = _CHECK_RTOL.get(tower.param.dtype, 1e-4)
+        rtol = _CHECK_RTOL.get(self.autocast or tower.param.dtype, 1e-4)
         recon = tower.head.project(pre)
         if res is not None:
             recon = recon + res.to(recon.dtype)

@@ -92,10 +92,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=tuple(PRECISIONS),
+        choices=PRECISIONS,
         default="fp32",
-        help="encoder dtype: fp32, fp64 (exact reference fits) or bf16/fp16 autocast on CUDA; "
-        "the curvature and posterior stay in fp32/fp64",
+        help="encoders in fp32, fp64 (exact reference fits), or under bf16 / fp16 autocast "
+        "(mixed precision, for CUDA); the curvature and posterior stay in fp32 / fp64",
     )
     p.add_argument(
         "--checkpoint",
@@ -149,8 +149,8 @@ def _fit(args: argparse.Namespace, world: World, model, batches: Iterable[tuple]
 
     has_bias = getattr(model, "logit_bias", None) is not None
     contrastive = args.contrastive or ("siglip" if has_bias else "clip")
-    model = PRECISIONS[args.precision](model)
-    la = DualEncoderLaplace(model, contrastive=contrastive)
+    model = _model_in(model, args.precision)
+    la = _autocast_towers(DualEncoderLaplace(model, contrastive=contrastive), args.precision)
     checkpoint = None if args.checkpoint is None else world.per_rank(args.checkpoint)
     try:
         la.fit(at_most(batches, args.max_pairs), progress_bar=world.is_main and not args.no_progress,
@@ -188,8 +188,20 @@ def _shared_cli_errors() -> Iterator[None]:
         raise CliError(str(err)) from None
 
 
-def _as_fp64(model):
-    return model.double()
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16")
+_AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-PRECISIONS = {"fp32": lambda model: model, "fp64": _as_fp64}
+def _model_in(model, precision: str):
+    """``--precision fp64`` casts the model (and so the heads' copies); others keep it."""
+    return model.double() if precision == "fp64" else model
+
+
+def _autocast_towers(la, precision: str):
+    """``--precision bf16`` / ``fp16``: the towers run under ``torch.autocast``; the curvature,
+    posterior and predictive stay in the heads' float32 copies."""
+    import torch
+
+    if precision in _AUTOCAST:
+        la.adapter.autocast = getattr(torch, _AUTOCAST[precision])
+    return la
