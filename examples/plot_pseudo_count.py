@@ -37,12 +37,11 @@ conditions = {
 
 grid = (0.1, 1, 10, 100, 1_000, 10_000, 100_000)
 sweep = {"laplace (probcosine)": {c: {} for c in conditions}}
-with torch.no_grad():
-    for n in grid:
-        tune_prior_at(la, n)
+for n in grid:
+    tune_prior_at(la, n)  # the marginal likelihood's optimisation, outside no_grad
+    with torch.no_grad():
         for condition, acts in conditions.items():
-            metrics = classification_metrics(la(acts), test_y)
-            sweep["laplace (probcosine)"][condition][n] = metrics
+            sweep["laplace (probcosine)"][condition][n] = classification_metrics(la(acts), test_y)
 for condition, acts in conditions.items():
     m = classification_metrics(la(acts, pred_type="map"), test_y)
     print(f"MAP, {condition}: ECE15 {m['ece15']:.3f}, NLPD {m['nlpd']:.3f}")
