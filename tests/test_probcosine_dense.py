@@ -1,5 +1,5 @@
-"""ProbCosine (full and diagonal) against dense `(D, D)` embedding covariances, with and
-without head biases (laplace's separate bias blocks and the joint form), chunked or not,
+"""ProbCosine (full and diagonal) against the dense posterior's moments, with and
+without head biases (laplace's separate bias blocks), chunked or not,
 on the preallocated fast path and on the differentiable one."""
 
 from __future__ import annotations
@@ -7,14 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 from test_dual_encoder_laplace import loader, make_problem
+from test_properties import reference_moments
 
 from laplace_vlm import DualEncoderLaplace
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 TOL = dict(rtol=1e-9, atol=1e-11)
-BIAS = {"no bias": dict(bias=False), "bias blocks": dict(bias=True),
-        "joint bias": dict(bias=True, joint_bias=True)}  # fmt: skip
+# the joint form (the default) is the bias-free head on [a, 1]: test_joint_bias checks it
+BIAS = {"no bias": dict(bias=False), "bias blocks": dict(bias=True)}
 
 
 def fitted(case: str, contrastive: str):
@@ -24,31 +25,10 @@ def fitted(case: str, contrastive: str):
     return la, {"image": a_i[:7], "text": a_t[:5]}
 
 
-def dense_embedding_moments(la, x):
-    """Means `(n, D)` and full covariances `(n, D, D)` of both towers' embeddings.
-
-    ``embedding_moments(full=True)`` sums dense ``Q diag(c) Q^T`` terms; it equals
-    ``J Sigma J^T`` of the dense posterior (``test_predictive``, ``test_joint_bias``).
-    """
-    m = la.embedding_moments(x, full=True)
-    return m["image"], m["text"]
-
-
 def reference(la, x, diagonal: bool):
-    (z, cz), (t, ct) = dense_embedding_moments(la, x)
-    if diagonal:  # the paper's ProbCosine: independent coordinates
-        cz, ct = (
-            torch.diag_embed(cz.diagonal(dim1=1, dim2=2)),
-            torch.diag_embed(ct.diagonal(dim1=1, dim2=2)),
-        )
-    Ez = z.square().sum(-1) + cz.diagonal(dim1=1, dim2=2).sum(-1)
-    Et = t.square().sum(-1) + ct.diagonal(dim1=1, dim2=2).sum(-1)
-    norm = Ez[:, None] * Et[None]
-    var_dot = (torch.einsum("nd,cde,ne->nc", z, ct, z) + torch.einsum("cd,nde,ce->nc", t, cz, t)
-               + torch.einsum("nde,ced->nc", cz, ct))  # fmt: skip
-    s, b = la.heads.scale, la.heads.logit_bias
-    mean = s * (z @ t.T) / norm.sqrt() + (0.0 if b is None else b)
-    return mean.detach(), (s.square() * var_dot / norm).detach()
+    """Mean and variance `(N, C)` from the dense posterior (``test_properties``' reference)."""
+    mean, cov = reference_moments(la, x, "probcosine_diag" if diagonal else "probcosine")
+    return mean, cov.diagonal(dim1=1, dim2=2)
 
 
 @pytest.mark.parametrize("case", list(BIAS))
