@@ -313,7 +313,9 @@ def test_mini_runner_end_to_end_seeded_and_in_the_json_schema():
 def test_config_validation_and_presets():
     for kwargs, match in ((dict(strategies=("bald", "nope")), "strategy"),
                           (dict(targeting="l2"), "targeting"), (dict(budget=0), "budget"),
-                          (dict(cv_folds=1), "cv_folds"), (dict(protocol="x"), "protocol")):  # fmt: skip
+                          (dict(cv_folds=1), "cv_folds"), (dict(protocol="x"), "protocol"),
+                          (dict(epig_lr=-1.0), "epig_lr"),
+                          (dict(strategies=("bald_balanced_x",)), "strategy")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             ActiveLearningConfig(**kwargs)
     assert ActiveLearningConfig(protocol="reference").finetune.lr == 1e-5
