@@ -45,6 +45,8 @@ COMPARISONS: tuple[tuple[str, str, str, str | None, str, bool], ...] = tuple(
 ) + (
     ("bayesvlm", "map", "selective", "msp", "aurc", False),
     ("temperature", "map", "selective", "msp", "aurc", False),
+    *(("bayesvlm", "map", "ood", score, "auroc", True) for score in ("msp", "entropy", "mcm")),
+    ("temperature", "map", "ood", "msp", "auroc", True),
 )
 
 CONFORMAL_METRICS = ("coverage", "set_size", "empty_rate")
@@ -253,6 +255,25 @@ def win_counts(
     return counts
 
 
+def comparisons_in(rows: Sequence[Row]) -> list[tuple]:
+    """The ``COMPARISONS`` whose two methods both have rows of its task, score and metric.
+
+    A run with fewer tasks or methods reports the comparisons it has.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        one seed's benchmark rows.
+
+    Returns
+    -------
+    list of tuple
+        the comparisons, in ``COMPARISONS`` order.
+    """
+    have = {(r["method"], r["task"], r["score"], r["metric"]) for r in rows}
+    return [c for c in COMPARISONS if {(m, *c[2:5]) for m in c[:2]} <= have]
+
+
 def markdown_report(results: Sequence[BenchmarkResult]) -> str:
     """The README's result tables of one data set, from the rows (mean ± SE over seeds).
 
@@ -301,9 +322,7 @@ def markdown_report(results: Sequence[BenchmarkResult]) -> str:
         ),
     ]
     if k > 1:
-        methods = {r["method"] for r in rows}
-        # a run without some method (fewer tasks or settings) reports the comparisons it has
-        counts = [(c, win_counts(rows_per_seed, c)) for c in COMPARISONS if {c[0], c[1]} <= methods]
+        counts = [(c, win_counts(rows_per_seed, c)) for c in comparisons_in(rows)]
         parts += ["Wins over all conditions, beyond two paired standard errors:"]
         parts.append(md.wins_table(counts, k))
     return "\n\n".join(parts) + "\n"
@@ -327,11 +346,9 @@ def write_seed_json(path: str | os.PathLike, results: Sequence[BenchmarkResult])
         "wins": [...]}``.
     """
     rows_per_seed = [check_rows(r.rows) for r in results]
-    methods = {r["method"] for rows in rows_per_seed for r in rows}
     wins = [
         {"comparison": list(c), **win_counts(rows_per_seed, c)}
-        for c in COMPARISONS
-        if {c[0], c[1]} <= methods
+        for c in comparisons_in(rows_per_seed[0])
     ]
     blob = {
         "settings": [r.settings for r in results],
