@@ -18,9 +18,21 @@ from __future__ import annotations
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.enums import PredType
 from laplace_vlm.posterior.head_posterior import CovTerm, HeadPosterior
 from laplace_vlm.validation import check_matrix
+
+_fill_doc = fill_doc.extend(
+    image_chunk="""
+        z : torch.Tensor
+            `(n, D)` un-normalised image embeddings.
+        a : torch.Tensor
+            `(n, d_img [+ 1])` their design inputs of the image head.
+        post_i : HeadPosterior
+            the image head's posterior.
+        """,
+)
 
 
 def probcosine(
@@ -239,6 +251,7 @@ def expected_sq_norm(
     return sq_norm, rot2
 
 
+@_fill_doc
 def image_operands(
     pred_type: PredType,
     z: torch.Tensor,
@@ -257,12 +270,7 @@ def image_operands(
     ----------
     pred_type : PredType
         ``PROBCOSINE`` or ``PROBCOSINE_DIAG``.
-    z : torch.Tensor
-        `(n, D)` un-normalised image embeddings.
-    a : torch.Tensor
-        `(n, d_img [+ 1])` their design inputs of the image head.
-    post_i : HeadPosterior
-        the image head's posterior.
+    %(image_chunk)s
     ops : dict
         :func:`class_operands` of the classes (``text_bases`` for ``PROBCOSINE``).
     inplace : bool, default=False
@@ -322,6 +330,7 @@ def pair_moments(
     return mean, (pick(left, rows) * pick(ops["var_r"], cols)).sum(-1)
 
 
+@_fill_doc
 def chunk_moments(
     pred_type: PredType,
     z: torch.Tensor,
@@ -337,12 +346,7 @@ def chunk_moments(
     ----------
     pred_type : PredType
         ``probcosine``, ``probcosine_diag`` or ``glm``.
-    z : torch.Tensor
-        `(n, D)` un-normalised image embeddings.
-    a : torch.Tensor
-        `(n, d_img [+ 1])` their design inputs of the image head.
-    post_i : HeadPosterior
-        the image head's posterior.
+    %(image_chunk)s
     ops : dict
         :func:`class_operands` of the classes.
     s : torch.Tensor
