@@ -7,7 +7,8 @@ results compared with ``torch.equal`` (bitwise), under ``torch.use_deterministic
 What is *not* bitwise repeatable, and why (tested where it can be run here):
 
 - another thread count: the CPU GEMMs and reductions split their sums by thread, and float
-  addition is not associative, so 1 and 2 threads agree to rounding only (last test);
+  addition is not associative, so 1 and 2 threads agree to rounding only (last test; the
+  curvature factors differed by 1.4e-6 here);
 - an unseeded Monte Carlo predictive or stochastic selection (``generator=None``) draws from
   the global RNG, whose state the previous calls moved: pass a generator;
 - another machine or torch version: other CPU kernels (AVX2 vs AVX-512 paths, oneDNN
@@ -118,10 +119,16 @@ def test_selection_repeats_bitwise(setup):
 
 
 def test_thread_count_changes_roundings_only(setup):
-    """Not bitwise across thread counts: the sums are split differently (see the module)."""
-    model, _, images, _, _ = setup
-    with torch.no_grad(), torch_threads(1):
-        one = model.encode_image(images)
-    with torch.no_grad(), torch_threads(2):
-        two = model.encode_image(images)
-    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+    """Not promised bitwise across thread counts: reductions split their sums by thread.
+
+    Measured here (2 cores): the image encoder's forward was bitwise equal with 1 and 2
+    threads, the fitted curvature factors differed by up to 1.4e-6 (relative 1e-7); so this
+    asserts agreement to float32 rounding, not equality.
+    """
+    model, tokenizer, images, labels, _ = setup
+    factors = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            la = recipe.fit_zero_shot_posterior(model, tokenizer, images, labels, seed=0)
+        factors.append(torch.cat([f.flatten() for h in la.state_dict()["H"] for f in h]))
+    torch.testing.assert_close(factors[0], factors[1], rtol=1e-5, atol=1e-5)
