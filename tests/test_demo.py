@@ -270,7 +270,7 @@ def test_demo_cli_writes_to_the_default_folder_unless_told_otherwise(monkeypatch
 
     seen = []
 
-    def fake_run_demo(seed, cache_dir, out_dir, json_path, progress_bar):
+    def fake_run_demo(seed, cache_dir, out_dir, json_path, progress_bar, retrain=False):
         seen.append(out_dir)
         return run_module.BenchmarkResult({"pseudo_counts": {}, "temperature": 1.0}, [], None)
 
