@@ -13,6 +13,11 @@ Each file's metadata holds the SHA-256 of its cache key (architecture, training 
 seed, digest of the training images and labels, prompts), the training recipe, and the torch
 and open_clip versions that trained it; :func:`laplace_vlm.experiments.recipe.load_clip`
 loads a shipped file only where the key it would train under is that file's.
+
+To re-ship after a change of the recipe (the old file removed first; nothing is replaced)::
+
+    model, _ = recipe.load_clip(dataset, retrain=True)
+    write_shipped(model, shipped_path(dataset), recipe.standin_key(dataset), "<the recipe>")
 """
 
 from __future__ import annotations
