@@ -30,6 +30,16 @@ import torch
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.validation import check_matrix
 
+# the one argument of the set statistics
+_fill_doc = fill_doc.extend(
+    sets_parameters="""
+        Parameters
+        ----------
+        sets : torch.Tensor
+            `(N, C)` bool prediction-set mask, ``N >= 1``.
+        """
+)
+
 _METHODS = ("lac", "aps", "raps")
 # Softmax outputs in float32 sum to 1 only up to rounding; this tolerance still rejects logits.
 _SUM_TOL = 1e-3
@@ -316,13 +326,11 @@ def coverage(sets: torch.Tensor, labels: torch.Tensor) -> float:
     return float(sets.gather(1, labels[:, None]).double().mean())
 
 
+@_fill_doc
 def mean_set_size(sets: torch.Tensor) -> float:
     """Average number of classes per prediction set.
 
-    Parameters
-    ----------
-    sets : torch.Tensor
-        `(N, C)` bool prediction-set mask, ``N >= 1``.
+    %(sets_parameters)s
 
     Returns
     -------
@@ -332,16 +340,14 @@ def mean_set_size(sets: torch.Tensor) -> float:
     return float(_check_sets(sets).sum(1).double().mean())
 
 
+@_fill_doc
 def empty_rate(sets: torch.Tensor) -> float:
     """Fraction of inputs whose prediction set is empty.
 
     LAC returns an empty set wherever no class reaches the calibrated threshold: with an
     accurate model the threshold is high, and the sets of uncertain inputs are often empty.
 
-    Parameters
-    ----------
-    sets : torch.Tensor
-        `(N, C)` bool prediction-set mask, ``N >= 1``.
+    %(sets_parameters)s
 
     Returns
     -------

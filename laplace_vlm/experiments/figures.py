@@ -64,13 +64,13 @@ _fill_doc = fill_doc.extend(
 )
 
 
+@_fill_doc
 def figure_methods(result: BenchmarkResult) -> list[str]:
     """The methods drawn: MAP, temperature, the paper's method, each predictive at its chosen n.
 
     Parameters
     ----------
-    result : BenchmarkResult
-        a finished run.
+    %(finished_run)s
 
     Returns
     -------
