@@ -20,7 +20,7 @@ import copy
 
 import torch
 
-from laplace_vlm.active import acquisition, targeting
+from laplace_vlm.active import acquisition, batch_rules, targeting
 from laplace_vlm.active.adaptation import cv_folds, finetune_image_projection
 from laplace_vlm.active.config import ActiveLearningConfig
 from laplace_vlm.active.experiment import run_experiment
@@ -50,7 +50,7 @@ def one_round_by_hand(la, problem, budget: int = 20, seed: int = 0) -> None:
     joint = {"image": torch.cat([problem.pool[cand], targets]), "text": problem.class_text}
     f = la.functional_samples(joint, n_samples=200, generator=g)
     scores = acquisition.epig_from_samples(f[:, : len(cand)], f[:, len(cand) :])
-    picked = cand[acquisition.select_stochastic(scores, budget, "power", generator=g)]
+    picked = cand[batch_rules.select_stochastic(scores, budget, "power", generator=g)]
     # 3. adapt: fine-tune with the epoch of lowest cross-validated loss, then update the posterior
     labelled = (problem.pool[picked], problem.pool_labels[picked])
     folds = cv_folds(labelled[1], 4, generator=g)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from laplace_vlm.active import acquisition as acq
+from laplace_vlm.active import batch_rules as rules
 from laplace_vlm.predictive.links import sample_logits
 from laplace_vlm.predictive.uncertainty import (
     bald,
@@ -200,16 +201,16 @@ def test_strategy_names_parse_into_their_parts():
 
 def test_sampling_log_weights_are_the_formulas():
     s = torch.tensor([0.5, 2.0, 0.0, 1.0], dtype=torch.float64)
-    torch.testing.assert_close(acq.sampling_log_weights(s, "power", 2.0),
+    torch.testing.assert_close(rules.sampling_log_weights(s, "power", 2.0),
                                torch.tensor([2 * math.log(0.5), 2 * math.log(2.0), -math.inf,
                                              0.0], dtype=torch.float64))  # fmt: skip
-    torch.testing.assert_close(acq.sampling_log_weights(s, "softmax", 3.0), 3.0 * s)
+    torch.testing.assert_close(rules.sampling_log_weights(s, "softmax", 3.0), 3.0 * s)
     ranks = torch.tensor([3.0, 1.0, 4.0, 2.0], dtype=torch.float64)  # rank 1 = best score
-    torch.testing.assert_close(acq.sampling_log_weights(s, "softrank", 1.0), -ranks.log())
+    torch.testing.assert_close(rules.sampling_log_weights(s, "softrank", 1.0), -ranks.log())
     with pytest.raises(ValueError, match="non-negative"):
-        acq.sampling_log_weights(-s, "power")
+        rules.sampling_log_weights(-s, "power")
     with pytest.raises(ValueError, match="beta"):
-        acq.sampling_log_weights(s, "power", 0.0)
+        rules.sampling_log_weights(s, "power", 0.0)
 
 
 def _plackett_luce(weights, order):
@@ -225,12 +226,12 @@ def test_stochastic_selection_frequencies_match_the_sampling_probabilities():
     # the sampler is shared by the three rules, which differ only in sampling_log_weights
     selection = "power"
     scores = torch.tensor([0.1, 0.4, 0.9, 0.25], dtype=torch.float64)
-    weights = acq.sampling_log_weights(scores, selection, 1.5).exp().tolist()
+    weights = rules.sampling_log_weights(scores, selection, 1.5).exp().tolist()
     g = torch.Generator().manual_seed(0)
     n = 8000
     counts: dict[tuple[int, int], int] = {}
     for _ in range(n):
-        pair = tuple(acq.select_stochastic(scores, 2, selection, 1.5, generator=g).tolist())
+        pair = tuple(rules.select_stochastic(scores, 2, selection, 1.5, generator=g).tolist())
         counts[pair] = counts.get(pair, 0) + 1
     for i in range(4):
         for j in range(4):
@@ -242,10 +243,10 @@ def test_stochastic_selection_frequencies_match_the_sampling_probabilities():
 
 def test_stochastic_selection_excludes_and_fills_with_zero_weights():
     scores = torch.tensor([0.0, 1.0, 0.0, 2.0, 3.0], dtype=torch.float64)
-    got = acq.select_stochastic(scores, 4, "power", exclude=torch.tensor([4]), generator=1)
+    got = rules.select_stochastic(scores, 4, "power", exclude=torch.tensor([4]), generator=1)
     assert set(got[:2].tolist()) == {1, 3} and set(got[2:].tolist()) == {0, 2}
-    assert acq.select_stochastic(scores, 10, "power").numel() == 5
-    big = acq.select_stochastic(scores, 3, "power", beta=1e6, generator=2)  # beta -> top-k
+    assert rules.select_stochastic(scores, 10, "power").numel() == 5
+    big = rules.select_stochastic(scores, 3, "power", beta=1e6, generator=2)  # beta -> top-k
     assert big.tolist() == [4, 3, 1]
 
 
@@ -281,19 +282,19 @@ def test_select_top_plain_balanced_and_exclude():
     g = torch.Generator().manual_seed(8)
     scores = torch.rand(40, generator=g, dtype=torch.float64)
     classes = torch.randint(0, 4, (40,), generator=g)
-    top = acq.select_top(scores, 7)
+    top = rules.select_top(scores, 7)
     assert top.tolist() == torch.argsort(scores, descending=True)[:7].tolist()
-    bal = acq.select_top(scores, 11, class_balanced=True, predicted_class=classes)
+    bal = rules.select_top(scores, 11, class_balanced=True, predicted_class=classes)
     assert bal.tolist() == _balanced_brute_force(scores.tolist(), classes.tolist(), 11)
-    excl = acq.select_top(scores, 5, exclude=top[:3])
+    excl = rules.select_top(scores, 5, exclude=top[:3])
     assert excl.tolist() == torch.argsort(scores, descending=True)[3:8].tolist()
-    assert acq.select_top(scores, 100).numel() == 40
+    assert rules.select_top(scores, 100).numel() == 40
     # ties: seeded, reproducible, and different seeds give different picks
     flat = torch.zeros(40)
-    a, b = acq.select_top(flat, 5, generator=1), acq.select_top(flat, 5, generator=1)
-    assert torch.equal(a, b) and not torch.equal(a, acq.select_top(flat, 5, generator=2))
+    a, b = rules.select_top(flat, 5, generator=1), rules.select_top(flat, 5, generator=1)
+    assert torch.equal(a, b) and not torch.equal(a, rules.select_top(flat, 5, generator=2))
     with pytest.raises(ValueError, match="predicted_class"):
-        acq.select_top(scores, 3, class_balanced=True)
+        rules.select_top(scores, 3, class_balanced=True)
 
 
 def _most_balanced_quotas(avail: list[int], counts: list[int], budget: int) -> set[tuple]:
@@ -316,7 +317,7 @@ def test_balanced_order_meets_the_brute_force_quotas(seed):
     order = torch.randperm(n, generator=g)
     counts = torch.randint(0, 3, (n_classes,), generator=g)
     for budget in (1, 4, 9, 20):
-        picked = acq.balanced_order(order, predicted, budget, counts)
+        picked = rules.balanced_order(order, predicted, budget, counts)
         q = tuple(int((predicted[picked] == c).sum()) for c in range(n_classes))
         avail = [int((predicted == c).sum()) for c in range(n_classes)]
         assert q in _most_balanced_quotas(avail, counts.tolist(), budget)
@@ -334,7 +335,7 @@ def test_balanced_strategies_parse_and_select_from_their_rule():
     scores = torch.rand(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     classes = torch.arange(30) % 3
     top = acq.select(scores, 6, acq.Strategy.parse("bald_balanced"), predicted_class=classes)
-    assert top.tolist() == acq.select_top(scores, 6, class_balanced=True,
+    assert top.tolist() == rules.select_top(scores, 6, class_balanced=True,
                                           predicted_class=classes).tolist()  # fmt: skip
     # labelled counts shift the quotas: class 0 already has 4 labels, so it is skipped
     skewed = acq.select(scores, 4, acq.Strategy.parse("bald_balanced"), predicted_class=classes,
@@ -342,7 +343,7 @@ def test_balanced_strategies_parse_and_select_from_their_rule():
     assert sorted(classes[skewed].tolist()) == [1, 1, 2, 2]
     power = acq.Strategy.parse("bald_balanced_power")
     a = acq.select(scores, 6, power, predicted_class=classes, generator=3)
-    order = acq.select_stochastic(scores, 30, "power", generator=3)
-    assert a.tolist() == acq.balanced_order(order, classes, 6).tolist()
+    order = rules.select_stochastic(scores, 30, "power", generator=3)
+    assert a.tolist() == rules.balanced_order(order, classes, 6).tolist()
     with pytest.raises(ValueError, match="predicted_class"):
         acq.select(scores, 3, acq.Strategy.parse("bald_balanced"))
