@@ -77,7 +77,7 @@ def test_training_leaves_the_token_table_at_its_initialisation():
     cfg = {**training.TRAIN_CONFIGS["digits"], "epochs": 1, "seed": 3}
     with training.torch_threads(1):
         model = training.train_clip(
-            images[keep], labels[keep], recipe._prompts("digits"), cfg, False
+            images[keep], labels[keep], recipe.prompts_of("digits"), cfg, False
         )
     init = training.build_clip(3)
     assert torch.equal(model.token_embedding.weight, init.token_embedding.weight)

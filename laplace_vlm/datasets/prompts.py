@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from laplace_vlm.docstrings import fill_doc
+
 
 @dataclass(frozen=True)
 class Prompts:
@@ -90,3 +92,77 @@ FASHION_MNIST = Prompts(
 )
 
 PROMPTS: dict[str, Prompts] = {"digits": DIGITS, "fashion-mnist": FASHION_MNIST}
+DATASETS: tuple[str, ...] = tuple(PROMPTS)
+
+# the one argument of the prompt look-ups
+_fill_doc = fill_doc.extend(
+    dataset_parameters="""
+        Parameters
+        ----------
+        %(demo_dataset)s
+        """
+)
+
+
+@_fill_doc
+def prompts_of(dataset: str) -> Prompts:
+    """The prompts of ``dataset``, or a ``ValueError`` naming the argument.
+
+    %(dataset_parameters)s
+
+    Returns
+    -------
+    Prompts
+        its class names, templates and caption templates.
+    """
+    if dataset not in PROMPTS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}.")
+    return PROMPTS[dataset]
+
+
+@_fill_doc
+def classnames(dataset: str) -> tuple[str, ...]:
+    """The class names of ``dataset``, in label order.
+
+    %(dataset_parameters)s
+
+    Returns
+    -------
+    tuple of str
+        C names; label ``y`` is the ``y``-th.
+    """
+    return prompts_of(dataset).classnames
+
+
+@_fill_doc
+def templates(dataset: str) -> tuple[str, ...]:
+    """The ``"{}"``-format zero-shot templates of ``dataset``.
+
+    %(dataset_parameters)s
+
+    Returns
+    -------
+    tuple of str
+        the templates; a class's text activations are their mean (``recipe.class_text_activations``).
+    """
+    return prompts_of(dataset).templates
+
+
+@fill_doc
+def captions(dataset: str, labels: torch.Tensor, generator: torch.Generator) -> list[str]:
+    """One random training-style caption per label (see ``Prompts.captions``).
+
+    Parameters
+    ----------
+    %(demo_dataset)s
+    labels : torch.Tensor
+        `(N,)` labels.
+    generator : torch.Generator
+        source of the template choice.
+
+    Returns
+    -------
+    list of str
+        `N` captions, each a caption template filled with its label's class name.
+    """
+    return prompts_of(dataset).captions(labels, generator)

@@ -27,7 +27,13 @@ from laplace_vlm.adapters.features import extract_features
 from laplace_vlm.datasets.digits import load_digits_splits
 from laplace_vlm.datasets.fashion_mnist import load_fashion_mnist_splits
 from laplace_vlm.datasets.images import Split, normalize, stratified_subset
-from laplace_vlm.datasets.prompts import PROMPTS, Prompts
+from laplace_vlm.datasets.prompts import (
+    DATASETS,
+    captions,
+    classnames,
+    prompts_of,
+    templates,
+)
 from laplace_vlm.datasets.shifts import SEVERITIES, SHIFTS
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.dual_encoder_laplace import DualEncoderLaplace
@@ -55,74 +61,10 @@ __all__ = [
     "torch_threads",
 ]
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist")
 # seeded subsets keep CPU runs short; the digits' splits (1078/359/360) are all below them
 MAX_TRAIN = 10_000
 MAX_EVAL = 2_000
 NOISE = "uniform-noise"
-
-# the one argument of the prompt look-ups
-_fill_doc = fill_doc.extend(
-    dataset_parameters="""
-        Parameters
-        ----------
-        %(demo_dataset)s
-        """
-)
-
-
-def _prompts(dataset: str) -> Prompts:
-    if dataset not in PROMPTS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}.")
-    return PROMPTS[dataset]
-
-
-@_fill_doc
-def classnames(dataset: str) -> tuple[str, ...]:
-    """The class names of ``dataset``, in label order.
-
-    %(dataset_parameters)s
-
-    Returns
-    -------
-    tuple of str
-        C names; label ``y`` is the ``y``-th.
-    """
-    return _prompts(dataset).classnames
-
-
-@_fill_doc
-def templates(dataset: str) -> tuple[str, ...]:
-    """The ``"{}"``-format zero-shot templates of ``dataset``.
-
-    %(dataset_parameters)s
-
-    Returns
-    -------
-    tuple of str
-        the templates; a class's text activations are their mean (:func:`class_text_activations`).
-    """
-    return _prompts(dataset).templates
-
-
-@fill_doc
-def captions(dataset: str, labels: torch.Tensor, generator: torch.Generator) -> list[str]:
-    """One random training-style caption per label (see ``Prompts.captions``).
-
-    Parameters
-    ----------
-    %(demo_dataset)s
-    labels : torch.Tensor
-        `(N,)` labels.
-    generator : torch.Generator
-        source of the template choice.
-
-    Returns
-    -------
-    list of str
-        `N` captions, each a caption template filled with its label's class name.
-    """
-    return _prompts(dataset).captions(labels, generator)
 
 
 @fill_doc
@@ -159,7 +101,7 @@ def load_splits(
         ``{"train": (images, labels), "curvature": ..., "val": ..., "test": ...}``, images
         float32, labels int64.
     """
-    _prompts(dataset)
+    prompts_of(dataset)
     limits = {"train": max_train, "curvature": max_train, "val": max_eval, "test": max_eval}
     if dataset == "fashion-mnist":
         return load_fashion_mnist_splits(seed, data_dir, limits)
@@ -266,7 +208,7 @@ def load_clip(
     # the toy model's GEMMs are too small to gain from threads, and on a busy machine extra
     # threads stall: one thread trained 2-5x faster than two on 2 shared cores
     with torch_threads(1):
-        model = training.train_clip(images, labels, _prompts(dataset), key["train"], progress_bar)
+        model = training.train_clip(images, labels, prompts_of(dataset), key["train"], progress_bar)
     cache.save(model, path)
     return model, training.clip_tokenizer()
 
@@ -279,7 +221,7 @@ def _training_data(
     max_train: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The training images, labels and the cache key of a stand-in (see :func:`load_clip`)."""
-    prompts = _prompts(dataset)
+    prompts = prompts_of(dataset)
     # a "seed" in train_config trains another draw of the stand-in on the same split
     cfg = {**training.TRAIN_CONFIGS[dataset], "seed": seed, **(train_config or {})}
     images, labels = load_splits(dataset, seed, data_dir, max_train)["train"]
@@ -356,7 +298,7 @@ def class_text_activations(model, tokenizer, dataset: str) -> torch.Tensor:
     torch.Tensor
         `(C, d_txt)`, the mean over the templates.
     """
-    prompts = _prompts(dataset)
+    prompts = prompts_of(dataset)
     acts, _ = zeroshot.class_text_activations(
         get_adapter(model), tokenizer, prompts.classnames, prompts.templates
     )
