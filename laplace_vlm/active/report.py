@@ -362,3 +362,26 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def format_agreement(agreement: dict) -> str:
+    """One line of a Monte Carlo rank-agreement check (``experiments.active.mc_agreement``).
+
+    Parameters
+    ----------
+    agreement : dict
+        ``{"bald": ..., "epig": ...}`` of :func:`rank_agreement`-style entries (``spearman``,
+        ``k``, ``top_k_overlap``), plus ``n_samples`` and ``candidates``.
+
+    Returns
+    -------
+    str
+        Spearman and top-k overlap of BALD and EPIG between two Monte Carlo seeds.
+    """
+    parts = [f"{s.upper()} Spearman {agreement[s]['spearman']:.3f}, top-{agreement[s]['k']} "
+             f"overlap {agreement[s]['top_k_overlap']}/{agreement[s]['k']}"
+             for s in ("bald", "epig")]  # fmt: skip
+    return (
+        f"MC check, round 0 ({agreement['n_samples']} joint samples, "
+        f"{agreement['candidates']} candidates, two seeds): " + "; ".join(parts)
+    )

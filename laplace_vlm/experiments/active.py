@@ -41,6 +41,7 @@ from laplace_vlm.active.config import (
 from laplace_vlm.active.experiment import run_experiment
 from laplace_vlm.active.report import (
     beats_baselines,
+    format_agreement,
     format_balance,
     format_differences,
     format_table,
@@ -267,28 +268,6 @@ def mc_agreement(prepared: Prepared, config: ActiveLearningConfig, seed: int = 0
                              torch.Generator().manual_seed(s))[0] for s in (1, 2))  # fmt: skip
         out[score] = rank_agreement(a, b, config.budget)
     return out
-
-
-def format_agreement(agreement: dict) -> str:
-    """One line of :func:`mc_agreement`'s result.
-
-    Parameters
-    ----------
-    agreement : dict
-        :func:`mc_agreement`'s output.
-
-    Returns
-    -------
-    str
-        Spearman and top-k overlap of BALD and EPIG between two Monte Carlo seeds.
-    """
-    parts = [f"{s.upper()} Spearman {agreement[s]['spearman']:.3f}, top-{agreement[s]['k']} "
-             f"overlap {agreement[s]['top_k_overlap']}/{agreement[s]['k']}"
-             for s in ("bald", "epig")]  # fmt: skip
-    return (
-        f"MC check, round 0 ({agreement['n_samples']} joint samples, "
-        f"{agreement['candidates']} candidates, two seeds): " + "; ".join(parts)
-    )
 
 
 @_fill_doc

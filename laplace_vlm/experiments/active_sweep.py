@@ -29,6 +29,7 @@ from laplace_vlm.active.experiment import run_experiment
 from laplace_vlm.active.report import (
     beats_baselines,
     differences_vs_zero_shot_figure,
+    format_agreement,
     format_balance,
     format_differences,
     learning_curves_figure,
@@ -42,7 +43,6 @@ from laplace_vlm.experiments.active import (
     BASELINES,
     DemoSetting,
     describe,
-    format_agreement,
     mc_agreement,
     prepare,
 )
