@@ -324,7 +324,10 @@ def run_benchmark(
             if condition == "clean" or severity == max(severities):
                 result.kept[(condition, severity)] = (acts, predictions)
         skipped = _add_ood(result, config.data_dir) if "ood" in tasks else []
-    result.settings = settings(exp, alpha, severities, config.pseudo_counts, skipped, TARGET_LABELS)
+    clean_acts = result.kept[("clean", 0.0)][0]
+    result.settings = settings(
+        exp, alpha, severities, config.pseudo_counts, skipped, TARGET_LABELS, clean_acts
+    )
     check_rows(result.rows)
     return result
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
+
 from laplace_vlm.datasets.shifts import SHIFTS
 from laplace_vlm.evaluation.regime import posterior_card, reference_card
 from laplace_vlm.experiments.experiment import Experiment
@@ -29,6 +31,7 @@ def settings(
     pseudo_counts: Sequence[float],
     skipped: list[str],
     target_labels: int,
+    test_acts: torch.Tensor,
     reference_dir: str | os.PathLike | None = REFERENCE_DIR,
 ) -> dict:
     """The JSON ``settings`` of a run: everything needed to read and reproduce its rows.
@@ -47,6 +50,8 @@ def settings(
         parts left out, with the reason.
     target_labels : int
         labelled target images of the recalibrated conformal baseline.
+    test_acts : torch.Tensor
+        `(N, d_img)` activations of the clean test images, already encoded by the run.
     reference_dir : path, optional
         the released ViT-B/32 factors for the regime card (stored figures where absent).
 
@@ -81,18 +86,24 @@ def settings(
             m: {f"{n:g}": v for n, v in c.nlpd_by_pseudo_count.items()}
             for m, c in exp.choices.items()
         },
-        "regime": regime(exp, reference_dir),
+        "regime": regime(exp, test_acts, reference_dir),
         "skipped": skipped,
     }
 
 
-def regime(exp: Experiment, reference_dir: str | os.PathLike | None = REFERENCE_DIR) -> dict:
+def regime(
+    exp: Experiment,
+    test_acts: torch.Tensor,
+    reference_dir: str | os.PathLike | None = REFERENCE_DIR,
+) -> dict:
     """The regime card of the stand-in's posterior beside the released ViT-B/32 factors'.
 
     Parameters
     ----------
     exp : Experiment
         the fitted experiment; its symmetric posterior is left at the chosen setting.
+    test_acts : torch.Tensor
+        `(N, d_img)` activations of the clean test images (the relative variance's inputs).
     reference_dir : path, optional
         the released factors' folder.
 
@@ -106,9 +117,7 @@ def regime(exp: Experiment, reference_dir: str | os.PathLike | None = REFERENCE_
     name = laplace_method("probcosine")
     chosen = {"paper": exp.settings[PAPER_METHOD].setting, "chosen": exp.settings[name].setting}
     batches = exp.splits[exp.curvature_pairs][1].bincount().max().item()
-    card = posterior_card(
-        exp.la, exp.encode(exp.splits["test"][0]), chosen, exp.la.n_data / batches
-    )
+    card = posterior_card(exp.la, test_acts, chosen, exp.la.n_data / batches)
     card["pseudo_count"] = {k: s.pseudo_count for k, s in chosen.items()}
     return {
         "stand_in": card,
