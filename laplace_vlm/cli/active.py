@@ -112,6 +112,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--json", type=Path, default=None, help="write the summary JSON here "
                         "(required with --sweep, which writes it after every cell)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG plots")
+    parser.add_argument("--train-seeds", type=int, default=1, metavar="K",
+                        help="run the cell on K stand-ins trained with seeds --train-seed .. "
+                        "+K-1 (0 is the shipped one; others are trained into the cache on first "
+                        "use) and report means and standard errors over them; --workers runs "
+                        "stand-ins in parallel (default: 1)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (the matrices are tiny: 1 is fastest)")  # fmt: skip
     parser.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True)
@@ -130,13 +135,22 @@ def run(args: argparse.Namespace) -> int:
     %(cli_run)s
     """
     from laplace_vlm.active.config import ActiveLearningConfig
-    from laplace_vlm.experiments import active, active_sweep, recipe
+    from laplace_vlm.experiments import active, active_standins, active_sweep, recipe
 
     if args.threads < 1:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
+    if args.train_seeds < 1:
+        raise CliError(f"--train-seeds must be >= 1, got {args.train_seeds}")
+    if args.sweep and args.train_seeds > 1:
+        raise CliError("--train-seeds runs one cell on several stand-ins; with --sweep, run "
+                       "the sweep once per --train-seed instead")  # fmt: skip
     config = dataclass_from_args(ActiveLearningConfig, args)
     setting = dataclass_from_args(active.DemoSetting, args)
+    workers = dataclass_from_args(active_sweep.SweepSetting, args).workers
     with recipe.torch_threads(args.threads):
+        if args.train_seeds > 1:
+            return active_standins.main(setting, config, args.train_seeds, workers, args.json,
+                                        args.out)  # fmt: skip
         if args.sweep:
             if args.json is None:
                 raise CliError("--sweep needs --json PATH: it writes its results there after "
@@ -144,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             sweep = dataclass_from_args(active_sweep.SweepSetting, args)
             return active_sweep.main(sweep, config, setting, args.json, args.out,
                                      args.progress_bar)  # fmt: skip
-        return active.main(setting, config, args.json, args.out, args.progress_bar)
+        return active.main(setting, config, args.json, args.out, args.progress_bar, workers)
 
 
 @fill_doc

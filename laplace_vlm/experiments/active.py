@@ -56,6 +56,7 @@ from laplace_vlm.datasets.images import stratified_subset
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.pseudo_count import tune_prior_at
 from laplace_vlm.experiments import recipe
+from laplace_vlm.experiments.processes import run_in_processes
 
 BASELINES: tuple[str, ...] = ("random", "map_entropy")
 """The paired comparisons of the report: targeted random and MAP entropy."""
@@ -91,6 +92,9 @@ class DemoSetting:
         clean pool images (the pool also holds their shifted copies) and target test inputs.
     cache_dir, data_dir : str, optional
         the trained CLIP's cache; Fashion-MNIST's idx files.
+    train_seed : int
+        training seed of the stand-in (0: the shipped model; others are trained into the
+        cache on first use, minutes each); the splits, shifts and captions stay at seed 0.
     """
 
     dataset: str = field(default="digits", metadata=option("data set", choices=recipe.DATASETS))
@@ -103,6 +107,8 @@ class DemoSetting:
                                                                 type=str))  # fmt: skip
     data_dir: str | None = field(default=None, metadata=option("Fashion-MNIST's folder",
                                                                type=str))  # fmt: skip
+    train_seed: int = field(default=0, metadata=option(
+        "training seed of the stand-in (0: the shipped one)", type=int))  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.dataset not in recipe.DATASETS:
@@ -114,6 +120,9 @@ class DemoSetting:
         for name in ("max_pool", "max_test"):
             if getattr(self, name) < 10:
                 raise ValueError(f"{name} must be >= 10, got {getattr(self, name)}.")
+        seed = self.train_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"train_seed must be an int >= 0, got {self.train_seed!r}.")
 
 
 @dataclass
@@ -158,9 +167,11 @@ def feature_mode(la: DualEncoderLaplace) -> DualEncoderLaplace:
 
 
 @functools.lru_cache(maxsize=2)
-def _zero_shot(dataset: str, cache_dir: str | None, data_dir: str | None):
+def _zero_shot(dataset: str, cache_dir: str | None, data_dir: str | None, train_seed: int = 0):
     """Model, splits, class texts and the fitted zero-shot posterior of ``dataset`` (cached)."""
-    model, tokenizer = recipe.load_clip(dataset, cache_dir, data_dir=data_dir)
+    # another training draw on the same split (seed 0: the shipped stand-in)
+    model, tokenizer = recipe.load_clip(dataset, cache_dir, train_config={"seed": train_seed},
+                                        data_dir=data_dir)  # fmt: skip
     splits = recipe.load_splits(dataset, data_dir=data_dir)
     # the curvature comes from held-out pairs, not the ones the stand-in memorised
     la = recipe.fit_zero_shot_posterior(model, tokenizer, *splits["curvature"], seed=0,
@@ -209,7 +220,7 @@ def prepare(setting: DemoSetting, config: ActiveLearningConfig) -> Prepared:
         the posterior, the problem factory and the zero-shot accuracy.
     """
     model, splits, class_text, la0 = _zero_shot(setting.dataset, setting.cache_dir,
-                                                setting.data_dir)  # fmt: skip
+                                                setting.data_dir, setting.train_seed)  # fmt: skip
     la = copy.deepcopy(la0)
     tune_prior_at(la, config.pseudo_count)
     shift = recipe.SHIFTS[setting.shift]
@@ -270,15 +281,25 @@ def mc_agreement(prepared: Prepared, config: ActiveLearningConfig, seed: int = 0
     return out
 
 
+def _run_seeds(setting: DemoSetting, config: ActiveLearningConfig) -> dict:
+    """:func:`laplace_vlm.active.experiment.run_experiment` of a cell, prepared in this process."""
+    prepared = prepare(setting, config)
+    return run_experiment(prepared.la, prepared.problem, config)
+
+
 @_fill_doc
-def run_setting(setting: DemoSetting, config: ActiveLearningConfig, progress_bar: bool = False):
+def run_setting(setting: DemoSetting, config: ActiveLearningConfig, progress_bar: bool = False,
+                workers: int = 1):  # fmt: skip
     """Prepare and run one experiment.
 
     Parameters
     ----------
     %(cell)s
     progress_bar : bool
-        show progress.
+        show progress (with one worker).
+    workers : int
+        processes running interleaved groups of the paired seeds (one torch thread each). A
+        seed's run depends on its seed alone, so the results equal one process's.
 
     Returns
     -------
@@ -288,7 +309,18 @@ def run_setting(setting: DemoSetting, config: ActiveLearningConfig, progress_bar
         the posterior and problems it ran on (``zero_shot_acc`` for the report).
     """
     prepared = prepare(setting, config)
-    results = run_experiment(prepared.la, prepared.problem, config, progress_bar=progress_bar)
+    groups = [config.seeds[i::workers] for i in range(workers) if config.seeds[i::workers]]
+    if len(groups) <= 1:
+        results = run_experiment(prepared.la, prepared.problem, config, progress_bar=progress_bar)
+        return summarize(results), prepared
+    calls = [(setting, dataclasses.replace(config, seeds=g)) for g in groups]
+    parts = run_in_processes(_run_seeds, calls, len(groups))
+    # back in the config's seed order, so that every strategy's seeds stay paired
+    position = {seed: (g, i) for g, group in enumerate(groups) for i, seed in enumerate(group)}
+    results = {strategy: {budget: [parts[position[seed][0]][strategy][budget][position[seed][1]]
+                                   for seed in config.seeds]
+                          for budget in parts[0][strategy]}
+               for strategy in config.strategies}  # fmt: skip
     return summarize(results), prepared
 
 
@@ -348,7 +380,7 @@ def report_text(
 
 @_fill_doc
 def main(setting: DemoSetting, config: ActiveLearningConfig, json_path: Path | None = None,
-         out: Path | None = None, progress_bar: bool = True) -> int:  # fmt: skip
+         out: Path | None = None, progress_bar: bool = True, workers: int = 1) -> int:  # fmt: skip
     """Run one experiment, print the report, write the JSON and the curves if asked.
 
     Parameters
@@ -361,13 +393,15 @@ def main(setting: DemoSetting, config: ActiveLearningConfig, json_path: Path | N
         folder for ``curves.png``.
     progress_bar : bool
         show progress.
+    workers : int
+        processes running groups of the paired seeds (:func:`run_setting`).
 
     Returns
     -------
     %(exit_status)s
     """
     start = time.perf_counter()
-    summary, prepared = run_setting(setting, config, progress_bar)
+    summary, prepared = run_setting(setting, config, progress_bar, workers)
     agreement = mc_agreement(prepared, config)
     print(report_text(summary, setting, config, prepared.zero_shot_acc))
     print(format_agreement(agreement))

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
+import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +45,10 @@ from laplace_vlm.experiments.active import (
     mc_agreement,
     prepare,
 )
+from laplace_vlm.experiments.processes import run_in_processes
 
+# the runs are single-threaded, 1.3 GB each (measured): a few processes fill a laptop's cores
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 Chain = tuple[str, str, tuple[float, ...]]
 """``(dataset, shift, severities)``: cells run in order, stopping below ``min_zero_shot``."""
 
@@ -102,7 +104,9 @@ class SweepSetting:
     min_zero_shot : float
         a shift stops at its first severity with zero-shot accuracy below this.
     workers : int
-        processes running chains of cells at once (each with one torch thread).
+        processes, one torch thread each (default: the CPU count, at most 4): chains of cells
+        at once; on the command line also the stand-ins of ``--train-seeds``, or the groups of
+        paired seeds of one cell. Results do not depend on it.
     """
 
     datasets: tuple[str, ...] = field(default=recipe.DATASETS, metadata=option(
@@ -114,8 +118,10 @@ class SweepSetting:
         default=0.3,
         metadata=option("stop a shift at the first severity with zero-shot accuracy below this"),
     )
-    workers: int = field(default=1, metadata=option("processes (one torch thread each)",
-                                                    type=positive_int))  # fmt: skip
+    workers: int = field(default=DEFAULT_WORKERS, metadata=option(
+        "processes, one torch thread each: chains of cells (--sweep), stand-ins "
+        "(--train-seeds) or groups of paired seeds (one cell); results do not depend on it",
+        type=positive_int))  # fmt: skip
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.datasets if d not in recipe.DATASETS]
@@ -183,12 +189,6 @@ def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
     return cells
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 @_fill_doc
 def run_sweep(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting,
               on_chain=None) -> list[dict]:  # fmt: skip
@@ -208,23 +208,17 @@ def run_sweep(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetti
     list of dict
         the cells in chain order (skipped cells flagged ``"skipped": True``).
     """
-    chains, done = sweep.chains(), {}
-    if sweep.workers == 1:
-        for i, chain in enumerate(chains):
-            done[i] = run_chain(chain, base, config, sweep.min_zero_shot)
-            if on_chain:
-                on_chain([c for j in sorted(done) for c in done[j]])
-        return [c for j in sorted(done) for c in done[j]]
-    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    chains = sweep.chains()
+
+    def finished(done: dict[int, list[dict]]) -> None:
+        if on_chain:
+            on_chain([c for cells in done.values() for c in cells])
+
     longest_first = sorted(range(len(chains)), key=lambda i: -len(chains[i][2]))
-    with ProcessPoolExecutor(sweep.workers, context, initializer=_worker_init) as pool:
-        futures = {pool.submit(run_chain, chains[i], base, config, sweep.min_zero_shot): i
-                   for i in longest_first}  # fmt: skip
-        for future in as_completed(futures):
-            done[futures[future]] = future.result()
-            if on_chain:
-                on_chain([c for j in sorted(done) for c in done[j]])
-    return [c for j in sorted(done) for c in done[j]]
+    calls = [(chain, base, config, sweep.min_zero_shot) for chain in chains]
+    per_chain = run_in_processes(run_chain, calls, sweep.workers, finished,
+                                 longest_first if sweep.workers > 1 else None)  # fmt: skip
+    return [c for cells in per_chain for c in cells]
 
 
 def posterior_strategies(config: ActiveLearningConfig) -> list[str]:

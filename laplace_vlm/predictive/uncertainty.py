@@ -203,17 +203,21 @@ def epig_from_samples(
             "pool_samples and target_samples must share the sample axis, got "
             f"{pool_samples.shape[0]} and {target_samples.shape[0]} samples."
         )
-    n_samples = pool_samples.shape[0]
-    p_pool = torch.softmax(pool_samples, -1).transpose(0, 1)  # (N, S, C)
-    p_targ = torch.softmax(target_samples, -1).transpose(0, 1)  # (N*, S, C*)
-    marg_targ = p_targ.mean(1)  # (N*, C*)
-    per_pool = p_targ.shape[0] * p_pool.shape[-1] * p_targ.shape[-1]
+    n_samples, n_targ = pool_samples.shape[0], target_samples.shape[1]
+    p_pool = torch.softmax(pool_samples, -1).permute(1, 2, 0)  # (N, C, S)
+    p_targ = torch.softmax(target_samples, -1)  # (S, N*, C*)
+    # the joint's marginals are the sample means, so sum joint log(p(y) p(y*)) = -H(y) - H(y*):
+    # I(y; y*) = H(y) + H(y*) + sum joint log joint, one xlogy over the joint instead of two
+    h_pool = entropy(p_pool.mean(-1))  # (N,)
+    h_targ = entropy(p_targ.mean(0)).mean()  # averaged over the targets, as EPIG is
+    # the joint as one GEMM `(chunk C, S) @ (S, N* C*)`, laid out `(chunk, C, N*, C*)`: no
+    # permuted copy of it, and 1 / S folded into the small pool operand
+    targ = p_targ.reshape(n_samples, -1)
+    per_pool = targ.shape[1] * p_pool.shape[1]
     chunk = max(1, max_elements // per_pool)  # per_pool >= 1: check_samples refuses empty
-    scores = []
+    neg_joint_entropy = []
     for start in range(0, p_pool.shape[0], chunk):
-        pp = p_pool[start : start + chunk]
-        joint = torch.einsum("psc,tsd->ptcd", pp, p_targ) / n_samples
-        indep = pp.mean(1)[:, None, :, None] * marg_targ[None, :, None, :]
-        mi = (torch.special.xlogy(joint, joint) - torch.special.xlogy(joint, indep)).sum((-2, -1))
-        scores.append(mi.mean(-1))
-    return torch.cat(scores).clamp_min(0.0)
+        pp = p_pool[start : start + chunk] / n_samples
+        joint = (pp.reshape(-1, n_samples) @ targ).reshape(len(pp), -1)
+        neg_joint_entropy.append(torch.special.xlogy(joint, joint).sum(-1) / n_targ)
+    return (h_pool + h_targ + torch.cat(neg_joint_entropy)).clamp_min(0.0)
