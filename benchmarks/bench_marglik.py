@@ -5,6 +5,8 @@ embeddings are normalised, so the GGN scales like ``1 / c^2`` and the scatter li
 exact and damped priors, per head, prints the relative error of each method to the optimum of
 ``la.log_marginal_likelihood`` found by a derivative-free bracketing search (log grid, then
 golden section, in float64), with the number of evidence evaluations and the wall time.
+Last, the cost of one evaluation (value, gradient and curvature in ``log lambda``): the closed
+form of :mod:`laplace_vlm.posterior.kron_evidence` against autograd through laplace's evidence.
 
 Then the case of the issue: the released BayesVLM ViT-B/32 factors (if
 ``../shared/reference/bayesvlm-clip-vit-b-32`` exists) with random heads of the real heads'
@@ -31,6 +33,8 @@ from _common import setup, threads_from_argv  # noqa: E402
 from brute_force import bracketed_argmax  # noqa: E402  (the test's reference search)
 
 from laplace_vlm import DualEncoderLaplace  # noqa: E402
+from laplace_vlm.posterior import marglik  # noqa: E402
+from laplace_vlm.posterior.kron_evidence import kron_evidence, kron_evidence_parts  # noqa: E402
 from laplace_vlm.posterior.marglik import maximize_marglik  # noqa: E402
 
 D_IMG, D_TXT, D, N = 96, 64, 32, 1024
@@ -77,19 +81,24 @@ def bracketed_optimum(la: DualEncoderLaplace, k: int) -> torch.Tensor:
 def counted(la: DualEncoderLaplace, fn) -> tuple[torch.Tensor, int, float]:
     """``fn()``'s prior precision, the evidence evaluations it made and its wall time."""
     calls = [0]
-    evidence = la.log_marginal_likelihood
+    evidence, closed_form = la.log_marginal_likelihood, marglik.kron_evidence
 
     def wrapper(*args, **kwargs):
         calls[0] += 1
         return evidence(*args, **kwargs)
 
-    la.log_marginal_likelihood = wrapper
+    def closed_wrapper(*args, **kwargs):
+        calls[0] += 1
+        return closed_form(*args, **kwargs)
+
+    la.log_marginal_likelihood, marglik.kron_evidence = wrapper, closed_wrapper
     try:
         start = time.perf_counter()
         fn()
         seconds = time.perf_counter() - start
     finally:
         del la.log_marginal_likelihood
+        marglik.kron_evidence = closed_form
     return la.prior_precision.double().clone(), calls[0], seconds
 
 
@@ -121,8 +130,35 @@ def header(title: str) -> None:
           f"{'time':>10}")  # fmt: skip
 
 
+def evaluation_cost(name: str, la: DualEncoderLaplace, k: int, repeats: int = 50) -> None:
+    """Microseconds of one evaluation, closed form vs autograd, and their agreement."""
+    parts = kron_evidence_parts(la, k)
+    t = torch.zeros(k, dtype=torch.float64)
+    timings, results = {}, {}
+    for label, fn in (("closed form", lambda: kron_evidence(parts, t)),
+                      ("autograd", lambda: marglik._gradient_and_curvature(la, t))):  # fmt: skip
+        results[label] = fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        timings[label] = (time.perf_counter() - start) / repeats
+    grad_diff = float((results["closed form"][0] - results["autograd"][0]).abs().max())
+    scale = float(results["autograd"][0].abs().max())
+    print(f"{name:<40} closed form {timings['closed form'] * 1e6:8.0f} us, autograd "
+          f"{timings['autograd'] * 1e6:8.0f} us: {timings['autograd'] / timings['closed form']:5.1f}x "
+          f"faster; gradients differ by {grad_diff / scale:.1e} (relative)")  # fmt: skip
+
+
 def main() -> None:
     setup(threads_from_argv())
+    print("one evidence evaluation (value, gradient, curvature in log lambda), per head:")
+    for dtype in (torch.float64, torch.float32):
+        for damping in (False, True, "symmetric"):
+            evaluation_cost(f"synthetic, damping={damping}, {dtype}",
+                            synthetic(1.0, damping, dtype), 2)  # fmt: skip
+    if os.path.isdir(BAYESVLM):
+        evaluation_cost("released ViT-B/32, symmetric, float32",
+                        released("symmetric", torch.float32), 2)  # fmt: skip
     for dtype in (torch.float64, torch.float32):
         header(f"synthetic heads (D={D}, d={D_IMG}/{D_TXT}, N={N}), per head, {dtype}")
         for where, c in SCALES.items():

@@ -314,7 +314,8 @@ def test_config_validation_and_presets():
     for kwargs, match in ((dict(strategies=("bald", "nope")), "strategy"),
                           (dict(targeting="l2"), "targeting"), (dict(budget=0), "budget"),
                           (dict(cv_folds=1), "cv_folds"), (dict(protocol="x"), "protocol"),
-                          (dict(epig_lr=-1.0), "epig_lr"),
+                          (dict(epig_lr=-1.0), "epig_lr"), (dict(epig_lr=math.nan), "epig_lr"),
+                          (dict(epig_lr=math.inf), "epig_lr"), (dict(beta=math.nan), "beta"),
                           (dict(strategies=("bald_balanced_x",)), "strategy")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             ActiveLearningConfig(**kwargs)

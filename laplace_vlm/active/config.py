@@ -7,6 +7,7 @@ dataclass (:func:`laplace_vlm.cli.active.add_dataclass_arguments`) instead of re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -266,8 +267,8 @@ class ActiveLearningConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.cv_folds < 2:
             raise ValueError(f"cv_folds must be >= 2, got {self.cv_folds}.")
-        if self.epig_lr < 0:
-            raise ValueError(f"epig_lr must be >= 0, got {self.epig_lr}.")
+        if not (math.isfinite(self.epig_lr) and self.epig_lr >= 0):  # NaN would pass a < 0 test
+            raise ValueError(f"epig_lr must be a finite number >= 0, got {self.epig_lr}.")
         for name in ("beta", "density_beta", "pseudo_count"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")

@@ -120,7 +120,18 @@ def claims(differences: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict
 
 
 def format_claims(by_baseline: Mapping[str, Mapping[str, Mapping[str, str]]]) -> str:
-    """``strategy vs baseline: win/tie/loss per budget`` lines, the default strategy first."""
+    """``strategy vs baseline: win/tie/loss per budget`` lines, the default strategy first.
+
+    Parameters
+    ----------
+    by_baseline : mapping
+        ``{baseline: claims(differences to it)}``.
+
+    Returns
+    -------
+    str
+        one line per baseline and strategy.
+    """
     lines = []
     for baseline, table in by_baseline.items():
         order = sorted(table, key=lambda s: (s != DEFAULT_STRATEGY, s))

@@ -78,6 +78,8 @@ def kron_evidence_parts(la: Any, k: int) -> KronEvidence | None:
     Returns
     -------
     KronEvidence or None
+        the eigenvalues, deltas, sizes, scatters and the value-to-layer map; None where the
+        closed form does not apply.
     """
     if _overridden(type(la)):
         return None
