@@ -365,7 +365,7 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
 
 
 def format_agreement(agreement: dict) -> str:
-    """One line of a Monte Carlo rank-agreement check (``experiments.active.mc_agreement``).
+    """One line of a Monte Carlo rank-agreement check (``selection.mc_agreement``).
 
     Parameters
     ----------

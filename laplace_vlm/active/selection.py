@@ -16,6 +16,7 @@ import torch
 from laplace_vlm.active import acquisition, targeting
 from laplace_vlm.active.acquisition import Strategy
 from laplace_vlm.active.config import ActiveLearningConfig, ActiveLearningProblem
+from laplace_vlm.active.report import rank_agreement
 from laplace_vlm.docstrings import fill_doc
 
 Moments = tuple[torch.Tensor, torch.Tensor]
@@ -303,3 +304,30 @@ def selection_order(
     """
     return acquisition.select(scores, len(scores), strategy, config.beta,
                               predicted_class=predicted, generator=generator)  # fmt: skip
+
+
+def mc_agreement(la, problem: ActiveLearningProblem, config: ActiveLearningConfig) -> dict:
+    """Round 0's Monte Carlo check: two sample seeds of BALD and EPIG on the same candidates.
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        the zero-shot posterior.
+    problem : ActiveLearningProblem
+        whose pool the round-0 candidates come from.
+    config : ActiveLearningConfig
+        samples, queries, targeting; the top-k compared is one batch (``budget``).
+
+    Returns
+    -------
+    dict
+        ``{"bald": rank_agreement(...), "epig": ...}`` over the round-0 candidates, plus
+        ``n_samples`` and ``candidates``.
+    """
+    cand = candidates(la, problem, torch.empty(0, dtype=torch.long), config)
+    out: dict = {"n_samples": config.n_samples, "candidates": len(cand)}
+    for score in ("bald", "epig"):
+        a, b = (score_inputs(la, problem.pool[cand], problem, score, config,
+                             torch.Generator().manual_seed(s))[0] for s in (1, 2))  # fmt: skip
+        out[score] = rank_agreement(a, b, config.budget)
+    return out

@@ -71,10 +71,8 @@ class LinearHead:
     ----------
     path : str
         where the layer lives in the model, e.g. ``"visual.proj"``.
-    weight : torch.Tensor
-        `(D, d)`, float32 (float64 for float64 models).
-    bias : torch.Tensor, optional
-        `(D,)`.
+    weight, bias : torch.Tensor
+        `(D, d)` and `(D,)` (or None), float32 (float64 for float64 models).
     """
 
     path: str
@@ -213,8 +211,7 @@ def unwrap(output: Any) -> torch.Tensor:
     Parameters
     ----------
     output : torch.Tensor or tuple or list
-        what the model's ``encode_image`` / ``encode_text`` returned (a tuple for CoCa with
-        ``output_tokens``).
+        what ``encode_image`` / ``encode_text`` returned (a tuple for CoCa with ``output_tokens``).
 
     Returns
     -------
@@ -227,8 +224,7 @@ def unwrap(output: Any) -> torch.Tensor:
 def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     if x.shape != ref.shape:
         return float("inf")
-    ref = ref.to(x.dtype)
-    return float(torch.linalg.norm(x - ref) / torch.linalg.norm(ref).clamp_min(1e-30))
+    return float(torch.linalg.norm(x - ref.to(x.dtype)) / torch.linalg.norm(ref).clamp_min(1e-30))
 
 
 class DualEncoderAdapter(abc.ABC):

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from laplace_vlm import DualEncoderLaplace
+from laplace_vlm.active import selection
 from laplace_vlm.active.config import (
     DEFAULT_STRATEGY,
     ActiveLearningConfig,
@@ -47,11 +48,9 @@ from laplace_vlm.active.report import (
     format_table,
     learning_curves_figure,
     paired_differences,
-    rank_agreement,
     save_figure,
     summarize,
 )
-from laplace_vlm.active.selection import candidates, score_inputs
 from laplace_vlm.datasets.images import stratified_subset
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.evaluation.pseudo_count import tune_prior_at
@@ -253,34 +252,6 @@ def prepare(setting: DemoSetting, config: ActiveLearningConfig) -> Prepared:
     return Prepared(la, problem, zero_shot)
 
 
-def mc_agreement(prepared: Prepared, config: ActiveLearningConfig, seed: int = 0) -> dict:
-    """Round 0's Monte Carlo check: two sample seeds of BALD and EPIG on the same candidates.
-
-    Parameters
-    ----------
-    prepared : Prepared
-        the zero-shot posterior and the problems.
-    config : ActiveLearningConfig
-        samples, queries, targeting; the top-k compared is one batch (``budget``).
-    seed : int
-        whose problem (pool) the candidates come from.
-
-    Returns
-    -------
-    dict
-        ``{"bald": rank_agreement(...), "epig": ...}`` over the round-0 candidates, plus
-        ``n_samples`` and ``candidates``.
-    """
-    problem = prepared.problem(seed)
-    cand = candidates(prepared.la, problem, torch.empty(0, dtype=torch.long), config)
-    out: dict = {"n_samples": config.n_samples, "candidates": len(cand)}
-    for score in ("bald", "epig"):
-        a, b = (score_inputs(prepared.la, problem.pool[cand], problem, score, config,
-                             torch.Generator().manual_seed(s))[0] for s in (1, 2))  # fmt: skip
-        out[score] = rank_agreement(a, b, config.budget)
-    return out
-
-
 def _run_seeds(setting: DemoSetting, config: ActiveLearningConfig) -> dict:
     """:func:`laplace_vlm.active.experiment.run_experiment` of a cell, prepared in this process."""
     prepared = prepare(setting, config)
@@ -402,7 +373,7 @@ def main(setting: DemoSetting, config: ActiveLearningConfig, json_path: Path | N
     """
     start = time.perf_counter()
     summary, prepared = run_setting(setting, config, progress_bar, workers)
-    agreement = mc_agreement(prepared, config)
+    agreement = selection.mc_agreement(prepared.la, prepared.problem(0), config)
     print(report_text(summary, setting, config, prepared.zero_shot_acc))
     print(format_agreement(agreement))
     print(f"[{time.perf_counter() - start:.0f} s]")

@@ -36,13 +36,13 @@ from laplace_vlm.active.report import (
     save_figure,
     summarize,
 )
+from laplace_vlm.active.selection import mc_agreement
 from laplace_vlm.docstrings import fill_doc
 from laplace_vlm.experiments import recipe
 from laplace_vlm.experiments.active import (
     BASELINES,
     DemoSetting,
     describe,
-    mc_agreement,
     prepare,
 )
 from laplace_vlm.experiments.processes import run_in_processes
@@ -182,7 +182,7 @@ def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
             "dataset": dataset, "shift": "none" if severity == 0 else shift,
             "severity": severity, "zero_shot_acc": zero_shot, "summary": summary,
             "differences": {b: paired_differences(summary, b) for b in BASELINES if b in summary},
-            "mc_agreement": mc_agreement(prepared, config),
+            "mc_agreement": mc_agreement(prepared.la, prepared.problem(0), config),
             "description": describe(setting, config, zero_shot),
             "seconds": time.perf_counter() - start,
         })  # fmt: skip
