@@ -112,6 +112,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--json", type=Path, default=None, help="write the summary JSON here "
                         "(required with --sweep, which writes it after every cell)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG plots")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="PATH",
+                        help="also write the report's tables as markdown to PATH (a new file: "
+                        "an existing one is refused)")  # fmt: skip
     parser.add_argument("--train-seeds", type=int, default=1, metavar="K",
                         help="run the cell on K stand-ins trained with seeds --train-seed .. "
                         "+K-1 (0 is the shipped one; others are trained into the cache on first "
@@ -141,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--threads must be >= 1, got {args.threads}")
     if args.train_seeds < 1:
         raise CliError(f"--train-seeds must be >= 1, got {args.train_seeds}")
+    if args.markdown is not None and args.markdown.exists():
+        raise CliError(f"--markdown: {args.markdown} exists; remove it or choose another path")
     if args.sweep and args.train_seeds > 1:
         raise CliError("--train-seeds runs one cell on several stand-ins; with --sweep, run "
                        "the sweep once per --train-seed instead")  # fmt: skip
@@ -150,15 +155,16 @@ def run(args: argparse.Namespace) -> int:
     with recipe.torch_threads(args.threads):
         if args.train_seeds > 1:
             return active_standins.main(setting, config, args.train_seeds, workers, args.json,
-                                        args.out)  # fmt: skip
+                                        args.out, args.markdown)  # fmt: skip
         if args.sweep:
             if args.json is None:
                 raise CliError("--sweep needs --json PATH: it writes its results there after "
                                "every cell")  # fmt: skip
             sweep = dataclass_from_args(active_sweep.SweepSetting, args)
             return active_sweep.main(sweep, config, setting, args.json, args.out,
-                                     args.progress_bar)  # fmt: skip
-        return active.main(setting, config, args.json, args.out, args.progress_bar, workers)
+                                     args.progress_bar, args.markdown)  # fmt: skip
+        return active.main(setting, config, args.json, args.out, args.progress_bar, workers,
+                           args.markdown)  # fmt: skip
 
 
 @fill_doc

@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     %(cli_run)s
     """
+    from laplace_vlm.evaluation.markdown import write_new
     from laplace_vlm.evaluation.tables import write_json
     from laplace_vlm.experiments.benchmark import run_benchmark
     from laplace_vlm.experiments.experiment import ExperimentConfig
@@ -112,10 +113,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(err).replace("data_dir:", "--data-dir:", 1)) from None
     result = results[0]
     if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.markdown, "x") as f:  # "x": a file made meanwhile is never replaced
-            f.write(markdown_report(results))
-        print(f"markdown tables: {args.markdown}")
+        print(f"markdown tables: {write_new(args.markdown, markdown_report(results))}")
     if len(results) > 1:
         print(markdown_report(results))
         print(f"(the tables below are those of training seed {args.seed} alone)")

@@ -6,7 +6,9 @@ error over training seeds, see :mod:`laplace_vlm.experiments.seeds`), shown as `
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 from laplace_vlm.evaluation.tables import Row, condition_label
 
@@ -35,6 +37,28 @@ def markdown_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
             raise ValueError(f"body: a line has {len(cells)} cells, the header {len(header)}.")
         lines.append(list(cells))
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def write_new(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a new file ``path`` (its folders made); an existing file is refused.
+
+    Parameters
+    ----------
+    path : path
+        the file; ``FileExistsError`` if it exists, also if made meanwhile (mode ``"x"``).
+    text : str
+        the contents.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "x") as f:  # "x": a file made meanwhile is never replaced
+        f.write(text)
+    return path
 
 
 def cell(value: float | None, se: float | None = None, digits: int = 3) -> str:

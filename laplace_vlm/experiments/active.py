@@ -40,6 +40,7 @@ from laplace_vlm.active.config import (
     option,
 )
 from laplace_vlm.active.experiment import run_experiment
+from laplace_vlm.active.markdown import cell_markdown
 from laplace_vlm.active.report import (
     beats_baselines,
     format_agreement,
@@ -53,6 +54,7 @@ from laplace_vlm.active.report import (
 )
 from laplace_vlm.datasets.images import stratified_subset
 from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.evaluation.markdown import write_new
 from laplace_vlm.evaluation.pseudo_count import tune_prior_at
 from laplace_vlm.experiments import recipe
 from laplace_vlm.experiments.processes import run_in_processes
@@ -351,7 +353,8 @@ def report_text(
 
 @_fill_doc
 def main(setting: DemoSetting, config: ActiveLearningConfig, json_path: Path | None = None,
-         out: Path | None = None, progress_bar: bool = True, workers: int = 1) -> int:  # fmt: skip
+         out: Path | None = None, progress_bar: bool = True, workers: int = 1,
+         markdown: Path | None = None) -> int:  # fmt: skip
     """Run one experiment, print the report, write the JSON and the curves if asked.
 
     Parameters
@@ -366,6 +369,8 @@ def main(setting: DemoSetting, config: ActiveLearningConfig, json_path: Path | N
         show progress.
     workers : int
         processes running groups of the paired seeds (:func:`run_setting`).
+    markdown : Path, optional
+        a new file for the tables (:func:`laplace_vlm.active.markdown.cell_markdown`).
 
     Returns
     -------
@@ -377,9 +382,12 @@ def main(setting: DemoSetting, config: ActiveLearningConfig, json_path: Path | N
     print(report_text(summary, setting, config, prepared.zero_shot_acc))
     print(format_agreement(agreement))
     print(f"[{time.perf_counter() - start:.0f} s]")
+    description = describe(setting, config, prepared.zero_shot_acc)
+    if markdown is not None:
+        write_new(markdown, cell_markdown(summary, description, BASELINES))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"description": describe(setting, config, prepared.zero_shot_acc),
+        payload = {"description": description,
                    "zero_shot_acc": prepared.zero_shot_acc, "mc_agreement": agreement,
                    "config": dataclasses.asdict(config), "summary": summary}  # fmt: skip
         json_path.write_text(json.dumps(payload, indent=2))

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from laplace_vlm.active.config import DEFAULT_STRATEGY, ActiveLearningConfig
+from laplace_vlm.active.markdown import cell_markdown
 from laplace_vlm.active.report import (
     METRICS,
     Summary,
@@ -30,6 +31,7 @@ from laplace_vlm.active.report import (
     paired_differences,
     save_figure,
 )
+from laplace_vlm.evaluation.markdown import write_new
 from laplace_vlm.experiments.active import BASELINES, DemoSetting, describe, run_setting
 from laplace_vlm.experiments.processes import run_in_processes
 from laplace_vlm.experiments.seeds import mean_se
@@ -176,7 +178,8 @@ def report_text(runs: Sequence[dict]) -> tuple[str, dict]:
 
 
 def main(setting: DemoSetting, config: ActiveLearningConfig, train_seeds: int, workers: int = 1,
-         json_path: Path | None = None, out: Path | None = None) -> int:  # fmt: skip
+         json_path: Path | None = None, out: Path | None = None,
+         markdown: Path | None = None) -> int:  # fmt: skip
     """Run the cell on ``train_seeds`` stand-ins and print the report over them.
 
     Parameters
@@ -195,6 +198,8 @@ def main(setting: DemoSetting, config: ActiveLearningConfig, train_seeds: int, w
         stand-in.
     out : Path, optional
         folder for ``curves_over_standins.png``.
+    markdown : Path, optional
+        a new file for the tables over the stand-ins.
 
     Returns
     -------
@@ -222,6 +227,9 @@ def main(setting: DemoSetting, config: ActiveLearningConfig, train_seeds: int, w
     text, over = report_text(runs)
     print(text)
     print(f"[{time.perf_counter() - start:.0f} s]")
+    if markdown is not None:
+        first_line = text.split("\n", 1)[0]
+        write_new(markdown, cell_markdown(over["summary"], first_line, BASELINES, "stand-ins"))
     if out is not None:
         title = f"{setting.dataset}, target = {setting.shift} {setting.severity:g}, " \
                 f"{train_seeds} stand-ins"  # fmt: skip

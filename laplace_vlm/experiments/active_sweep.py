@@ -25,6 +25,7 @@ from laplace_vlm.active.config import (
     positive_int,
 )
 from laplace_vlm.active.experiment import run_experiment
+from laplace_vlm.active.markdown import sweep_markdown
 from laplace_vlm.active.report import (
     beats_baselines,
     differences_vs_zero_shot_figure,
@@ -38,6 +39,7 @@ from laplace_vlm.active.report import (
 )
 from laplace_vlm.active.selection import mc_agreement
 from laplace_vlm.docstrings import fill_doc
+from laplace_vlm.evaluation.markdown import write_new
 from laplace_vlm.experiments import recipe
 from laplace_vlm.experiments.active import (
     BASELINES,
@@ -311,7 +313,8 @@ def write_outputs(cells: list[dict], config, json_path: Path, out: Path | None) 
 
 @_fill_doc
 def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, json_path: Path,
-         out: Path | None = None, progress_bar: bool = True) -> int:  # fmt: skip
+         out: Path | None = None, progress_bar: bool = True,
+         markdown: Path | None = None) -> int:  # fmt: skip
     """Run the sweep, writing the JSON (and plots) after every chain; print the differences.
 
     Parameters
@@ -326,6 +329,8 @@ def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, j
         folder of the plots.
     progress_bar : bool
         print progress after every chain.
+    markdown : Path, optional
+        a new file for the tables (:func:`laplace_vlm.active.markdown.sweep_markdown`).
 
     Returns
     -------
@@ -349,4 +354,7 @@ def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, j
     print("\nposterior strategies beating targeted random and MAP entropy at every budget:")
     print("\n".join(verdicts(cells, config)))
     print(f"[sweep: {time.perf_counter() - start:.0f} s; {json_path}]")
+    if markdown is not None:
+        write_new(markdown, sweep_markdown(cells, DEFAULT_STRATEGY, BASELINES,
+                                           posterior_strategies(config)))  # fmt: skip
     return 0

@@ -1,0 +1,102 @@
+"""Active-learning markdown tables: every cell parsed back equals the summary it came from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_markdown import parse_table
+
+from laplace_vlm.active import markdown as amd
+from laplace_vlm.active.report import paired_differences, summarize
+from laplace_vlm.cli.main import main as cli_main
+
+STRATEGIES = ("random", "map_entropy", "epig")
+
+
+def results(rng: np.random.Generator, seeds: int = 4) -> dict:
+    """run_experiment's layout: strategy -> budget -> metrics of every seed."""
+    out = {}
+    for s in STRATEGIES:
+        out[s] = {0: [{"acc": 0.5, "ece": 0.2} for _ in range(seeds)]}
+        for b in (10, 20):
+            out[s][b] = [{"acc": float(rng.uniform(0.5, 0.8)), "ece": 0.1,
+                          "label_entropy": float(rng.uniform(1, 2.3))} for _ in range(seeds)]  # fmt: skip
+    return out
+
+
+def numbers(cell: str) -> list[float]:
+    """The numbers of a cell such as ``+0.012 ± 0.004 [3/4]`` or ``0.612 ± 0.020``."""
+    return [float(x) for x in cell.replace("[", " ").replace("]", " ").replace("/", " ")
+            .replace("±", " ").split()]  # fmt: skip
+
+
+def test_accuracy_differences_and_entropy_tables_equal_the_summary():
+    summary = summarize(results(np.random.default_rng(0)))
+    header, body = parse_table(amd.accuracy_table(summary))
+    assert header[1:] == ["0", "10", "20"] and list(body) == list(STRATEGIES)
+    for s in STRATEGIES:
+        for b, cell in zip(header[1:], body[s]):
+            row = summary[s][b]
+            np.testing.assert_allclose(numbers(cell), [row["acc_mean"], row["acc_std"]], atol=5e-4)
+    diffs = paired_differences(summary, "random")
+    header, body = parse_table(amd.differences_table(diffs, "random"))
+    assert header[1:] == ["10", "20"] and list(body) == ["map_entropy", "epig"]
+    for s, cells in body.items():
+        for b, cell in zip(header[1:], cells):
+            d = diffs[s][b]
+            np.testing.assert_allclose(numbers(cell), [d["mean"], d["se"], d["wins"], d["n"]],
+                                       atol=5e-4)  # fmt: skip
+    header, body = parse_table(amd.label_entropy_table(summary))
+    assert header[1:] == ["10", "20"]
+    for s, cells in body.items():
+        np.testing.assert_allclose([float(c) for c in cells],
+                                   [summary[s][b]["label_entropy_mean"] for b in ("10", "20")],
+                                   atol=5e-3)  # fmt: skip
+    text = amd.cell_markdown(summary, "digits, target = rotation 0.2", ("random", "map_entropy"))
+    rules = [line for line in text.splitlines() if line.startswith("| ---")]
+    assert text.startswith("digits, target = rotation 0.2\n\n") and len(rules) == 4
+
+
+def test_sweep_tables_list_every_cell_that_ran():
+    rng = np.random.default_rng(1)
+    cells = []
+    for severity, lift in ((0.1, 0.05), (0.2, -0.05)):
+        res = results(rng)
+        for b in (10, 20):  # epig ahead of both by `lift` at every budget and seed
+            for i, m in enumerate(res["epig"][b]):
+                m["acc"] = max(res["random"][b][i]["acc"], res["map_entropy"][b][i]["acc"]) + lift
+        summary = summarize(res)
+        cells.append({"dataset": "digits", "shift": "rotation", "severity": severity,
+                      "zero_shot_acc": 0.6, "differences": {
+                          b: paired_differences(summary, b) for b in ("random", "map_entropy")}})  # fmt: skip
+    cells.append({"dataset": "digits", "shift": "rotation", "severity": 0.4, "zero_shot_acc": 0.2,
+                  "skipped": True})  # fmt: skip
+    text = amd.sweep_markdown(cells, "epig", ("random", "map_entropy"), ("epig",))
+    tables = text.strip().split("\n\n")
+    assert len(tables) == 3
+    header, body = parse_table(tables[0])
+    assert list(body) == ["digits rotation 0.1", "digits rotation 0.2"]
+    for name, cell in zip(body, cells):
+        d = cell["differences"]["random"]["epig"]
+        np.testing.assert_allclose([numbers(c) for c in body[name][1:]],
+                                   [[d[b]["mean"], d[b]["se"]] for b in ("10", "20")], atol=5e-4)  # fmt: skip
+    _, verdict = parse_table(tables[2])
+    assert verdict["digits rotation 0.1"][1].startswith("epig")
+    assert verdict["digits rotation 0.2"][1] == "none"
+
+
+def test_cli_refuses_an_existing_markdown_file(tmp_path, capsys):
+    path = tmp_path / "tables.md"
+    path.write_text("kept")
+    assert cli_main(["active", "--markdown", str(path)]) == 2
+    assert "--markdown:" in capsys.readouterr().err and path.read_text() == "kept"
+
+
+def test_write_new_never_replaces_a_file(tmp_path):
+    from laplace_vlm.evaluation.markdown import write_new
+
+    path = write_new(tmp_path / "a" / "b.md", "x")
+    assert path.read_text() == "x"
+    with pytest.raises(FileExistsError):
+        write_new(path, "y")
+    assert path.read_text() == "x"
