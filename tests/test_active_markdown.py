@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from test_markdown import parse_table
 
 from laplace_vlm.active import markdown as amd
+from laplace_vlm.active.config import ActiveLearningConfig
 from laplace_vlm.active.report import paired_differences, summarize
 from laplace_vlm.cli.main import main as cli_main
+from laplace_vlm.evaluation.markdown import write_new
+from laplace_vlm.experiments.active import DemoSetting, prepare
 
 STRATEGIES = ("random", "map_entropy", "epig")
 
@@ -93,10 +101,35 @@ def test_cli_refuses_an_existing_markdown_file(tmp_path, capsys):
 
 
 def test_write_new_never_replaces_a_file(tmp_path):
-    from laplace_vlm.evaluation.markdown import write_new
-
     path = write_new(tmp_path / "a" / "b.md", "x")
     assert path.read_text() == "x"
     with pytest.raises(FileExistsError):
         write_new(path, "y")
     assert path.read_text() == "x"
+
+
+def test_readme_active_tables_start_where_the_code_starts_now():
+    """The README's generated default-cell table: its budget-0 column and zero-shot accuracy.
+
+    Budget 0 is the zero-shot posterior of every strategy, so this slice of the table is
+    recomputed here from the shipped stand-in (probit of the ProbCosine moments, written out),
+    and a stale README number fails.
+    """
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("<!-- generated: laplace-vlm active --markdown PATH -->")
+    block = text[start : text.index("<!-- end generated", start)]
+    shown_zero_shot = float(re.search(r"zero-shot accuracy ([0-9.]+)\)", block).group(1))
+    header, body = parse_table(block[block.index("| strategy") :])
+    column = header.index("0") - 1
+    config = ActiveLearningConfig()
+    prepared = prepare(DemoSetting(), config)
+    problem = prepared.problem(0)
+    x = {"image": problem.test, "text": problem.class_text}
+    with torch.no_grad():
+        mean, var = prepared.la.predictive_moments(x, pred_type=config.pred_type)
+        probs = torch.softmax(mean / torch.sqrt(1 + math.pi / 8 * var), -1)
+    acc = float((probs.argmax(-1) == problem.test_labels).double().mean())
+    assert shown_zero_shot == pytest.approx(prepared.zero_shot_acc, abs=5e-4 + 1e-9)
+    assert len(body) == len(config.strategies)
+    for strategy, cells in body.items():
+        assert numbers(cells[column])[0] == pytest.approx(acc, abs=5e-4 + 1e-9), strategy

@@ -224,7 +224,8 @@ def unwrap(output: Any) -> torch.Tensor:
 def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     if x.shape != ref.shape:
         return float("inf")
-    return float(torch.linalg.norm(x - ref.to(x.dtype)) / torch.linalg.norm(ref).clamp_min(1e-30))
+    x, ref = x.detach(), ref.detach().to(x.dtype)  # a float of a graph warns in torch 2.14
+    return float(torch.linalg.norm(x - ref) / torch.linalg.norm(ref).clamp_min(1e-30))
 
 
 class DualEncoderAdapter(abc.ABC):
