@@ -28,6 +28,7 @@ def fake_summary(rng: np.random.Generator, lift: float, seeds: int = 3) -> dict:
                 size=seeds) * (b != "0")  # fmt: skip
             out[s][b] = {"acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)),
                          "nlpd_mean": float(1 - acc.mean()), "ece_mean": 0.1, "n_seeds": seeds,
+                         "labels_used_max": int(b),
                          "acc_per_seed": acc.tolist()}  # fmt: skip
     return out
 
@@ -43,7 +44,7 @@ def test_standin_summary_pairs_stand_ins_and_claims_need_two_se():
             assert over[s][b]["acc_mean"] == pytest.approx(means.mean(), rel=1e-12)
             assert over[s][b]["acc_std"] == pytest.approx(means.std(ddof=1), rel=1e-12)
             assert over[s][b]["nlpd_mean"] == pytest.approx(1 - means.mean(), rel=1e-12)
-            assert over[s][b]["n_seeds"] == 5
+            assert over[s][b]["n_seeds"] == 5 and over[s][b]["labels_used_max"] == int(b)
     text, result = active_standins.report_text(
         [{"train_seed": i, "zero_shot_acc": 0.5 + 0.01 * i, "summary": x,
           "description": "digits, target = rotation 0.2 (zero-shot accuracy 0.5); protocol"}
@@ -56,6 +57,7 @@ def test_standin_summary_pairs_stand_ins_and_claims_need_two_se():
     assert result["claims"]["random"]["epig"] == {"20": "win", "40": "win"}
     assert result["claims"]["random"]["map_entropy"] == {"20": "tie", "40": "tie"}
     assert "5 stand-ins (training seeds 0, 1, 2, 3, 4)" in text
+    assert "labels used in total: n=0: 0, n=20: 20, n=40: 40" in text
     assert "epig vs random (> 2 SE over stand-ins): 20: win, 40: win" in text
     # a loss is claimed the same way, and one stand-in claims nothing
     worse = [fake_summary(rng, lift=-0.03) for _ in range(4)]

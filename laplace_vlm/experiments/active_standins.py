@@ -93,6 +93,8 @@ def standin_summary(summaries: Sequence[Summary]) -> dict:
             for key in (f"{m}_mean" for m in METRICS):
                 if all(key in r for r in rows):
                     row[key] = sum(r[key] for r in rows) / len(rows)
+            if all("labels_used_max" in r for r in rows):
+                row["labels_used_max"] = max(r["labels_used_max"] for r in rows)
             row["n_seeds"], row["acc_per_seed"] = k, acc
             out[strategy][budget] = row
     return out
