@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_seeds import row
 
 from laplace_vlm.datasets import fashion_mnist as fm
 from laplace_vlm.datasets.shifts import conditions
@@ -28,17 +29,8 @@ def rows_slice(with_se: bool):
     for condition, severity in (("clean", 0.0), ("noise", 0.5), ("noise", 1.0), ("blur", 1.0)):
         for method in ("map", "bayesvlm"):
             for metric in ("nlpd", "ece15"):
-                row = {
-                    "dataset": "digits",
-                    "task": "calibration",
-                    "condition": condition,
-                    "severity": severity,
-                    "method": method,
-                    "score": None,
-                    "metric": metric,
-                    "value": float(rng.uniform()),
-                }
-                rows.append({**row, "se": float(rng.uniform()) / 10} if with_se else row)
+                one = row(method, condition, float(rng.uniform()), metric, severity)
+                rows.append({**one, "se": float(rng.uniform()) / 10} if with_se else one)
     return rows
 
 

@@ -151,20 +151,19 @@ def run(args: argparse.Namespace) -> int:
                        "the sweep once per --train-seed instead")  # fmt: skip
     config = dataclass_from_args(ActiveLearningConfig, args)
     setting = dataclass_from_args(active.DemoSetting, args)
-    workers = dataclass_from_args(active_sweep.SweepSetting, args).workers
+    sweep = dataclass_from_args(active_sweep.SweepSetting, args)  # also the --workers of the rest
     with recipe.torch_threads(args.threads):
         if args.train_seeds > 1:
-            return active_standins.main(setting, config, args.train_seeds, workers, args.json,
-                                        args.out, args.markdown)  # fmt: skip
+            return active_standins.main(setting, config, args.train_seeds, sweep.workers,
+                                        args.json, args.out, args.markdown)  # fmt: skip
         if args.sweep:
             if args.json is None:
                 raise CliError("--sweep needs --json PATH: it writes its results there after "
                                "every cell")  # fmt: skip
-            sweep = dataclass_from_args(active_sweep.SweepSetting, args)
             return active_sweep.main(sweep, config, setting, args.json, args.out,
                                      args.progress_bar, args.markdown)  # fmt: skip
-        return active.main(setting, config, args.json, args.out, args.progress_bar, workers,
-                           args.markdown)  # fmt: skip
+        return active.main(setting, config, args.json, args.out, args.progress_bar,
+                           sweep.workers, args.markdown)  # fmt: skip
 
 
 @fill_doc

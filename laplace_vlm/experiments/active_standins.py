@@ -20,6 +20,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from laplace_vlm.active.config import DEFAULT_STRATEGY, ActiveLearningConfig
 from laplace_vlm.active.markdown import cell_markdown
 from laplace_vlm.active.report import (
@@ -88,8 +90,9 @@ def standin_summary(summaries: Sequence[Summary]) -> dict:
         for budget in budgets:
             rows = [s[strategy][budget] for s in summaries]
             acc = [r["acc_mean"] for r in rows]
-            mean, se, k = mean_se(acc)
-            row = {"acc_mean": mean, "acc_std": 0.0 if se is None else se * k**0.5}
+            k = len(acc)
+            row = {"acc_mean": float(np.mean(acc)),
+                   "acc_std": float(np.std(acc, ddof=1)) if k > 1 else 0.0}  # fmt: skip
             for key in (f"{m}_mean" for m in METRICS):
                 if all(key in r for r in rows):
                     row[key] = sum(r[key] for r in rows) / len(rows)
