@@ -130,9 +130,9 @@ def similarity_logits(
     Parameters
     ----------
     u : torch.Tensor
-        `(M, D)` normalised rows (the inputs).
+        `(M, D)` normalised rows (the inputs), or a batch `(..., M, D)`.
     v : torch.Tensor
-        `(K, D)` normalised rows (the classes).
+        `(K, D)` normalised rows (the classes), or a batch `(..., K, D)`.
     scale : torch.Tensor
         the *linear* logit scale, i.e. ``exp(logit_scale)``.
     bias : torch.Tensor, optional
@@ -141,9 +141,9 @@ def similarity_logits(
     Returns
     -------
     logits : torch.Tensor
-        `(M, K)`
+        `(M, K)`, or `(..., M, K)` for batches.
     """
-    logits = scale * (u @ v.T)
+    logits = scale * (u @ v.mT)
     return logits if bias is None else logits + bias
 
 
@@ -303,14 +303,14 @@ class DualHead(nn.Module):
         Parameters
         ----------
         z : torch.Tensor
-            `(N, D)` image embeddings.
+            `(N, D)` image embeddings, or a batch `(..., N, D)` (e.g. weight samples).
         t : torch.Tensor
-            `(C, D)` text embeddings.
+            `(C, D)` text embeddings, or a batch `(..., C, D)`.
 
         Returns
         -------
         torch.Tensor
-            `(N, C)` ``exp(logit_scale) cos(z_n, t_c) (+ logit_bias)``.
+            `(N, C)` ``exp(logit_scale) cos(z_n, t_c) (+ logit_bias)``, or `(..., N, C)`.
         """
         return similarity_logits(F.normalize(z, dim=-1), F.normalize(t, dim=-1), self.scale,
                                  self.logit_bias)  # fmt: skip

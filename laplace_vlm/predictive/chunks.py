@@ -66,6 +66,7 @@ def _image_chunks(
 
 
 CLASS_CHUNK = 4096  # classes per class_operands call: bounds its temporaries at large C
+_SAMPLE_BLOCK = 32  # weight samples per batched logit GEMM of the nn sampler
 
 
 def class_operands_in_chunks(
@@ -241,7 +242,10 @@ def logit_sample_chunks(
     for rows, z in _image_chunks(heads, inputs, step, checked=False):
         dz = post_i.perturbations(a_i[rows], dW, db)  # (S, n, D)
         if pred_type is PredType.NN:
-            yield torch.stack([heads.logits(z + dz_s, t + dt_s) for dz_s, dt_s in zip(dz, dt)])
+            # blocks of samples as batched GEMMs: faster than one per sample, and than all at
+            # once, whose (S, n, D) temporaries leave the cache (1000 samples: 52 vs 69, 110 ms)
+            blocks = [slice(i, i + _SAMPLE_BLOCK) for i in range(0, len(dz), _SAMPLE_BLOCK)]
+            yield torch.cat([heads.logits(z + dz[b], t + dt[b]) for b in blocks])
             continue
         u, nz = F.normalize(z, dim=-1), z.norm(dim=-1)[:, None]
         cos = u @ v.T

@@ -6,6 +6,14 @@ Inputs are either diagonal Gaussian logit moments ``mean, var`` `(N, C)` or join
 classes are correlated. BALD keeps the class correlations with joint samples, and EPIG *needs*
 them: with independent pool and target samples the mutual information between a pool label
 and a target label is zero.
+
+BALD and EPIG are mutual informations, i.e. KL divergences ``sum_k q_k f(r_k)`` of a joint from
+the product of its marginals, with ``f(r) = r log r - r + 1 >= 0`` (:func:`kl_terms`) and
+likelihood ratios ``r``. They are computed in that form, every term non-negative, not as
+differences of entropies: on a tight posterior the information is many orders below the
+entropies (EPIG about 1e-7 nats against entropies of about 2 on the Fashion-MNIST stand-in),
+and in float32 a difference of entropies is then round-off (two Monte Carlo seeds of it ranked
+the same candidates with Spearman 0.57, the ratio form with 0.998).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from laplace_vlm.docstrings import fill_doc
-from laplace_vlm.predictive.links import check_moments, probit_softmax, sample_logits
+from laplace_vlm.predictive.links import check_moments, probit_softmax, sample_logits, softmax
 from laplace_vlm.validation import check_finite, check_int
 
 
@@ -73,7 +81,7 @@ def map_entropy(logits: torch.Tensor) -> torch.Tensor:
         `(N,)`, nats.
     """
     check_moments(logits, names=("logits", "var"))
-    return entropy(torch.softmax(logits, dim=-1))
+    return entropy(softmax(logits))
 
 
 @fill_doc
@@ -106,7 +114,7 @@ def predictive_entropy(
     if link_approx == "probit":
         return entropy(probit_softmax(mean, var))
     if link_approx == "mc":
-        return entropy(torch.softmax(sample_logits(mean, var, n_samples, generator), -1).mean(0))
+        return entropy(softmax(sample_logits(mean, var, n_samples, generator)).mean(0))
     raise ValueError(f"link_approx must be 'probit' or 'mc', got {link_approx!r}.")
 
 
@@ -127,8 +135,46 @@ def logit_variance(var: torch.Tensor) -> torch.Tensor:
     return var.mean(-1)
 
 
+def kl_terms(excess: torch.Tensor) -> torch.Tensor:
+    """``f(r) = r log r - r + 1`` at ``r = 1 + excess``, elementwise; ``f >= 0``, ``f(1) = 0``.
+
+    A KL divergence is ``KL(p || q) = sum_k q_k f(p_k / q_k)`` (as ``sum q = sum p``): a sum of
+    non-negative terms, with no cancellation. Taking the *excess* ``r - 1`` keeps its relative
+    accuracy near ``r = 1``: the error of a term is about ``eps / |r - 1|`` relative
+    (``f ~ (r - 1)^2 / 2``), where ``r log r - r + 1`` would lose everything below ``eps``.
+
+    Parameters
+    ----------
+    excess : torch.Tensor
+        ``r - 1 >= -1``, any shape (not modified).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1 + excess) log1p(excess) - excess``; ``r`` is floored at the dtype's ``eps``
+        (``f(0) = 1`` becomes ``1 - eps log(1 / eps)``), which also absorbs round-off below -1.
+    """
+    return _kl_terms_(excess.clone())
+
+
+def _kl_terms_(excess: torch.Tensor) -> torch.Tensor:
+    """:func:`kl_terms`, overwriting ``excess`` (4 passes over it, one new tensor)."""
+    # r >= eps: log(0) = -inf would make 0 * log 0 a NaN
+    excess.clamp_min_(torch.finfo(excess.dtype).eps - 1.0)
+    log_ratio = torch.log1p(excess)
+    return log_ratio.addcmul_(log_ratio, excess).sub_(excess)
+
+
+def _ratio_excess(probs: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
+    """``probs / marginal - 1`` with ``0 / 0 = 0``: a class no sample gives mass to."""
+    return probs / marginal.clamp_min(torch.finfo(marginal.dtype).tiny) - 1.0
+
+
 def bald_from_samples(samples: torch.Tensor) -> torch.Tensor:
-    """BALD ``I(y; theta | x) = H[E_s p_s] - E_s H[p_s]`` from logit samples.
+    """BALD ``I(y; theta | x) = E_s KL(p_s || E_s p_s)`` from logit samples.
+
+    Equal to ``H[E_s p_s] - E_s H[p_s]``, computed as a sum of non-negative
+    :func:`kl_terms` (see the module's note on round-off).
 
     Parameters
     ----------
@@ -138,13 +184,12 @@ def bald_from_samples(samples: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     scores : torch.Tensor
-        `(N,)`, non-negative up to round-off.
+        `(N,)`, non-negative, nats.
     """
     check_samples(samples)
-    probs = torch.softmax(samples, dim=-1)
-    total = entropy(probs.mean(0))
-    expected = entropy(probs).mean(0)
-    return (total - expected).clamp_min(0.0)
+    probs = softmax(samples)
+    marginal = probs.mean(0)  # (N, C)
+    return (_kl_terms_(_ratio_excess(probs, marginal)) * marginal).sum(-1).mean(0)
 
 
 @fill_doc
@@ -172,14 +217,17 @@ def bald(
 def epig_from_samples(
     pool_samples: torch.Tensor,
     target_samples: torch.Tensor,
-    max_elements: int = 2**24,
+    max_elements: int = 2**19,
 ) -> torch.Tensor:
     """EPIG (Bickford-Smith et al., 2023) from joint logit samples of pool and targets.
 
     ``EPIG(x) = E_{x*} I(y; y* | x, x*)`` with ``p(y, y*) = E_theta[p(y|x,theta) p(y*|x*,theta)]``,
     estimated by averaging over the S weight samples (sample ``s`` of the pool and of the
     targets must come from the *same* weight sample). Chunked over the pool so that the
-    `(chunk, N*, C, C)` joint never exceeds ``max_elements``.
+    `(chunk, N*, C, C)` joint never exceeds ``max_elements``: the default keeps a chunk in
+    the cache, which is faster than larger chunks, not only leaner. Computed as a sum of
+    non-negative :func:`kl_terms` (see the module's note), whose relative round-off is about
+    ``eps / |r - 1|`` per term.
 
     Parameters
     ----------
@@ -187,13 +235,13 @@ def epig_from_samples(
         `(S, N, C)` logit samples of the pool.
     target_samples : torch.Tensor
         `(S, N*, C*)` logit samples of the target inputs, from the same weight samples.
-    max_elements : int, default=2**24
-        memory bound on the joint probability tensor.
+    max_elements : int, default=2**19
+        bound on the elements of one chunk of the joint probability tensor.
 
     Returns
     -------
     scores : torch.Tensor
-        `(N,)` expected information gain about a target label, in nats.
+        `(N,)` expected information gain about a target label, non-negative, in nats.
     """
     check_samples(pool_samples, "pool_samples")
     check_samples(target_samples, "target_samples")
@@ -204,20 +252,20 @@ def epig_from_samples(
             f"{pool_samples.shape[0]} and {target_samples.shape[0]} samples."
         )
     n_samples, n_targ = pool_samples.shape[0], target_samples.shape[1]
-    p_pool = torch.softmax(pool_samples, -1).permute(1, 2, 0)  # (N, C, S)
-    p_targ = torch.softmax(target_samples, -1)  # (S, N*, C*)
-    # the joint's marginals are the sample means, so sum joint log(p(y) p(y*)) = -H(y) - H(y*):
-    # I(y; y*) = H(y) + H(y*) + sum joint log joint, one xlogy over the joint instead of two
-    h_pool = entropy(p_pool.mean(-1))  # (N,)
-    h_targ = entropy(p_targ.mean(0)).mean()  # averaged over the targets, as EPIG is
-    # the joint as one GEMM `(chunk C, S) @ (S, N* C*)`, laid out `(chunk, C, N*, C*)`: no
-    # permuted copy of it, and 1 / S folded into the small pool operand
-    targ = p_targ.reshape(n_samples, -1)
-    per_pool = targ.shape[1] * p_pool.shape[1]
+    p_pool, p_targ = softmax(pool_samples), softmax(target_samples)  # (S, N, C), (S, N*, C*)
+    m_pool, m_targ = p_pool.mean(0), p_targ.mean(0)  # the marginals p(y), p(y*)
+    # I(y; y*) = sum p(y) p(y*) f(r) with r = p(y, y*) / (p(y) p(y*)); with the sample means
+    # of alpha = p_s(y) / p(y) - 1 and beta = p_s(y*) / p(y*) - 1 zero, r - 1 = E_s[alpha beta]:
+    # one GEMM `(chunk C, S) @ (S, N* C*)` of centred ratios gives r - 1 directly, 1 / S folded
+    # into the small pool operand, laid out `(chunk, C, N*, C*)` without a permuted copy
+    alpha = _ratio_excess(p_pool, m_pool).permute(1, 2, 0) / n_samples  # (N, C, S)
+    beta = _ratio_excess(p_targ, m_targ).reshape(n_samples, -1)  # (S, N* C*)
+    weights = m_targ.reshape(-1) / n_targ  # p(y*), averaged over the targets as EPIG is
+    per_pool = beta.shape[1] * alpha.shape[1]
     chunk = max(1, max_elements // per_pool)  # per_pool >= 1: check_samples refuses empty
-    neg_joint_entropy = []
-    for start in range(0, p_pool.shape[0], chunk):
-        pp = p_pool[start : start + chunk] / n_samples
-        joint = (pp.reshape(-1, n_samples) @ targ).reshape(len(pp), -1)
-        neg_joint_entropy.append(torch.special.xlogy(joint, joint).sum(-1) / n_targ)
-    return (h_pool + h_targ + torch.cat(neg_joint_entropy)).clamp_min(0.0)
+    scores = []
+    for start in range(0, len(alpha), chunk):
+        excess = alpha[start : start + chunk].reshape(-1, n_samples) @ beta
+        per_class = (_kl_terms_(excess) @ weights).view(-1, alpha.shape[1])  # (chunk, C)
+        scores.append((per_class * m_pool[start : start + chunk]).sum(-1))
+    return torch.cat(scores)
