@@ -79,9 +79,12 @@ def test_sweep_tables_list_every_cell_that_ran():
                           b: paired_differences(summary, b) for b in ("random", "map_entropy")}})  # fmt: skip
     cells.append({"dataset": "digits", "shift": "rotation", "severity": 0.4, "zero_shot_acc": 0.2,
                   "skipped": True})  # fmt: skip
+    cells[0]["mc_agreement"] = {"n_samples": 200, "candidates": 50,
+                                "bald": {"spearman": 0.91, "top_k_overlap": 7, "k": 10},
+                                "epig": {"spearman": 0.5, "top_k_overlap": 3, "k": 10}}  # fmt: skip
     text = amd.sweep_markdown(cells, "epig", ("random", "map_entropy"), ("epig",))
     tables = text.strip().split("\n\n")
-    assert len(tables) == 3
+    assert len(tables) == 4  # one cell without an MC check: no agreement table
     header, body = parse_table(tables[0])
     assert list(body) == ["digits rotation 0.1", "digits rotation 0.2"]
     for name, cell in zip(body, cells):
@@ -91,6 +94,20 @@ def test_sweep_tables_list_every_cell_that_ran():
     _, verdict = parse_table(tables[2])
     assert verdict["digits rotation 0.1"][1].startswith("epig")
     assert verdict["digits rotation 0.2"][1] == "none"
+    # the claims, counted here by hand from the differences
+    _, claims = parse_table(tables[3])
+    for baseline, column in (("random", 0), ("map_entropy", 1)):
+        rows = [c["differences"][baseline]["epig"] for c in cells[:2]]
+        wins = sum(d["mean"] > 2 * d["se"] for r in rows for d in r.values())
+        losses = sum(d["mean"] < -2 * d["se"] for r in rows for d in r.values())
+        at_20 = [r["20"]["mean"] / r["20"]["se"] for r in rows]
+        assert claims["epig"][column] == (f"{wins} / {losses} of 4 ({sum(z > 2 for z in at_20)}"
+                                          f" / {sum(z < -2 for z in at_20)} of 2)")  # fmt: skip
+    assert claims["map_entropy"][1] == ""  # not judged against itself
+    cells[1]["mc_agreement"] = cells[0]["mc_agreement"]
+    tables = amd.sweep_markdown(cells, "epig", ("random", "map_entropy"), ("epig",)).split("\n\n")
+    _, agreement = parse_table(tables[4])
+    assert agreement["digits rotation 0.1"] == ["200", "50", "0.910, 7/10", "0.500, 3/10"]
 
 
 def test_cli_refuses_an_existing_markdown_file(tmp_path, capsys):

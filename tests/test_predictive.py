@@ -312,3 +312,23 @@ def test_bad_predict_input(x, match):
     la, _, _ = fitted()
     with pytest.raises(ValueError, match=match):
         la.predictive_moments(x)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_nn_samples_are_each_weight_sample_through_the_heads(bias):
+    # the sampler pushes blocks of weight samples through batched GEMMs; here each sample is
+    # a pair of perturbed projection matrices applied one at a time, in float64 by hand
+    la, a_i, a_t = fitted(bias=bias, prior=2.0)
+    x = {"image": a_i[:7], "text": a_t[:5]}
+    n_samples = 70  # not a multiple of the sampler's block of 32
+    got = la.functional_samples(x, "nn", n_samples, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the sampler's draws, in its order
+    (d_i, _, d_t, _), (post_i, post_t) = la._predict_inputs(x)
+    dt = post_t.sample_perturbations(d_t, n_samples, g)
+    dW, db = post_i.sample_weights(n_samples, g)
+    z0, t0 = la.heads.embed_image(d_i).double(), la.heads.embed_text(d_t).double()
+    for s in (0, 31, 32, 69):
+        z = z0 + d_i.double() @ dW[s].double().T + (0 if db is None else db[s].double())
+        cos = F.normalize(z, dim=-1) @ F.normalize(t0 + dt[s].double(), dim=-1).T
+        want = la.heads.scale.double() * cos + (la.heads.logit_bias or 0.0)
+        torch.testing.assert_close(got[s].double(), want, rtol=1e-5, atol=1e-5)

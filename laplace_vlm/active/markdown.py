@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from laplace_vlm.active.report import Summary, beats_baselines, paired_differences
+from laplace_vlm.active.report import Summary, beats_baselines, claim_counts, paired_differences
 from laplace_vlm.evaluation.markdown import markdown_table
 
 
@@ -112,6 +112,72 @@ def cell_markdown(summary: Summary, description: str, baselines: Sequence[str],
     return "\n\n".join(parts) + "\n"
 
 
+# the issue's goal: beat both baselines wherever the zero-shot accuracy is at least this
+GOAL_ZERO_SHOT = 0.5
+
+
+def claims_table(cells: Sequence[Mapping], strategies: Sequence[str], baselines: Sequence[str],
+                 min_zero_shot: float = GOAL_ZERO_SHOT) -> str:  # fmt: skip
+    """``strategy | wins / losses of n against each baseline`` over the sweep's cells.
+
+    Parameters
+    ----------
+    cells : sequence of mapping
+        sweep cells.
+    strategies : sequence of str
+        the rows; a strategy is not judged against itself.
+    baselines : sequence of str
+        the columns.
+    min_zero_shot : float
+        only cells with at least this zero-shot accuracy count.
+
+    Returns
+    -------
+    str
+        a markdown table: per baseline, wins / losses (beyond two paired SE) over all counted
+        cells and budgets, and in brackets at the largest budget.
+    """
+    n_cells = sum(1 for c in cells if not c.get("skipped") and c["zero_shot_acc"] >= min_zero_shot)
+    header = [f"strategy ({n_cells} cells with zero-shot >= {min_zero_shot:g})"]
+    header += [f"vs {b}: wins / losses of n (at the largest budget)" for b in baselines]
+    body = []
+    for strategy in strategies:
+        row = [strategy]
+        for baseline in baselines:
+            if strategy == baseline:
+                row.append("")
+                continue
+            k = claim_counts(cells, strategy, baseline, min_zero_shot)
+            row.append(f"{k['wins']} / {k['losses']} of {k['n']} "
+                       f"({k['wins_largest']} / {k['losses_largest']} of {k['n_largest']})")  # fmt: skip
+        body.append(row)
+    return markdown_table(header, body)
+
+
+def agreement_table(cells: Sequence[Mapping]) -> str:
+    """``cell | BALD and EPIG rank agreement of two Monte Carlo seeds`` at round 0.
+
+    Parameters
+    ----------
+    cells : sequence of mapping
+        sweep cells with ``mc_agreement`` (:func:`laplace_vlm.active.selection.mc_agreement`).
+
+    Returns
+    -------
+    str
+        a markdown table: samples, candidates, and per score the Spearman and top-k overlap.
+    """
+    body = []
+    for c in (c for c in cells if not c.get("skipped")):
+        a = c["mc_agreement"]
+        body.append([f"{c['dataset']} {c['shift']} {c['severity']:g}", str(a["n_samples"]),
+                     str(a["candidates"]),
+                     *(f"{a[s]['spearman']:.3f}, {a[s]['top_k_overlap']}/{a[s]['k']}"
+                       for s in ("bald", "epig"))])  # fmt: skip
+    header = ["cell", "samples", "candidates", "BALD Spearman, top-k", "EPIG Spearman, top-k"]
+    return markdown_table(header, body)
+
+
 def sweep_markdown(cells: Sequence[Mapping], strategy: str, baselines: Sequence[str],
                    posterior_strategies: Sequence[str]) -> str:  # fmt: skip
     """The sweep: ``strategy`` minus each baseline per cell, and who beats both in each cell.
@@ -131,9 +197,11 @@ def sweep_markdown(cells: Sequence[Mapping], strategy: str, baselines: Sequence[
     Returns
     -------
     str
-        one table per baseline (a line per cell, a column per budget) and a table of the
+        one table per baseline (a line per cell, a column per budget), a table of the
         posterior strategies ahead of every baseline at every budget (``clear``: by more
-        than two paired SE at the largest).
+        than two paired SE at the largest), the wins and losses of every strategy where
+        zero-shot accuracy is at least :data:`GOAL_ZERO_SHOT` (:func:`claims_table`), and the
+        Monte Carlo agreement of every cell (:func:`agreement_table`).
     """
     ran = [c for c in cells if not c.get("skipped")]
     name = [f"{c['dataset']} {c['shift']} {c['severity']:g}" for c in ran]
@@ -154,4 +222,8 @@ def sweep_markdown(cells: Sequence[Mapping], strategy: str, baselines: Sequence[
         body.append([n, f"{c['zero_shot_acc']:.3f}", ", ".join(wins) or "none"])
     parts.append(markdown_table(["cell", "zero-shot", "ahead of " + " and ".join(baselines)
                                  + " at every budget"], body))  # fmt: skip
+    every = list(ran[0]["differences"][baselines[0]]) if ran else []  # all but baselines[0]
+    parts.append(claims_table(ran, every, baselines))
+    if all("mc_agreement" in c for c in ran):
+        parts.append(agreement_table(ran))
     return "\n\n".join(parts) + "\n"

@@ -168,6 +168,40 @@ def beats_baselines(differences: Mapping[str, Mapping], strategy: str,
             "clear_at_largest": all(d["mean"] > 2 * d["se"] for d in largest)}  # fmt: skip
 
 
+def claim_counts(cells: Sequence[Mapping], strategy: str, baseline: str,
+                 min_zero_shot: float) -> dict[str, int]:  # fmt: skip
+    """Wins and losses (beyond two paired SE) of ``strategy`` against ``baseline`` in a sweep.
+
+    Parameters
+    ----------
+    cells : sequence of mapping
+        sweep cells with ``zero_shot_acc`` and ``differences`` (skipped cells are left out).
+    strategy, baseline : str
+        the strategy judged and the one subtracted.
+    min_zero_shot : float
+        only cells with at least this zero-shot accuracy count.
+
+    Returns
+    -------
+    dict
+        ``wins``, ``losses`` and ``n`` over every counted cell and budget; ``wins_largest``,
+        ``losses_largest`` and ``n_largest`` at each cell's largest budget.
+    """
+    out = dict.fromkeys(("wins", "losses", "n", "wins_largest", "losses_largest", "n_largest"), 0)
+    for cell in cells:
+        if cell.get("skipped") or cell["zero_shot_acc"] < min_zero_shot:
+            continue
+        rows = cell["differences"][baseline][strategy]
+        largest = max(rows, key=int)
+        for budget, d in rows.items():
+            win, loss = d["mean"] > 2 * d["se"], d["mean"] < -2 * d["se"]
+            for suffix in ("", "_largest") if budget == largest else ("",):
+                out["wins" + suffix] += win
+                out["losses" + suffix] += loss
+                out["n" + suffix] += 1
+    return out
+
+
 def rank_agreement(a: torch.Tensor, b: torch.Tensor, k: int) -> dict[str, float]:
     """How alike two score vectors rank the same points: Spearman and top-k overlap.
 
