@@ -152,7 +152,7 @@ def kl_terms(excess: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor
         ``(1 + excess) log1p(excess) - excess``; ``r`` is floored at the dtype's ``eps``
-        (``f(0) = 1`` becomes ``1 - eps log(1 / eps)``), which also absorbs round-off below -1.
+        (``f(0) = 1`` becomes ``1 - eps (1 + log(1 / eps))``), which also absorbs round-off below -1.
     """
     return _kl_terms_(excess.clone())
 
@@ -166,7 +166,7 @@ def _kl_terms_(excess: torch.Tensor) -> torch.Tensor:
 
 
 def _ratio_excess(probs: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
-    """``probs / marginal - 1`` with ``0 / 0 = 0``: a class no sample gives mass to."""
+    """``probs / marginal - 1``; a class no sample gives mass to has ratio 0 (``0 / 0 = 0``)."""
     return probs / marginal.clamp_min(torch.finfo(marginal.dtype).tiny) - 1.0
 
 
