@@ -8,7 +8,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from laplace_vlm.active import report
+from laplace_vlm.active import figures, report
 from laplace_vlm.active.config import ActiveLearningConfig
 
 
@@ -50,14 +50,14 @@ def test_figures_are_figure_objects_and_save(tmp_path):
     results = {"random": {0: _runs([0.5]), 20: _runs([0.6])},
                "bald": {0: _runs([0.5]), 20: _runs([0.65])}}  # fmt: skip
     summary = report.summarize(results)
-    fig = report.learning_curves_figure(summary, title="t")
+    fig = figures.learning_curves_figure(summary, title="t")
     assert isinstance(fig, Figure)
-    png = report.save_figure(fig, tmp_path / "a" / "curves.png")
+    png = figures.save_figure(fig, tmp_path / "a" / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     diffs = {"random": report.paired_differences(summary, "random")}
     cells = [{"zero_shot_acc": z, "dataset": ds, "differences": diffs}
              for z, ds in ((0.6, "digits"), (0.7, "fashion-mnist"))]  # fmt: skip
-    fig = report.differences_vs_zero_shot_figure(cells, "random", ["20"], ["bald"])
+    fig = figures.differences_vs_zero_shot_figure(cells, "random", ["20"], ["bald"])
     assert len(fig.axes) == 1 and fig.axes[0].get_xlabel().startswith("zero-shot")
 
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from laplace_vlm.active.report import Summary, beats_baselines, claim_counts, paired_differences
+from laplace_vlm.active.report import (
+    Summary,
+    beats_baselines,
+    claim_counts,
+    counted_cells,
+    paired_differences,
+)
 from laplace_vlm.evaluation.markdown import markdown_table
 
 
@@ -137,7 +143,7 @@ def claims_table(cells: Sequence[Mapping], strategies: Sequence[str], baselines:
         a markdown table: per baseline, wins / losses (beyond two paired SE) over all counted
         cells and budgets, and in brackets at the largest budget.
     """
-    n_cells = sum(1 for c in cells if not c.get("skipped") and c["zero_shot_acc"] >= min_zero_shot)
+    n_cells = len(counted_cells(cells, min_zero_shot))
     header = [f"strategy ({n_cells} cells with zero-shot >= {min_zero_shot:g})"]
     header += [f"vs {b}: wins / losses of n (at the largest budget)" for b in baselines]
     body = []

@@ -40,6 +40,7 @@ from laplace_vlm.active.config import (
     option,
 )
 from laplace_vlm.active.experiment import run_experiment
+from laplace_vlm.active.figures import learning_curves_figure, save_figure
 from laplace_vlm.active.markdown import cell_markdown
 from laplace_vlm.active.report import (
     beats_baselines,
@@ -47,9 +48,7 @@ from laplace_vlm.active.report import (
     format_balance,
     format_differences,
     format_table,
-    learning_curves_figure,
     paired_differences,
-    save_figure,
     summarize,
 )
 from laplace_vlm.datasets.images import stratified_subset

@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from laplace_vlm.active.config import DEFAULT_STRATEGY, ActiveLearningConfig
+from laplace_vlm.active.figures import learning_curves_figure, save_figure
 from laplace_vlm.active.markdown import cell_markdown
 from laplace_vlm.active.report import (
     METRICS,
     Summary,
     format_differences,
     format_table,
-    learning_curves_figure,
     paired_differences,
-    save_figure,
 )
 from laplace_vlm.evaluation.markdown import write_new
 from laplace_vlm.experiments.active import BASELINES, DemoSetting, describe, run_setting

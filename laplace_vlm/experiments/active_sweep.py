@@ -25,16 +25,18 @@ from laplace_vlm.active.config import (
     positive_int,
 )
 from laplace_vlm.active.experiment import run_experiment
+from laplace_vlm.active.figures import (
+    differences_vs_zero_shot_figure,
+    learning_curves_figure,
+    save_figure,
+)
 from laplace_vlm.active.markdown import sweep_markdown
 from laplace_vlm.active.report import (
     beats_baselines,
-    differences_vs_zero_shot_figure,
     format_agreement,
     format_balance,
     format_differences,
-    learning_curves_figure,
     paired_differences,
-    save_figure,
     summarize,
 )
 from laplace_vlm.active.selection import mc_agreement
