@@ -24,8 +24,8 @@ from laplace_vlm.active import acquisition, batch_rules, targeting
 from laplace_vlm.active.adaptation import cv_folds, finetune_image_projection
 from laplace_vlm.active.config import ActiveLearningConfig
 from laplace_vlm.active.experiment import run_experiment
-from laplace_vlm.active.posterior_update import update_posterior
 from laplace_vlm.active.figures import learning_curves_figure, save_figure
+from laplace_vlm.active.posterior_update import update_posterior
 from laplace_vlm.active.report import format_table, summarize
 from laplace_vlm.experiments.active import DemoSetting, prepare
 
