@@ -160,6 +160,33 @@ def test_sgd_step_is_one_gradient_step_of_the_cross_entropy():
     assert torch.equal(la.heads.image_projection.weight, W.detach())  # heads untouched
 
 
+@pytest.mark.parametrize("logit_bias", [None, -2.0])
+def test_member_gradients_equal_autograd_of_the_weighted_cross_entropy(logit_bias):
+    """The closed-form fine-tuning gradient (stacked members, an unfolded bias, SigLIP's logit
+    bias) against autograd through the one cosine-logit formula, in float64."""
+    from laplace_vlm.active.adaptation import _member_ce, _Members, _set_member_grads
+
+    la, p = _laplace(), _problem()
+    heads = la.heads
+    if logit_bias is not None:
+        heads.logit_bias = torch.tensor(logit_bias, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    init = torch.nn.Linear(D_IMG, D).double()
+    with torch.no_grad():
+        init.weight.copy_(torch.randn(D, D_IMG, generator=g, dtype=torch.float64))
+        init.bias.copy_(torch.randn(D, generator=g, dtype=torch.float64))
+    members = _Members(init, 3)
+    x, y = p.pool[:7], p.pool_labels[:7]
+    kept = torch.rand(3, 7, generator=g) > 0.3  # some rows are not a member's
+    weights = torch.rand(3, 7, generator=g, dtype=torch.float64) * kept
+    text_unit = F.normalize(heads.embed_text(p.class_text), dim=-1).detach()
+    (weights * _member_ce(heads, members, x, y, text_unit)).sum().backward()
+    expected = [param.grad.clone() for param in members.params]
+    _set_member_grads(heads, members, x, y, text_unit, weights)
+    for got, want in zip(members.params, expected):
+        torch.testing.assert_close(got.grad, want, rtol=1e-10, atol=1e-12)
+
+
 def test_greedy_epig_update_against_a_dense_recomputation():
     """Online picks (lr 0) equal a from-scratch rebuild at every step; each pick adds exactly
     its dense C-way GGN (the outer product a a^T, not the reference's scalar ||a||^2)."""

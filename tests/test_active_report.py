@@ -69,8 +69,11 @@ def test_sweep_cells_grid_and_verdicts():
         with pytest.raises(ValueError, match="grid"):
             severity_grid(bad)
     sweep = SweepSetting(datasets=("digits",), grid="rotation:0.1;noise:0.5")
-    assert sweep.chains() == [("digits", "rotation", (0.0,)), ("digits", "rotation", (0.1,)),
-                              ("digits", "noise", (0.5,))]  # fmt: skip
+    assert sweep.cells() == [("digits", "rotation", 0.0), ("digits", "rotation", 0.1),
+                             ("digits", "noise", 0.5)]  # fmt: skip
+    two = SweepSetting(datasets=("digits", "fashion-mnist"), grid="noise:1,0.5", clean=False)
+    assert two.cells() == [("digits", "noise", 0.5), ("digits", "noise", 1.0),
+                           ("fashion-mnist", "noise", 0.5), ("fashion-mnist", "noise", 1.0)]  # fmt: skip
     diff = lambda m: {"20": {"mean": m, "se": 0.01}, "40": {"mean": 0.02, "se": 0.01}}  # noqa: E731
     cell = {"dataset": "digits", "shift": "rotation", "severity": 0.2, "zero_shot_acc": 0.6,
             "differences": {"random": {"bald": diff(0.01), "epig": diff(-0.01)},

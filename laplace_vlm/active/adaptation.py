@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from laplace_vlm.docstrings import fill_doc
-from laplace_vlm.heads import DualHead, as_linear
-from laplace_vlm.predictive.links import as_generator
+from laplace_vlm.heads import DualHead, as_linear, similarity_logits
+from laplace_vlm.predictive.links import as_generator, softmax
 
 Labelled = tuple[torch.Tensor, torch.Tensor]
 
@@ -201,6 +201,31 @@ def _member_ce(heads, members, acts, labels, text_unit) -> torch.Tensor:
     )
 
 
+def _set_member_grads(heads, members, acts, labels, text_unit, weights) -> None:
+    """Set ``.grad`` of the members' parameters to that of ``sum_mn weights[m, n] CE[m, n]``.
+
+    The gradient of the cosine-logit cross-entropy in closed form: with ``u = z / |z|`` and
+    ``l = s u t^T + b``, ``dl = w (softmax(l) - onehot(y))``, ``du = s dl t`` and
+    ``dz = (du - u (u . du)) / |z|``. The steps are tiny (`(1 + K, <= 256, D)`), where
+    autograd's bookkeeping is most of the time: a fine-tuning step is 0.16 instead of 0.37 ms
+    on one core (measured at 6 members x 30 rows), and the tests check it against autograd.
+
+    ``weights`` is `(M, N)`; ``text_unit`` `(C, D)` normalised rows.
+    """
+    with torch.no_grad():
+        z = members.embed(acts)  # (M, N, D)
+        norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's floor
+        u = z / norm
+        dl = softmax(similarity_logits(u, text_unit, heads.scale, heads.logit_bias))
+        dl[:, torch.arange(len(labels)), labels] -= 1.0
+        dl *= weights[..., None]
+        du = heads.scale * (dl @ text_unit)
+        dz = du.sub_(u * (u * du).sum(-1, keepdim=True)).div_(norm)
+        members.weight.grad = torch.einsum("mno,nd->mod", dz, acts)
+        if members.bias is not None:
+            members.bias.grad = dz.sum(1)
+
+
 @fill_doc
 def finetune_image_projection(
     heads: DualHead,
@@ -305,10 +330,9 @@ def sgd_step(heads: DualHead, labelled: Labelled, class_text: torch.Tensor, lr: 
     init = heads.image_projection
     members = _Members(init, 1)
     x = heads.design("image", labelled[0].to(init.weight))
-    ce = _member_ce(
-        heads, members, x, labelled[1].to(x.device), class_embeddings(heads, class_text)
-    )
-    ce.mean().backward()
+    weights = torch.full((1, len(x)), 1.0 / max(len(x), 1)).to(x)  # the mean CE
+    text_unit = class_embeddings(heads, class_text)
+    _set_member_grads(heads, members, x, labelled[1].to(x.device), text_unit, weights)
     with torch.no_grad():
         for p in members.params:
             p -= lr * p.grad
@@ -341,8 +365,6 @@ def _train_epoch(heads, members, optimizer, text_unit, train, masks, batch_size,
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         m = masks[:, idx].to(x)
-        ce = _member_ce(heads, members, x[idx], y[idx], text_unit)
-        loss = ((ce * m).sum(1) / m.sum(1).clamp_min(1.0)).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weights = m / m.sum(1, keepdim=True).clamp_min(1.0)  # each member's mean CE
+        _set_member_grads(heads, members, x[idx], y[idx], text_unit, weights)
         optimizer.step()

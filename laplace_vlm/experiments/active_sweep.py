@@ -1,9 +1,9 @@
 """The active-learning sweep (``laplace-vlm active --sweep``): where does each strategy win?
 
-Cells: every data set, clean (severity 0) and every shift at increasing severities; a shift's
-severities stop at the first cell whose zero-shot accuracy on the target is below
-``min_zero_shot`` (that cell is not run). Every cell runs every strategy on the same paired
-seeds; the report gives, for every strategy and budget, the paired accuracy difference to
+Cells: every data set, clean (severity 0) and every shift at increasing severities; a cell
+whose zero-shot accuracy on the target is below ``min_zero_shot`` is prepared but not run.
+Cells, not shifts, are the units of work of the worker processes, so the load of the sweep
+is balanced to within one cell. Every cell runs every strategy on the same paired seeds; the report gives, for every strategy and budget, the paired accuracy difference to
 targeted random and to MAP entropy with its standard error, and plots them against the
 cell's zero-shot accuracy.
 """
@@ -53,8 +53,8 @@ from laplace_vlm.experiments.processes import run_in_processes
 
 # the runs are single-threaded, 1.3 GB each (measured): a few processes fill a laptop's cores
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-Chain = tuple[str, str, tuple[float, ...]]
-"""``(dataset, shift, severities)``: cells run in order, stopping below ``min_zero_shot``."""
+Cell = tuple[str, str, float]
+"""``(dataset, shift, severity)``; severity 0 is the clean target."""
 
 # what every cell of a sweep shares
 _fill_doc = fill_doc.extend(
@@ -106,10 +106,9 @@ class SweepSetting:
     clean : bool
         also run severity 0 (once per data set).
     min_zero_shot : float
-        a shift stops at its first severity with zero-shot accuracy below this.
+        a cell with zero-shot accuracy below this is not run (recorded as skipped).
     workers : int
-        processes, one torch thread each (default: the CPU count, at most 4): chains of cells
-        at once; on the command line also the stand-ins of ``--train-seeds``, or the groups of
+        processes, one torch thread each (default: the CPU count, at most 4): cells at once; on the command line also the stand-ins of ``--train-seeds``, or the groups of
         paired seeds of one cell. Results do not depend on it.
     """
 
@@ -120,10 +119,10 @@ class SweepSetting:
     clean: bool = field(default=True, metadata=option("also run the unshifted target"))
     min_zero_shot: float = field(
         default=0.3,
-        metadata=option("stop a shift at the first severity with zero-shot accuracy below this"),
+        metadata=option("skip every cell with zero-shot accuracy below this"),
     )
     workers: int = field(default=DEFAULT_WORKERS, metadata=option(
-        "processes, one torch thread each: chains of cells (--sweep), stand-ins "
+        "processes, one torch thread each: cells (--sweep), stand-ins "
         "(--train-seeds) or groups of paired seeds (one cell); results do not depend on it",
         type=positive_int))  # fmt: skip
 
@@ -135,68 +134,66 @@ class SweepSetting:
         if not 0.0 <= self.min_zero_shot < 1.0:
             raise ValueError(f"min_zero_shot must lie in [0, 1), got {self.min_zero_shot}.")
 
-    def chains(self) -> list[Chain]:
-        """The chains of cells, clean ones first.
+    def cells(self) -> list[Cell]:
+        """The cells, clean ones first.
 
         Returns
         -------
-        list of Chain
-            ``(dataset, shift, severities)``: with :attr:`clean`, one ``(0.0,)`` chain per data
-            set first, then every data set x shift of :attr:`grid`.
+        list of Cell
+            ``(dataset, shift, severity)``: with :attr:`clean`, one severity-0 cell per data
+            set first (named by the first shift of :attr:`grid`), then every data set x shift x
+            severity of :attr:`grid`, severities increasing.
         """
         grid = severity_grid(self.grid)
-        clean = [(d, next(iter(grid)), (0.0,)) for d in self.datasets if self.clean and grid]
-        return clean + [(d, shift, sev) for d in self.datasets for shift, sev in grid.items()]
+        clean = [(d, next(iter(grid)), 0.0) for d in self.datasets if self.clean and grid]
+        return clean + [(d, shift, severity) for d in self.datasets
+                        for shift, severities in grid.items() for severity in severities]  # fmt: skip
 
 
 @_fill_doc
-def run_chain(chain: Chain, base: DemoSetting, config: ActiveLearningConfig,
-              min_zero_shot: float) -> list[dict]:  # fmt: skip
-    """The cells of one chain, stopping at the first zero-shot accuracy below the threshold.
+def run_cell(cell: Cell, base: DemoSetting, config: ActiveLearningConfig,
+             min_zero_shot: float) -> dict:  # fmt: skip
+    """One cell: every strategy on every paired seed, unless its zero-shot accuracy is too low.
 
     Parameters
     ----------
-    chain : tuple
-        ``(dataset, shift, severities)``.
+    cell : tuple
+        ``(dataset, shift, severity)``.
     %(base_setting)s
     %(cell_config)s
     min_zero_shot : float
-        the threshold; the cell below it is recorded as skipped.
+        below this zero-shot accuracy the cell is recorded as skipped, not run.
 
     Returns
     -------
-    list of dict
-        one cell per severity run: ``dataset``, ``shift``, ``severity``, ``zero_shot_acc``,
-        then ``summary``, ``differences``, ``mc_agreement``, ``description`` and ``seconds``,
-        or ``skipped`` for the last cell if it fell below ``min_zero_shot``.
+    dict
+        ``dataset``, ``shift`` (``"none"`` at severity 0), ``severity``, ``zero_shot_acc``,
+        then ``summary``, ``differences``, ``mc_agreement``, ``description`` and ``seconds``;
+        or ``skipped: True`` (with the shift as given).
     """
-    dataset, shift, severities = chain
-    cells = []
-    for severity in severities:
-        start = time.perf_counter()
-        setting = dataclasses.replace(base, dataset=dataset, shift=shift, severity=severity)
-        prepared = prepare(setting, config)
-        zero_shot = prepared.zero_shot_acc
-        if zero_shot < min_zero_shot:
-            cells.append({"dataset": dataset, "shift": shift, "severity": severity,
-                          "zero_shot_acc": zero_shot, "skipped": True})  # fmt: skip
-            break
-        summary = summarize(run_experiment(prepared.la, prepared.problem, config))
-        cells.append({
-            "dataset": dataset, "shift": "none" if severity == 0 else shift,
-            "severity": severity, "zero_shot_acc": zero_shot, "summary": summary,
-            "differences": {b: paired_differences(summary, b) for b in BASELINES if b in summary},
-            "mc_agreement": mc_agreement(prepared.la, prepared.problem(0), config),
-            "description": describe(setting, config, zero_shot),
-            "seconds": time.perf_counter() - start,
-        })  # fmt: skip
-    return cells
+    dataset, shift, severity = cell
+    start = time.perf_counter()
+    setting = dataclasses.replace(base, dataset=dataset, shift=shift, severity=severity)
+    prepared = prepare(setting, config)
+    zero_shot = prepared.zero_shot_acc
+    if zero_shot < min_zero_shot:
+        return {"dataset": dataset, "shift": shift, "severity": severity,
+                "zero_shot_acc": zero_shot, "skipped": True}  # fmt: skip
+    summary = summarize(run_experiment(prepared.la, prepared.problem, config))
+    return {
+        "dataset": dataset, "shift": "none" if severity == 0 else shift,
+        "severity": severity, "zero_shot_acc": zero_shot, "summary": summary,
+        "differences": {b: paired_differences(summary, b) for b in BASELINES if b in summary},
+        "mc_agreement": mc_agreement(prepared.la, prepared.problem(0), config),
+        "description": describe(setting, config, zero_shot),
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
 
 
 @_fill_doc
 def run_sweep(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting,
-              on_chain=None) -> list[dict]:  # fmt: skip
-    """Every chain of ``sweep``, in ``sweep.workers`` processes; ``on_chain(cells)`` after each.
+              on_cell=None) -> list[dict]:  # fmt: skip
+    """Every cell of ``sweep``, in ``sweep.workers`` processes; ``on_cell(cells)`` after each.
 
     Parameters
     ----------
@@ -204,25 +201,23 @@ def run_sweep(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetti
         the cells and workers.
     %(cell_config)s
     %(base_setting)s
-    on_chain : callable, optional
-        called with all cells finished so far, after every chain.
+    on_cell : callable, optional
+        called with all cells finished so far (in :meth:`SweepSetting.cells` order), after
+        every cell.
 
     Returns
     -------
     list of dict
-        the cells in chain order (skipped cells flagged ``"skipped": True``).
+        the cells in :meth:`SweepSetting.cells` order (skipped cells flagged
+        ``"skipped": True``).
     """
-    chains = sweep.chains()
 
-    def finished(done: dict[int, list[dict]]) -> None:
-        if on_chain:
-            on_chain([c for cells in done.values() for c in cells])
+    def finished(done: dict[int, dict]) -> None:
+        if on_cell:
+            on_cell(list(done.values()))
 
-    longest_first = sorted(range(len(chains)), key=lambda i: -len(chains[i][2]))
-    calls = [(chain, base, config, sweep.min_zero_shot) for chain in chains]
-    per_chain = run_in_processes(run_chain, calls, sweep.workers, finished,
-                                 longest_first if sweep.workers > 1 else None)  # fmt: skip
-    return [c for cells in per_chain for c in cells]
+    calls = [(cell, base, config, sweep.min_zero_shot) for cell in sweep.cells()]
+    return run_in_processes(run_cell, calls, sweep.workers, finished)
 
 
 def posterior_strategies(config: ActiveLearningConfig) -> list[str]:
@@ -317,7 +312,7 @@ def write_outputs(cells: list[dict], config, json_path: Path, out: Path | None) 
 def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, json_path: Path,
          out: Path | None = None, progress_bar: bool = True,
          markdown: Path | None = None) -> int:  # fmt: skip
-    """Run the sweep, writing the JSON (and plots) after every chain; print the differences.
+    """Run the sweep, writing the JSON (and plots) after every cell; print the differences.
 
     Parameters
     ----------
@@ -330,7 +325,7 @@ def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, j
     out : Path, optional
         folder of the plots.
     progress_bar : bool
-        print progress after every chain.
+        print progress after every cell.
     markdown : Path, optional
         a new file for the tables (:func:`laplace_vlm.active.markdown.sweep_markdown`).
 
@@ -340,13 +335,13 @@ def main(sweep: SweepSetting, config: ActiveLearningConfig, base: DemoSetting, j
     """
     start = time.perf_counter()
 
-    def on_chain(cells: list[dict]) -> None:
+    def on_cell(cells: list[dict]) -> None:
         write_outputs(cells, config, json_path, out)
         if progress_bar:
             print(f"[sweep: {len(cells)} cells after {time.perf_counter() - start:.0f} s]",
                   flush=True)  # fmt: skip
 
-    cells = run_sweep(sweep, config, base, on_chain)
+    cells = run_sweep(sweep, config, base, on_cell)
     for cell in (c for c in cells if not c.get("skipped")):
         print(f"\n{cell['description']} [{cell['seconds']:.0f} s]")
         print(format_agreement(cell["mc_agreement"]))
