@@ -89,6 +89,27 @@ def test_sweep_cells_grid_and_verdicts():
     assert verdicts([cell], config)[0].endswith("beat both: bald (clear)")
 
 
+def test_paired_verdict_and_claim_counts_by_two_standard_errors():
+    d = lambda m, se, n=10: {"mean": m, "se": se, "n": n}  # noqa: E731
+    assert [report.paired_verdict(d(m, 0.01)) for m in (0.021, 0.02, -0.02, -0.021)] == [
+        "win", "tie", "tie", "loss"]  # fmt: skip
+    assert report.paired_verdict(d(0.5, 0.0, n=1)) == "tie"  # one pair: se 0, no claim
+    rows = {"20": d(0.03, 0.01), "40": d(-0.03, 0.01)}
+    cells = [{"zero_shot_acc": z, "differences": {"random": {"epig": rows}}} for z in (0.6, 0.4)]
+    cells.append({"zero_shot_acc": 0.9, "skipped": True})
+    assert report.claim_counts(cells, "epig", "random", 0.5) == {
+        "wins": 1,
+        "losses": 1,
+        "n": 2,
+        "wins_largest": 0,
+        "losses_largest": 1,
+        "n_largest": 1,
+    }
+    one_seed = {"20": d(0.03, 0.0, n=1)}
+    cells = [{"zero_shot_acc": 0.6, "differences": {"random": {"epig": one_seed}}}]
+    assert report.claim_counts(cells, "epig", "random", 0.5)["wins"] == 0
+
+
 def test_label_balance_rank_agreement_and_class_histograms():
     from scipy.stats import spearmanr
 

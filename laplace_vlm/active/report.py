@@ -165,6 +165,25 @@ def beats_baselines(differences: Mapping[str, Mapping], strategy: str,
             "clear_at_largest": all(d["mean"] > 2 * d["se"] for d in largest)}  # fmt: skip
 
 
+def paired_verdict(d: Mapping[str, float]) -> str:
+    """``"win"``, ``"loss"`` or ``"tie"``: a paired difference beyond two standard errors.
+
+    Parameters
+    ----------
+    d : mapping
+        :func:`paired_difference`'s ``mean``, ``se`` and ``n``.
+
+    Returns
+    -------
+    str
+        ``win`` where ``mean > 2 se``, ``loss`` where ``mean < -2 se``, else ``tie``; always
+        ``tie`` for one pair, whose standard error of 0 would make any difference a claim.
+    """
+    if d["n"] < 2:
+        return "tie"
+    return "win" if d["mean"] > 2 * d["se"] else "loss" if d["mean"] < -2 * d["se"] else "tie"
+
+
 def counted_cells(cells: Sequence[Mapping], min_zero_shot: float) -> list[Mapping]:
     """The sweep cells that ran and have at least ``min_zero_shot`` zero-shot accuracy.
 
@@ -185,7 +204,7 @@ def counted_cells(cells: Sequence[Mapping], min_zero_shot: float) -> list[Mappin
 
 def claim_counts(cells: Sequence[Mapping], strategy: str, baseline: str,
                  min_zero_shot: float) -> dict[str, int]:  # fmt: skip
-    """Wins and losses (beyond two paired SE) of ``strategy`` against ``baseline`` in a sweep.
+    """Wins and losses (:func:`paired_verdict`) of ``strategy`` against ``baseline`` in a sweep.
 
     Parameters
     ----------
@@ -207,10 +226,10 @@ def claim_counts(cells: Sequence[Mapping], strategy: str, baseline: str,
         rows = cell["differences"][baseline][strategy]
         largest = max(rows, key=int)
         for budget, d in rows.items():
-            win, loss = d["mean"] > 2 * d["se"], d["mean"] < -2 * d["se"]
+            verdict = paired_verdict(d)
             for suffix in ("", "_largest") if budget == largest else ("",):
-                out["wins" + suffix] += win
-                out["losses" + suffix] += loss
+                out["wins" + suffix] += verdict == "win"
+                out["losses" + suffix] += verdict == "loss"
                 out["n" + suffix] += 1
     return out
 

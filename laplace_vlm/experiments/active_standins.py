@@ -31,6 +31,7 @@ from laplace_vlm.active.report import (
     format_differences,
     format_table,
     paired_differences,
+    paired_verdict,
 )
 from laplace_vlm.evaluation.markdown import write_new
 from laplace_vlm.experiments.active import BASELINES, DemoSetting, describe, run_setting
@@ -114,15 +115,10 @@ def claims(differences: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict
     -------
     dict
         ``{strategy: {budget: "win" | "loss" | "tie"}}``: ``win`` where the mean difference
-        exceeds two standard errors, ``loss`` where it is below minus two.
+        exceeds two standard errors, ``loss`` where it is below minus two, ``tie`` for a single
+        stand-in (:func:`~laplace_vlm.active.report.paired_verdict`).
     """
-
-    def verdict(d: Mapping[str, float]) -> str:
-        if d["n"] < 2:
-            return "tie"  # one stand-in has no standard error: nothing is claimed
-        return "win" if d["mean"] > 2 * d["se"] else "loss" if d["mean"] < -2 * d["se"] else "tie"
-
-    return {s: {b: verdict(d) for b, d in rows.items()} for s, rows in differences.items()}
+    return {s: {b: paired_verdict(d) for b, d in rows.items()} for s, rows in differences.items()}
 
 
 def format_claims(by_baseline: Mapping[str, Mapping[str, Mapping[str, str]]]) -> str:

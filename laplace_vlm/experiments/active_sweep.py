@@ -3,9 +3,10 @@
 Cells: every data set, clean (severity 0) and every shift at increasing severities; a cell
 whose zero-shot accuracy on the target is below ``min_zero_shot`` is prepared but not run.
 Cells, not shifts, are the units of work of the worker processes, so the load of the sweep
-is balanced to within one cell. Every cell runs every strategy on the same paired seeds; the report gives, for every strategy and budget, the paired accuracy difference to
-targeted random and to MAP entropy with its standard error, and plots them against the
-cell's zero-shot accuracy.
+is balanced to within one cell. Every cell runs every strategy on the same paired seeds; the
+report gives, for every strategy and budget, the paired accuracy difference to targeted
+random and to MAP entropy with its standard error, and plots them against the cell's
+zero-shot accuracy.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class SweepSetting:
     min_zero_shot : float
         a cell with zero-shot accuracy below this is not run (recorded as skipped).
     workers : int
-        processes, one torch thread each (default: the CPU count, at most 4): cells at once; on the command line also the stand-ins of ``--train-seeds``, or the groups of
-        paired seeds of one cell. Results do not depend on it.
+        processes, one torch thread each (default: the CPU count, at most 4): cells at once;
+        on the command line also the stand-ins of ``--train-seeds``, or the groups of paired
+        seeds of one cell. Results do not depend on it.
     """
 
     datasets: tuple[str, ...] = field(default=recipe.DATASETS, metadata=option(
@@ -146,8 +148,9 @@ class SweepSetting:
         """
         grid = severity_grid(self.grid)
         clean = [(d, next(iter(grid)), 0.0) for d in self.datasets if self.clean and grid]
-        return clean + [(d, shift, severity) for d in self.datasets
-                        for shift, severities in grid.items() for severity in severities]  # fmt: skip
+        shifted = [(d, shift, severity) for d in self.datasets
+                   for shift, severities in grid.items() for severity in severities]  # fmt: skip
+        return clean + shifted
 
 
 @_fill_doc
