@@ -284,3 +284,63 @@ def test_overridden_evidence_falls_back_to_autograd():
     plain, moved = maximize_marglik(la, "scalar"), maximize_marglik(shifted, "scalar")
     reference = bracketed_optimum(shifted, 1)
     assert rel_err(moved, reference) < 1e-4 and float(moved) < float(plain)
+
+
+@pytest.mark.parametrize("form", [False, True, "symmetric"], ids=["exact", "damped", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optima_at_temperatures_equal_one_optimisation_each(form, dtype):
+    """The batched grid takes each temperature's own steps: the single optimum, to rounding.
+
+    Batched, an element's log or exp may fall in a vectorised lane instead of a scalar tail
+    (or back), which can move the gradient by an ulp: 1e-12 relative in float64; a float32
+    posterior's prior, rounded to float32, is bitwise the same.
+    """
+    from laplace_vlm.posterior.marglik import maximize_marglik_at_temperatures
+
+    temperatures = (1e-4, 0.01, 1.0, 30.0, 1e3)
+    for structure in ("scalar", "head", "layerwise"):
+        la = fitted(1.0, form, bias=True, contrastive="siglip", dtype=dtype)
+        batched = maximize_marglik_at_temperatures(la, temperatures, structure)
+        assert la.temperature == temperatures[-1]
+        held = la.prior_precision.clone()
+        for temperature, prior in zip(temperatures, batched):
+            la.temperature = temperature
+            alone = maximize_marglik(la, structure)
+            assert prior.dtype == dtype, (structure, temperature)
+            tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=1e-12, atol=0)
+            torch.testing.assert_close(prior, alone, **tol, msg=f"{structure} {temperature}")
+        torch.testing.assert_close(held, la.prior_precision, **tol)  # left at the last optimum
+        # every temperature has its own optimum: rows mixed up would fail
+        assert len({tuple(p.tolist()) for p in batched}) == len(temperatures)
+
+
+def test_optima_at_temperatures_fall_back_and_raise_naming_the_temperature():
+    from laplace_vlm.posterior.marglik import maximize_marglik_at_temperatures
+
+    class Shifted(DualEncoderLaplace):
+        def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None):
+            lml = super().log_marginal_likelihood(prior_precision, sigma_noise)
+            return lml - 5.0 * self.prior_precision.log().sum()
+
+    shifted = fitted(1.0, cls=Shifted)
+    batched = maximize_marglik_at_temperatures(shifted, (0.1, 10.0))
+    for temperature, prior in zip((0.1, 10.0), batched):
+        shifted.temperature = temperature
+        assert torch.equal(prior, maximize_marglik(shifted))
+
+    la = fitted(1.0, bias=True, contrastive="siglip")
+    sizes = [p.numel() for p in la.params]
+    la.mean = la.mean.clone()
+    la.mean[sizes[0] : sizes[0] + sizes[1]] = 0  # the image bias: no scatter, no maximum
+    la.temperature, la.prior_precision = 0.5, 3.0
+    with pytest.raises(ValueError, match=r"no maximum .*\[1\] \(temperature=1, prior_struc"):
+        maximize_marglik_at_temperatures(la, (1.0, 2.0), "layerwise", budget=True)
+    assert la.temperature == 0.5 and torch.equal(la.prior_precision, torch.tensor([3.0]))
+    with pytest.raises(ValueError, match=r"temperatures must be positive numbers, got \[1.0, 0"):
+        maximize_marglik_at_temperatures(la, (1.0, 0.0))
+    with pytest.warns(UserWarning, match="budget of max_iter=2") as record:
+        maximize_marglik_at_temperatures(fitted(1.0), (0.1, 10.0), max_iter=2, budget=True)
+    assert sorted(str(w.message).split("rtol=1e-06, ")[1][:16] for w in record) == [
+        "temperature=0.1,",
+        "temperature=10, ",
+    ]

@@ -65,3 +65,37 @@ def test_tune_prior_at_keeps_the_pseudo_count_exactly():
     la.fit(loader(a_i, a_t))
     setting = tune_prior_at(la, 0.03)  # not representable in float32
     assert setting.pseudo_count == 0.03 and la.temperature == 1 / 0.03
+
+
+def test_tune_priors_at_equals_tune_prior_at_one_by_one():
+    """The batched grid against the one-at-a-time loop; an overriding class is called per n."""
+    from laplace_vlm.evaluation.pseudo_count import tune_prior_at, tune_priors_at
+
+    kw, a_i, a_t = make_problem(False, seed=2)
+    grid = (0.03, 1.0, 300.0, 1e5)
+    la = DualEncoderLaplace(**kw)
+    la.fit(loader(a_i, a_t))
+    batched = tune_priors_at(la, grid)
+    assert la.temperature == 1 / grid[-1]
+    for n, setting in zip(grid, batched):
+        alone = tune_prior_at(la, n)
+        assert setting.pseudo_count == n == alone.pseudo_count
+        torch.testing.assert_close(setting.prior_precision, alone.prior_precision, rtol=1e-12,
+                                   atol=0)  # fmt: skip
+    assert len({tuple(s.prior_precision.tolist()) for s in batched}) == len(grid)
+
+    calls = []
+
+    class Own(DualEncoderLaplace):
+        def optimize_prior_precision(self, *args, **kwargs):
+            calls.append(self.temperature)
+            super().optimize_prior_precision(*args, **kwargs)
+
+    own = Own(**kw)
+    own.fit(loader(a_i, a_t))
+    for mine, setting in zip(tune_priors_at(own, grid), batched):
+        torch.testing.assert_close(mine.prior_precision, setting.prior_precision, rtol=1e-12,
+                                   atol=0)  # fmt: skip
+    assert calls == [1 / n for n in grid]
+    with pytest.raises(ValueError, match="pseudo_count"):
+        tune_priors_at(la, (1.0, -2.0))

@@ -100,3 +100,32 @@ def test_reference_knn_support_against_brute_force(k):
         dist = targeting.wasserstein2_sq(tests[0][chosen], tests[1][chosen], *pool)
         assert got.tolist() == _nn_brute_force(dist, k)[:n_labels]
         assert got.unique().numel() == n_labels
+
+
+def test_first_ranks_equal_the_stable_full_sort_with_ties_and_non_finite_rows():
+    """Partial ranking (topk, then a stable sort of the few) against torch's full stable sort."""
+    g = torch.Generator().manual_seed(8)
+    # integer distances: many ties, also across the edge of the first ranks
+    dist = torch.randint(0, 6, (40, 50), generator=g).double()
+    dist[3, :] = 2.0  # one row all tied
+    dist[5, 7], dist[6, 2], dist[6, 9] = math.nan, math.inf, -math.inf
+    full = torch.sort(dist, dim=-1, stable=True).indices
+    for ranks in (1, 3, 8, 49, 50, 80):
+        got = targeting._first_ranks(dist, ranks)
+        assert torch.equal(got, full[:, :ranks]), ranks
+    # the distances of the targeting code, few ties: the public ranking, all widths
+    pool, targets = _gaussians(60, seed=9), _gaussians(7, seed=10)
+    whole = targeting.neighbour_ranking(targets, pool)
+    assert torch.equal(targeting.neighbour_ranking(targets, pool, ranks=5), whole[:, :5])
+    assert torch.equal(targeting.neighbour_ranking(targets, pool, ranks=99), whole)
+    with pytest.raises(ValueError, match="ranks must be a positive int or None, got 0"):
+        targeting.neighbour_ranking(targets, pool, ranks=0)
+
+
+def test_nearest_neighbours_beyond_the_first_ranks():
+    """Twenty copies of one target need 20 ranks: past the first batch of 4 computed."""
+    pool = _gaussians(30, seed=11)
+    targets = (pool[0][:1].repeat(20, 1), pool[1][:1].repeat(20, 1))
+    got = targeting.nearest_neighbours(targets, pool, k=1)
+    dist = targeting.wasserstein2_sq(*targets, *pool)
+    assert got.tolist() == _nn_brute_force(dist, 1) and len(got) == 20

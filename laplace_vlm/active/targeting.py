@@ -93,6 +93,7 @@ def neighbour_ranking(
     pool: tuple[torch.Tensor, torch.Tensor],
     metric: str = "wasserstein",
     chunk_size: int = 1024,
+    ranks: int | None = None,
 ) -> torch.Tensor:
     """Pool indices sorted from nearest to farthest for every target, `(N_t, N_pool)`.
 
@@ -104,15 +105,20 @@ def neighbour_ranking(
         the distance: :func:`wasserstein2_sq` or the negated :func:`expected_cosine`.
     chunk_size : int
         targets per distance block (memory).
+    ranks : int, optional
+        only the first ``ranks`` columns (all if None or larger than the pool), found
+        without sorting the whole row.
 
     Returns
     -------
     torch.Tensor
-        `(N_t, N_pool)` long; row ``t`` ranks the pool by distance to target ``t`` (ties in
-        pool order).
+        `(N_t, min(ranks, N_pool))` long; row ``t`` ranks the pool by distance to target ``t``
+        (ties in pool order).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+    if ranks is not None and (isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1):
+        raise ValueError(f"ranks must be a positive int or None, got {ranks!r}.")
     rows = []
     for start in range(0, targets[0].shape[0], chunk_size):
         t = (targets[0][start : start + chunk_size], targets[1][start : start + chunk_size])
@@ -120,8 +126,36 @@ def neighbour_ranking(
             dist = wasserstein2_sq(*t, *pool)
         else:
             dist = -expected_cosine(*t, *pool)
-        rows.append(torch.sort(dist, dim=-1, stable=True).indices)
-    return torch.cat(rows) if rows else torch.empty(0, pool[0].shape[0], dtype=torch.long)
+        rows.append(_first_ranks(dist, ranks))
+    width = pool[0].shape[0] if ranks is None else min(ranks, pool[0].shape[0])
+    return torch.cat(rows) if rows else torch.empty(0, width, dtype=torch.long)
+
+
+def _first_ranks(dist: torch.Tensor, ranks: int | None) -> torch.Tensor:
+    """The first ``ranks`` columns of ``dist``'s stable ascending argsort, `(N, ranks)`.
+
+    ``topk`` finds the ``ranks`` nearest in linear time, in no defined order: sorted by pool
+    index and then stably by distance they rank as the full sort does. A row whose
+    ``ranks``-th distance ties with one outside the set is sorted in full, as only it knows
+    which of the tied points come first.
+    """
+    if ranks is None or ranks >= dist.shape[1]:
+        return torch.sort(dist, dim=-1, stable=True).indices
+    values = dist.topk(ranks, dim=-1, largest=False, sorted=False).values
+    edge = values.max(-1, keepdim=True).values
+    within = dist <= edge
+    # more than ranks: a tie at the edge; fewer, or an infinite edge: NaN or inf distances
+    ambiguous = (within.sum(-1) != ranks) | ~torch.isfinite(edge[:, 0])
+    index = within.nonzero()  # row-major: pool order within each row
+    out = torch.empty(dist.shape[0], ranks, dtype=torch.long, device=dist.device)
+    clear = ~ambiguous
+    if bool(clear.any()):
+        index = index[clear[index[:, 0]]][:, 1].view(-1, ranks)
+        order = torch.sort(dist[clear].gather(-1, index), dim=-1, stable=True).indices
+        out[clear] = index.gather(-1, order)
+    if bool(ambiguous.any()):
+        out[ambiguous] = torch.sort(dist[ambiguous], dim=-1, stable=True).indices[:, :ranks]
+    return out
 
 
 def nearest_neighbours(
@@ -162,14 +196,18 @@ def nearest_neighbours(
     if exclude is not None:
         taken[exclude.to(torch.long) if exclude.dtype != torch.bool else exclude] = True
     want = min(k * targets[0].shape[0], int((~taken).sum()))
-    ranking = neighbour_ranking(targets, pool, metric).cpu()
     chosen: list[int] = []
-    # column r of the ranking holds every target's r-th neighbour, in target order
-    for r in range(ranking.shape[1]):
-        for j in ranking[:, r].tolist():
-            if not taken[j]:
-                taken[j] = True
-                chosen.append(j)
-                if len(chosen) == want:
-                    return torch.tensor(chosen, dtype=torch.long)
+    # column r of the ranking holds every target's r-th neighbour, in target order; the
+    # collection rarely needs more than a few ranks, so they are found a few at a time
+    done, ranks = 0, 4 * k
+    while len(chosen) < want and done < n_pool:
+        ranking = neighbour_ranking(targets, pool, metric, ranks=ranks).cpu()
+        for r in range(done, ranking.shape[1]):
+            for j in ranking[:, r].tolist():
+                if not taken[j]:
+                    taken[j] = True
+                    chosen.append(j)
+                    if len(chosen) == want:
+                        return torch.tensor(chosen, dtype=torch.long)
+        done, ranks = ranking.shape[1], 4 * ranks
     return torch.tensor(chosen, dtype=torch.long)

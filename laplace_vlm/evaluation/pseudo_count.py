@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from laplace_vlm.dual_encoder_laplace.prior_tuning import PriorTuningMixin
 from laplace_vlm.evaluation.metrics import nlpd
+from laplace_vlm.posterior.marglik import maximize_marglik_at_temperatures
 from laplace_vlm.validation import check_positive
 
 PSEUDO_COUNTS: tuple[float, ...] = (
@@ -100,6 +102,45 @@ def tune_prior_at(la: Any, pseudo_count: float, prior_structure: str = "layerwis
     return PosteriorSetting(float(pseudo_count), la.prior_precision.detach().clone())
 
 
+def tune_priors_at(la: Any, pseudo_counts: Sequence[float],
+                   prior_structure: str = "layerwise") -> list[PosteriorSetting]:  # fmt: skip
+    """:func:`tune_prior_at` at every pseudo-count of a grid, in one batched optimisation.
+
+    The marginal-likelihood optima at all ``n`` advance together
+    (:func:`~laplace_vlm.posterior.marglik.maximize_marglik_at_temperatures`, from prior
+    precision 1 with ``optimize_prior_precision``'s budget), equal to :func:`tune_prior_at`'s
+    one by one. A class that overrides ``optimize_prior_precision`` is tuned by it, one ``n``
+    at a time.
+
+    Parameters
+    ----------
+    la : DualEncoderLaplace
+        a fitted posterior; left at the last pseudo-count and its prior precision.
+    pseudo_counts : sequence of float
+        the pseudo-data counts ``n`` (> 0).
+    prior_structure : str, default="layerwise"
+        ``prior_structure`` of the marginal-likelihood tuning.
+
+    Returns
+    -------
+    list of PosteriorSetting
+        one per pseudo-count, in order.
+    """
+    for n in pseudo_counts:
+        check_positive("pseudo_count", n)
+    counts = [float(n) for n in pseudo_counts]  # not the float32 tensors the check returns
+    if type(la).optimize_prior_precision is not PriorTuningMixin.optimize_prior_precision:
+        return [tune_prior_at(la, n, prior_structure) for n in counts]
+    la.prior_precision = 1.0
+    priors = maximize_marglik_at_temperatures(la, [1.0 / n for n in counts], prior_structure,
+                                              budget=True)  # fmt: skip
+    settings = []
+    for n, prior in zip(counts, priors):  # the prior as la's setter holds it
+        la.temperature, la.prior_precision = 1.0 / n, prior
+        settings.append(PosteriorSetting(n, la.prior_precision.detach().clone()))
+    return settings
+
+
 def select_pseudo_count(
     la: Any,
     x_val: Any,
@@ -138,8 +179,10 @@ def select_pseudo_count(
         raise ValueError(f"pseudo_counts must be positive numbers, got {tuple(pseudo_counts)}.")
     scores: dict[str, dict[float, float]] = {name: {} for name in predictives}
     settings: dict[float, PosteriorSetting] = {}
-    for n in pseudo_counts:
-        settings[float(n)] = tune_prior_at(la, n, prior_structure)
+    for setting in tune_priors_at(la, pseudo_counts, prior_structure):
+        n = setting.pseudo_count
+        setting.apply(la)
+        settings[n] = setting
         with torch.no_grad():
             for name, kwargs in predictives.items():
                 scores[name][float(n)] = nlpd(la(x_val, **kwargs), labels_val)

@@ -38,17 +38,19 @@ class KronEvidence:
     eigenvalues : list of list of torch.Tensor
         per layer, float64: damped weight blocks keep their two eigenvalue vectors (input,
         output); every other block holds the one vector ``m = l1 l2 + delta0`` (or
-        ``l + delta0``) to which the prior adds.
+        ``l + delta0``) to which the prior adds. `(n,)`, or `(B, n)` for a batch of
+        evidences (:func:`stack_evidence_parts`).
     base_deltas : torch.Tensor
-        `(L,)` what ``P`` adds to the curvature besides the prior (laplace's ``H.deltas``).
+        `(L,)` or `(B, L)`: what ``P`` adds to the curvature besides the prior (laplace's
+        ``H.deltas``).
     sizes, scatters : torch.Tensor
         `(L,)` parameters and ``|theta_l - mu0_l|^2`` of every layer.
     layer_of : torch.Tensor
         `(L, k)` one-hot: which of the ``k`` free prior values sets each layer.
     damping : bool
         laplace's damped algebra (``damping=True`` and the symmetric form) or the exact prior.
-    log_likelihood : float
-        ``la.log_likelihood``, constant in ``lambda``.
+    log_likelihood : torch.Tensor
+        `()` or `(B,)` float64: ``la.log_likelihood``, constant in ``lambda``.
     """
 
     eigenvalues: list[list[torch.Tensor]]
@@ -57,7 +59,7 @@ class KronEvidence:
     scatters: torch.Tensor
     layer_of: torch.Tensor
     damping: bool
-    log_likelihood: float
+    log_likelihood: torch.Tensor
 
 
 def kron_evidence_parts(la: Any, k: int) -> KronEvidence | None:
@@ -97,7 +99,7 @@ def kron_evidence_parts(la: Any, k: int) -> KronEvidence | None:
     delta = (la.mean - la.prior_mean).detach().to(**like)
     scatters = torch.stack([d.square().sum() for d in delta.split(sizes.long().tolist())])
     with torch.no_grad():
-        log_likelihood = float(la.log_likelihood)
+        log_likelihood = torch.as_tensor(float(la.log_likelihood), **like)
     damping, base_deltas = bool(P.damping), P.deltas.detach().to(**like) - lam.to(**like)
     eigenvalues = []
     for ls, d0 in zip(P.eigenvalues, base_deltas):
@@ -115,39 +117,85 @@ def kron_evidence_parts(la: Any, k: int) -> KronEvidence | None:
     )
 
 
-def kron_evidence(parts: KronEvidence, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def stack_evidence_parts(parts: list[KronEvidence]) -> KronEvidence:
+    """One batch of the evidences of the same parameters under different curvature scales.
+
+    Parameters
+    ----------
+    parts : list of KronEvidence
+        `B` unbatched parts of one posterior (same layers, mean and prior map), e.g. at
+        ``B`` temperatures.
+
+    Returns
+    -------
+    KronEvidence
+        the eigenvalues `(B, n)`, ``base_deltas`` `(B, L)` and log-likelihoods `(B,)`, for
+        :func:`kron_evidence` at `(B, k)` iterates.
+
+    Raises
+    ------
+    ValueError
+        if the parts differ in their layers, scatters, prior map or algebra.
+    """
+    first = parts[0]
+    for other in parts[1:]:
+        same = (other.damping == first.damping and other.layer_of.shape == first.layer_of.shape
+                and torch.equal(other.layer_of, first.layer_of)
+                and torch.equal(other.sizes, first.sizes)
+                and torch.equal(other.scatters, first.scatters))  # fmt: skip
+        if not same:
+            raise ValueError("parts must be evidences of one posterior's layers, mean and prior.")
+    return KronEvidence(
+        eigenvalues=[
+            [torch.stack(v) for v in zip(*ls)] for ls in zip(*(p.eigenvalues for p in parts))
+        ],
+        base_deltas=torch.stack([p.base_deltas for p in parts]),
+        sizes=first.sizes,
+        scatters=first.scatters,
+        layer_of=first.layer_of,
+        damping=first.damping,
+        log_likelihood=torch.stack([p.log_likelihood for p in parts]),
+    )
+
+
+def kron_evidence(
+    parts: KronEvidence, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradient and Hessian diagonal of the evidence in ``t = log lambda``, and its value.
 
     Parameters
     ----------
     parts : KronEvidence
-        from :func:`kron_evidence_parts`.
+        from :func:`kron_evidence_parts`, or a batch of them from :func:`stack_evidence_parts`.
     t : torch.Tensor
-        `(k,)` log prior precisions, float64.
+        `(k,)` log prior precisions, float64; `(B, k)` for a batch of parts.
 
     Returns
     -------
     grad, curv : torch.Tensor
-        `(k,)` the first and second derivatives (the Hessian is diagonal: each value scales
-        its own layers); NaN where a log-determinant argument is not positive.
-    value : float
-        the evidence (NaN likewise).
+        `(k,)` or `(B, k)`: the first and second derivatives (the Hessian is diagonal: each
+        value scales its own layers); NaN where a log-determinant argument is not positive.
+    value : torch.Tensor
+        `()` or `(B,)`: the evidence (NaN likewise).
     """
-    lam = parts.layer_of @ t.exp()
-    terms = [_layer_terms(ls, d0, lam_l, parts.damping)
-             for ls, d0, lam_l in zip(parts.eigenvalues, parts.base_deltas, lam)]  # fmt: skip
-    excess, second, logdet = (torch.stack(column) for column in zip(*terms))
+    # one-hot maps: every per-layer value is one exact product, batched or not
+    lam = t.exp() @ parts.layer_of.T  # (..., L)
+    terms = [_layer_terms(ls, d0.unsqueeze(-1), lam_l.unsqueeze(-1), parts.damping)
+             for ls, d0, lam_l in zip(parts.eigenvalues, parts.base_deltas.unbind(-1),
+                                      lam.unbind(-1))]  # fmt: skip
+    excess, second, logdet = (torch.stack(column, -1) for column in zip(*terms))
     scatter = lam * parts.scatters
     # d/dt of -(log det P - p log lambda + lambda |theta|^2) / 2, summed over each value's layers
     grad = -0.5 * (excess + scatter) @ parts.layer_of
     curv = -0.5 * (second + scatter) @ parts.layer_of
-    value = parts.log_likelihood - 0.5 * float((logdet - parts.sizes * lam.log() + scatter).sum())
+    value = parts.log_likelihood - 0.5 * (logdet - parts.sizes * lam.log() + scatter).sum(-1)
     return grad, curv, value
 
 
 def _layer_terms(ls, d0, lam, damping: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's ``d/dt log det P - p``, ``d2/dt2 log det P`` and ``log det P``.
 
+    ``ls`` are `(..., n)` eigenvalues, ``d0`` and ``lam`` `(..., 1)`; the terms are `(...)`.
     The first is written without the cancellation of ``lambda / (m + lambda) - 1``: far above
     the optimum it must stay a small positive number, not round to 0 (a false optimum).
     """
@@ -157,15 +205,15 @@ def _layer_terms(ls, d0, lam, damping: bool) -> tuple[torch.Tensor, torch.Tensor
         for mine, other in ((ls[0], ls[1]), (ls[1], ls[0])):
             arg = mine + s
             g = lam / (2 * s * arg)
-            weight = len(other)  # every eigenvalue pairs with each of the other factor's
+            weight = other.shape[-1]  # every eigenvalue pairs with each of the other factor's
             # g - 1/2 = -(s a + d0) / (2 s (a + s)): each pair's two halves of the p log lambda
-            excess = excess - weight * ((s * mine + d0) / (2 * s * arg)).sum()
-            second = second + weight * (g * (2 * d0 * arg + lam * mine) / (2 * s * s * arg)).sum()
-            logdet = logdet + weight * _log(arg).sum()
+            excess = excess - weight * ((s * mine + d0) / (2 * s * arg)).sum(-1)
+            second = second + weight * (g * (2 * d0 * arg + lam * mine) / (2 * s * s * arg)).sum(-1)
+            logdet = logdet + weight * _log(arg).sum(-1)
         return excess, second, logdet
     (m,) = ls  # l1 l2 + delta0, from kron_evidence_parts
     arg = m + lam
-    return -(m / arg).sum(), (lam * m / arg.square()).sum(), _log(arg).sum()
+    return -(m / arg).sum(-1), (lam * m / arg.square()).sum(-1), _log(arg).sum(-1)
 
 
 def _outer(ls: list[torch.Tensor]) -> torch.Tensor:
