@@ -74,7 +74,8 @@ def test_sweep_cells_grid_and_verdicts():
     two = SweepSetting(datasets=("digits", "fashion-mnist"), grid="noise:1,0.5", clean=False)
     assert two.cells() == [("digits", "noise", 0.5), ("digits", "noise", 1.0),
                            ("fashion-mnist", "noise", 0.5), ("fashion-mnist", "noise", 1.0)]  # fmt: skip
-    diff = lambda m: {"20": {"mean": m, "se": 0.01}, "40": {"mean": 0.02, "se": 0.01}}  # noqa: E731
+    d = lambda m, n=10: {"mean": m, "se": 0.01, "n": n}  # noqa: E731
+    diff = lambda m: {"20": d(m), "40": d(0.02)}  # noqa: E731
     cell = {"dataset": "digits", "shift": "rotation", "severity": 0.2, "zero_shot_acc": 0.6,
             "differences": {"random": {"bald": diff(0.01), "epig": diff(-0.01)},
                             "map_entropy": {"bald": diff(0.03), "epig": diff(0.03)}}}  # fmt: skip
@@ -84,9 +85,12 @@ def test_sweep_cells_grid_and_verdicts():
         "digits rotation 0.2 (zero-shot 0.600): epig every budget False, clear at largest "
         "False; beat both: bald"
     ]
-    cell["differences"]["random"]["bald"]["40"] = {"mean": 0.05, "se": 0.01}
-    cell["differences"]["map_entropy"]["bald"]["40"] = {"mean": 0.021, "se": 0.01}
+    cell["differences"]["random"]["bald"]["40"] = d(0.05)
+    cell["differences"]["map_entropy"]["bald"]["40"] = d(0.021)
     assert verdicts([cell], config)[0].endswith("beat both: bald (clear)")
+    # one seed: its standard error of 0 makes no claim (report.paired_verdict)
+    cell["differences"]["map_entropy"]["bald"]["40"] = d(0.021, n=1)
+    assert verdicts([cell], config)[0].endswith("beat both: bald")
 
 
 def test_paired_verdict_and_claim_counts_by_two_standard_errors():

@@ -156,13 +156,13 @@ def beats_baselines(differences: Mapping[str, Mapping], strategy: str,
     -------
     dict
         ``every_budget``: a positive mean paired difference to every baseline at every budget;
-        ``clear_at_largest``: more than two paired standard errors above every baseline at the
-        largest budget.
+        ``clear_at_largest``: a win (:func:`paired_verdict`: more than two paired standard
+        errors) over every baseline at the largest budget.
     """
     rows = [differences[b][strategy] for b in baselines]
     largest = [r[max(r, key=int)] for r in rows]
     return {"every_budget": all(d["mean"] > 0 for r in rows for d in r.values()),
-            "clear_at_largest": all(d["mean"] > 2 * d["se"] for d in largest)}  # fmt: skip
+            "clear_at_largest": all(paired_verdict(d) == "win" for d in largest)}  # fmt: skip
 
 
 def paired_verdict(d: Mapping[str, float]) -> str:
