@@ -15,12 +15,9 @@ convergence with a safeguarded Newton iteration in ``t = log lambda``:
   (``sum log(l1 l2 + lambda) - n log lambda + lambda |theta|^2``) and for the damped one
   (``sum log(l1 + sqrt(lambda)) (l2 + sqrt(lambda))``): the gradient is monotone, its sign
   brackets the optimum, and Newton converges quadratically once near it.
-* Far from the optimum Newton steps in ``log lambda`` can be tiny (above the optimum the
-  scatter term gives a step of about ``-1`` per iteration) or huge (below it the curvature
-  vanishes), so until the gradient changes sign the step at least doubles and at most is
-  ``max_step``; once bracketed, a Newton step that leaves the bracket is replaced by bisection.
-  Only gradients are compared, never evidence values, which in float32 carry rounding errors
-  of several nats when ``n log lambda`` is large.
+* Far from the optimum a plain Newton step in ``log lambda`` crawls or overshoots, so the
+  iteration is safeguarded (growing steps until bracketed, then bisection) and compares only
+  gradients, never float32 evidence values: :mod:`laplace_vlm.posterior.newton_ascent`.
 
 One iteration is one evidence evaluation, whatever the number of prior parameters; an optimum
 anywhere in ``1e-2 .. 1e5`` from ``lambda = 1`` takes about 10. Where ``la``'s evidence is
@@ -31,11 +28,10 @@ with two backward passes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +42,7 @@ from laplace_vlm.posterior.kron_evidence import (
     kron_evidence_parts,
     stack_evidence_parts,
 )
+from laplace_vlm.posterior.newton_ascent import Ascent, newton_ascent
 from laplace_vlm.validation import check_bool, check_int
 
 STRUCTURES = ("scalar", "head", "layerwise", "diag")
@@ -121,8 +118,8 @@ def maximize_marglik(
         evaluate = functools.partial(_gradient_and_curvature_batch, la)
     else:
         evaluate = functools.partial(kron_evidence, parts)
-    ascent = _newton_ascent(evaluate, init[None], la._dtype, max_iter, rtol, max_step,
-                            progress_bar)  # fmt: skip
+    with _progress(max_iter, progress_bar) as show:
+        ascent = newton_ascent(evaluate, init[None], la._dtype, max_iter, rtol, max_step, show)
     where = f"prior_structure={prior_structure!r}, init_prior_prec={_short(init)}"
     try:
         prior = _outcome(ascent, 0, where, max_iter, rtol, budget).to(dtype=la._dtype)
@@ -202,7 +199,7 @@ def maximize_marglik_at_temperatures(
             return [_at_temperature(la, temperature, prior_structure, init, max_iter, rtol,
                                     max_step, budget) for temperature in temperatures]  # fmt: skip
         stacked = stack_evidence_parts(parts)
-        ascent = _newton_ascent(lambda t: kron_evidence(stacked, t),
+        ascent = newton_ascent(lambda t: kron_evidence(stacked, t),
                                 init.expand(len(temperatures), -1), la._dtype, max_iter, rtol,
                                 max_step)  # fmt: skip
         where = [f"temperature={temperature:.4g}, prior_structure={prior_structure!r}, "
@@ -228,6 +225,21 @@ def _at_temperature(la, temperature, prior_structure, init, max_iter, rtol, max_
         raise ValueError(f"at temperature={temperature:.4g}: {err}") from err
 
 
+@contextlib.contextmanager
+def _progress(max_iter: int, enabled: bool) -> Iterator[Callable[[torch.Tensor], None] | None]:
+    """A tqdm bar over the ascent's iterations showing ``lambda``: its callback, or None."""
+    if not enabled:
+        yield None
+        return
+    with tqdm.tqdm(total=max_iter, desc="[Maximising marglik]") as pbar:
+
+        def show(t: torch.Tensor) -> None:
+            pbar.update()
+            pbar.set_description(f"[Maximising marglik | lambda {_short(t.exp())}]")
+
+        yield show
+
+
 def _check_options(la: Any, max_iter: Any, budget: Any, rtol: Any, max_step: Any) -> int:
     """``max_iter`` as an int, after checking every option and that ``la`` is fitted."""
     if getattr(la, "H", None) is None or getattr(la, "H_facs", None) is None:
@@ -241,100 +253,7 @@ def _check_options(la: Any, max_iter: Any, budget: Any, rtol: Any, max_step: Any
     return max_iter
 
 
-@dataclass
-class _Ascent:
-    """Where :func:`_newton_ascent` stopped, per problem `b` of the batch."""
-
-    t: torch.Tensor  # (B, k) the last iterate
-    grad: torch.Tensor  # (B, k) the last gradient
-    done: torch.Tensor  # (B, k) converged coordinates
-    diverging: torch.Tensor  # (B, k) coordinates whose evidence has no maximum
-    best: torch.Tensor  # (B, k) the evaluated iterate of highest evidence
-    init: torch.Tensor  # (B, k) the start
-
-
-def _newton_ascent(evaluate, init: torch.Tensor, dtype: torch.dtype, max_iter: int, rtol: float,
-                   max_step: float, progress_bar: bool = False) -> _Ascent:  # fmt: skip
-    """The safeguarded Newton iteration of the module docstring on `(B, k)` coordinates.
-
-    ``evaluate(t)`` gives the `(B, k)` gradient and curvature in ``t`` and the `(B,)`
-    evidences. Every coordinate moves on its own (the Hessian is diagonal), so a batch of
-    problems takes the steps each would take alone; the loop ends when all have converged or
-    any diverges.
-    """
-    finfo = torch.finfo(dtype)
-    # lambda * |theta|^2 and log(lambda) must stay finite in la's dtype
-    t_min, t_max = 0.5 * math.log(finfo.tiny), 0.5 * math.log(finfo.max)
-    # the iterate lives in float64 whatever la's dtype: in float32, log lambda ~ 10 has a
-    # spacing of 1e-6, too coarse for the bracket to shrink below rtol
-    t = init.to(dtype=torch.float64).log()
-    lo = torch.full_like(t, -math.inf)  # the gradient is > 0 at lo ...
-    hi = torch.full_like(t, math.inf)  # ... and < 0 at hi
-    done = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-    # the last two step lengths: a bracketed Newton step must at least halve the one before
-    # last, else bisect (as in Numerical Recipes' rtsafe), so rounding noise in the gradient
-    # near the optimum cannot stall the bracket
-    step1, step2 = torch.full_like(t, 0.5), torch.full_like(t, math.inf)
-    t_good = t.clone()  # the last point with a finite gradient, per coordinate
-    grad = torch.zeros_like(t)
-    diverging = torch.zeros_like(done)
-    best_value, best = torch.full(t.shape[:1], -math.inf, dtype=torch.float64), t.clone()
-    pbar = tqdm.trange(max_iter, disable=not progress_bar, desc="[Maximising marglik]")
-    for _ in pbar:
-        grad, curv, lml = evaluate(t)
-        # the budget's answer if it runs out
-        better = torch.isfinite(lml) & (lml > best_value)
-        best_value = torch.where(better, lml, best_value)
-        best = torch.where(better[:, None], t, best)
-        ok = torch.isfinite(grad) & torch.isfinite(curv) & ~done
-        # a vanishing gradient with no curvature is not an optimum but a flat evidence: lambda
-        # has run so far that it no longer changes anything in la's dtype
-        flat = ok & (grad == 0) & (curv >= 0)
-        if bool(flat.any()):
-            diverging = flat
-            break
-        # a non-finite evidence (e.g. the log of a slightly negative eigenvalue plus a tiny
-        # lambda) is a wall: go half way back to the last good point
-        bad = ~done & ~ok
-        t_next = torch.where(bad, 0.5 * (t + t_good), t)
-        t_good = torch.where(ok, t, t_good)
-        lo = torch.where(ok & (grad >= 0), torch.maximum(lo, t), lo)
-        hi = torch.where(ok & (grad <= 0), torch.minimum(hi, t), hi)
-        # Newton step of the coordinate's concave 1-D evidence; where rounding makes the
-        # curvature non-negative, a full step along the gradient
-        concave = curv < 0
-        newton = torch.where(
-            concave, -grad / torch.where(concave, curv, -1.0), grad.sign() * max_step
-        )
-        newton = torch.where(ok, newton, torch.zeros_like(newton))
-        converged = ok & ((newton.abs() <= rtol) | (hi - lo <= rtol))
-        # the final Newton step is below rtol (or inside a bracket narrower than rtol): take it
-        final = torch.minimum(torch.maximum(t + newton, lo), hi)
-        t_next = torch.where(converged, final, t_next)
-        done |= converged
-        active = ok & ~converged
-        bracketed = torch.isfinite(lo) & torch.isfinite(hi)
-        # unbracketed, Newton may crawl (about -1 a step above the optimum): at least double
-        # the previous step until the gradient changes sign, at most max_step
-        grow = newton.sign() * torch.maximum(newton.abs(), 2 * step1)
-        free = torch.where(bracketed, newton, grow).clamp(-max_step, max_step)
-        proposal = t + free
-        bisect = bracketed & ((proposal <= lo) | (proposal >= hi) | (2 * newton.abs() > step2))
-        proposal = torch.where(bisect, 0.5 * (lo + hi), proposal).clamp(t_min, t_max)
-        # unbracketed and already at the dtype's limit: the evidence increases without bound
-        diverging = active & ~bracketed & (proposal == t)
-        t_next = torch.where(active, proposal, t_next)
-        step2 = torch.where(active, step1, step2)
-        step1 = torch.where(active, (proposal - t).abs(), step1)
-        t = t_next
-        if progress_bar:
-            pbar.set_description(f"[Maximising marglik | lambda {_short(t.exp())}]")
-        if bool(done.all()) or bool(diverging.any()):
-            break
-    return _Ascent(t, grad, done, diverging, best, init)
-
-
-def _outcome(ascent: _Ascent, b: int, where: str, max_iter: int, rtol: float,
+def _outcome(ascent: Ascent, b: int, where: str, max_iter: int, rtol: float,
              budget: bool) -> torch.Tensor:  # fmt: skip
     """Problem ``b``'s float64 prior precision `(k,)`, or the error of its ascent."""
     t, grad, done, diverging = ascent.t[b], ascent.grad[b], ascent.done[b], ascent.diverging[b]
